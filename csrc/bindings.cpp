@@ -1,0 +1,60 @@
+// The one pybind11 module, qft._C. Pointers and streams arrive as integers (tensor.data_ptr(),
+// torch.cuda.current_stream().cuda_stream), so no torch header is needed.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "qft_kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check(int error) {
+  if (error != 0) throw std::runtime_error(std::string("qft CUDA kernel failed: ") + qft::error_string(error));
+}
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qft CUDA kernels over raw device pointers (see csrc/qft_kernels.h)";
+
+  m.def(
+      "quantize_4bit",
+      [](uintptr_t w, int dtype, uintptr_t packed, uintptr_t absmax, uintptr_t thresholds, uintptr_t order,
+         int64_t numel, int block_size, uintptr_t stream) {
+        check(qft::quantize_4bit(ptr<const void>(w), static_cast<qft::DType>(dtype), ptr<uint8_t>(packed),
+                                 ptr<float>(absmax), ptr<const float>(thresholds), ptr<const int32_t>(order), numel,
+                                 block_size, ptr<void>(stream)));
+      },
+      py::arg("w"), py::arg("dtype"), py::arg("packed"), py::arg("absmax"), py::arg("thresholds"),
+      py::arg("encode_order"), py::arg("numel"), py::arg("block_size"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(), "Blockwise 4-bit quantization (see qft_kernels.h).");
+
+  m.def(
+      "dequantize_4bit",
+      [](uintptr_t packed, uintptr_t absmax, uintptr_t nested_absmax, uintptr_t offset, uintptr_t dynamic_map,
+         uintptr_t code, uintptr_t out, int out_dtype, int64_t numel, int block_size, int nested_block_size,
+         uintptr_t stream) {
+        check(qft::dequantize_4bit(ptr<const uint8_t>(packed), ptr<const void>(absmax),
+                                   ptr<const float>(nested_absmax), ptr<const float>(offset),
+                                   ptr<const float>(dynamic_map), ptr<const float>(code), ptr<void>(out),
+                                   static_cast<qft::DType>(out_dtype), numel, block_size, nested_block_size,
+                                   ptr<void>(stream)));
+      },
+      py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("offset"), py::arg("dynamic_map"),
+      py::arg("code"), py::arg("out"), py::arg("out_dtype"), py::arg("numel"), py::arg("block_size"),
+      py::arg("nested_block_size"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Blockwise 4-bit dequantization; nested_absmax = 0 means plain fp32 absmax.");
+
+  m.def("device_count", &qft::device_count, "Visible CUDA devices; 0 without a GPU (never raises).");
+  m.def("device_status", &qft::device_status, "Why device_count() found no device, or ''.");
+  m.def("runtime_version", &qft::runtime_version, "CUDA runtime version the extension was built with.");
+  m.def("driver_version", &qft::driver_version, "CUDA driver version, 0 without a driver.");
+}

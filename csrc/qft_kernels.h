@@ -1,0 +1,34 @@
+// C entry points of qft's CUDA kernels. No torch headers: callers pass raw device pointers, sizes
+// and a cudaStream_t (as an opaque handle), so the extension does not depend on the torch ABI.
+// Every function returns a cudaError_t value (0 = success).
+#pragma once
+
+#include <cstdint>
+
+namespace qft {
+
+// Element types the kernels read and write; values match qft/ops.py's DTYPE_CODES.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Blockwise 4-bit quantization, bit-identical to qft.reference.quantize_4bit.
+// w: numel values of `dtype`; packed: (numel + 1) / 2 bytes; absmax: ceil(numel / block_size) fp32.
+// thresholds: 15 ascending fp32; encode_order: 16 int32 (threshold position -> nibble).
+int quantize_4bit(const void* w, DType dtype, uint8_t* packed, float* absmax, const float* thresholds,
+                  const int32_t* encode_order, int64_t numel, int block_size, void* stream);
+
+// Blockwise 4-bit dequantization, bit-identical to qft.reference.dequantize_4bit.
+// absmax: fp32 per block, or (when nested_absmax != nullptr) uint8 codes of `dynamic_map` decoded as
+// dynamic_map[q] * nested_absmax[block / nested_block_size] + *offset.
+int dequantize_4bit(const uint8_t* packed, const void* absmax, const float* nested_absmax,
+                    const float* offset, const float* dynamic_map, const float* code, void* out,
+                    DType out_dtype, int64_t numel, int block_size, int nested_block_size, void* stream);
+
+// Number of visible CUDA devices, 0 when there is no GPU or no usable driver (never throws).
+int device_count();
+// Text of the last device_count() failure ("" when a device is present).
+const char* device_status();
+int runtime_version();
+int driver_version();
+const char* error_string(int error);
+
+}  // namespace qft

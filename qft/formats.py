@@ -1,0 +1,181 @@
+"""Every code book, bit width, block rule and packing layout qft knows: the one source of truth.
+
+4-bit code-book formats (``nf4``, ``fp4``) are byte-compatible with bitsandbytes 0.50.2:
+
+* Blocks: the weight is flattened row-major and cut into blocks of ``block_size`` values
+  (32..4096, a power of two, default 64); the last block may be partial. Each block stores its
+  fp32 absmax (max |x|).
+* Encode: ``s = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)`` in fp32 for full blocks; the
+  partial tail block uses ``x / max(absmax, 1e-38)`` instead, as bitsandbytes' CPU path does (the
+  two can differ by one ulp). The code is the number of thresholds strictly below ``s``
+  (thresholds are the fp32 midpoints of adjacent code values in ascending order, so a tie takes
+  the lower code), mapped through the format's ``encode_order``.
+* Pack: value ``2j`` goes to the high nibble of byte ``j``, value ``2j+1`` to the low nibble; an
+  odd count is padded with the format's zero code. ``(n + 1) // 2`` bytes.
+* Decode: ``code[q] * absmax`` in fp32, rounded (to nearest even) to the output dtype.
+
+FP4 signed zero: bitsandbytes' CPU path gives ``0 < s <= 0.0026`` the code of -0.0 (8) and
+``-0.0026 < s <= 0`` the code of +0.0 (0); its CUDA path follows the sign of ``s``. qft follows
+the CPU path (the oracle it is tested against); both codes decode to zero.
+
+Double quantization (bitsandbytes' ``compress_statistics``): ``offset = mean(absmax)``; the
+centred absmax is quantized in blocks of 256 with the signed 8-bit dynamic map, scaled by each
+block's fp32 absmax. qft picks the nearest code (exact, in fp64), where bitsandbytes' CPU path uses
+a lookup table that is only approximately nearest. Decode: ``code8[q] * absmax2 + offset``, each
+step rounded to fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_BLOCK_SIZE = 64
+NESTED_BLOCK_SIZE = 256
+# bitsandbytes clamps absmax to this before taking its reciprocal (all-zero blocks).
+ABSMAX_FLOOR = 1e-38
+
+
+@dataclass(frozen=True)
+class CodebookFormat:
+    """A 4-bit absmax-scaled lookup-table format.
+
+    ``code[i]`` is the value of nibble ``i`` (in units of the block absmax). ``encode_order`` lists
+    the nibbles in ascending order of value; encoding counts thresholds in that order.
+    """
+
+    name: str
+    bits: int
+    code: tuple[float, ...]
+    encode_order: tuple[int, ...]
+
+    @property
+    def zero_code(self) -> int:
+        """The nibble that encodes 0.0, used to pad an odd element count."""
+        return encode_position_of_zero(self)
+
+
+def encode_position_of_zero(fmt: CodebookFormat) -> int:
+    """Return the nibble ``fmt`` assigns to an exact 0.0 (the count of thresholds below 0)."""
+    below = int((thresholds(fmt.name) < 0).sum())
+    return fmt.encode_order[below]
+
+
+# The NF4 table of bitsandbytes (create_normal_map(offset=0.9677083)); nibble i -> value.
+_NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+# bitsandbytes' FP4: bit 3 is the sign, bits 0-2 index these magnitudes (before /12).
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+
+
+def _fp4_code() -> tuple[float, ...]:
+    # Divide in fp32, as bitsandbytes builds its table, so every value is bit-identical.
+    raw = torch.tensor(list(_FP4_MAGNITUDES) + [-m for m in _FP4_MAGNITUDES], dtype=torch.float32)
+    return tuple((raw / 12.0).tolist())
+
+
+# FP4 nibbles by ascending value. +0.0 (0) precedes -0.0 (8): the bitsandbytes CPU tie order.
+_FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+
+FORMATS: dict[str, CodebookFormat] = {
+    "nf4": CodebookFormat("nf4", 4, _NF4, tuple(range(16))),
+    "fp4": CodebookFormat("fp4", 4, _fp4_code(), _FP4_ORDER),
+}
+
+
+def get_format(name: str) -> CodebookFormat:
+    """Look up a format by name; ``ValueError`` naming the choices if it is unknown."""
+    if not isinstance(name, str) or name not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+def check_block_size(block_size: int) -> int:
+    """Validate a 4-bit block size (a power of two in 32..4096) and return it."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    return block_size
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """Number of (possibly partial) blocks covering ``numel`` values."""
+    return -(-numel // block_size)
+
+
+def packed_numel(numel: int, bits: int = 4) -> int:
+    """Bytes holding ``numel`` packed 4-bit codes (two per byte, odd count padded)."""
+    assert bits == 4, "only 4-bit packing exists so far"
+    return (numel + 1) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _code_cpu(name: str) -> torch.Tensor:
+    return torch.tensor(get_format(name).code, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _thresholds_cpu(name: str) -> torch.Tensor:
+    fmt = get_format(name)
+    ordered = _code_cpu(name)[list(fmt.encode_order)]
+    return (ordered[:-1] + ordered[1:]) / 2  # fp32 midpoints: (a + b) rounded, then exact /2
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_order_cpu(name: str) -> torch.Tensor:
+    return torch.tensor(get_format(name).encode_order, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _on_device(table, name: str, device: torch.device) -> torch.Tensor:
+    # Kernels read these tables on every call: copy each to a device once, not per launch.
+    return table(name).to(device)
+
+
+def _table(table, name: str, device) -> torch.Tensor:
+    get_format(name)
+    return _on_device(table, name, torch.device(device))
+
+
+def code(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The format's fp32 code book, ``[16]``, indexed by nibble."""
+    return _table(_code_cpu, name, device)
+
+
+def thresholds(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 15 fp32 decision thresholds between adjacent codes, in ascending order."""
+    return _table(_thresholds_cpu, name, device)
+
+
+def encode_order(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``int32 [16]``: position among ascending thresholds -> nibble."""
+    return _table(_encode_order_cpu, name, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cpu(_name: str = "dynamic") -> torch.Tensor:
+    # Signed 8-bit dynamic map (Dettmers 2015, "8-Bit Approximations for Parallelism in Deep
+    # Learning"): 7 decades 1e-6..1; decade i holds the 2**i midpoints of linspace(0.1, 1, 2**i + 1)
+    # scaled by 10**(i-6), both signs, plus 0 and 1.0: 256 values, sorted. Built in fp32 step by
+    # step so the values are bit-identical to bitsandbytes' create_dynamic_map(signed=True).
+    values: list[float] = []
+    for decade in range(7):
+        edges = torch.linspace(0.1, 1, 2**decade + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (decade - 6)
+        values += (scale * mids).tolist() + (-scale * mids).tolist()
+    values += [0.0, 1.0]
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The signed 8-bit dynamic map used for double quantization, ``fp32 [256]`` ascending."""
+    return _on_device(_dynamic_map_cpu, "dynamic", torch.device(device))

@@ -1,0 +1,197 @@
+"""torch.library custom ops (``qft::...``) and their dispatch to an implementation.
+
+Each op is defined once here, with a fake (meta) implementation so ``torch.compile`` sees one
+node. The real implementation is chosen by device when the op runs:
+
+* CPU -> ``qft.reference`` (pure torch);
+* CUDA -> the CUDA extension ``qft._C`` when it is built and sees a GPU, else the Triton kernels.
+
+``use_backend("triton")`` (or the environment variable ``QFT_BACKEND``) forces one implementation,
+for tests and benchmarks; Triton also runs on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from qft import formats, reference
+from qft._extension import extension
+
+BACKENDS = ("reference", "triton", "cuda")
+# Element-type codes shared with csrc/qft_kernels.h (qft::DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FLOAT_DTYPES = tuple(DTYPE_CODES)
+
+_forced: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every qft op inside the ``with`` block onto one implementation."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The implementation a qft op runs with for tensors on ``device``."""
+    if _forced:
+        return _forced[-1]
+    env = os.environ.get("QFT_BACKEND", "")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"QFT_BACKEND must be one of {BACKENDS}, got {env!r}")
+        return env
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    return "cuda" if extension().usable else "triton"
+
+
+def _check_common(block_size: int, fmt: str) -> None:
+    formats.get_format(fmt)
+    formats.check_block_size(block_size)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _quantize_4bit_cuda(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ext = extension()
+    if ext.module is None:
+        raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
+    w = w.contiguous()
+    numel = w.numel()
+    packed = torch.empty(formats.packed_numel(numel), dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(formats.num_blocks(numel, block_size), dtype=torch.float32, device=w.device)
+    thresholds = formats.thresholds(fmt, w.device)
+    order = formats.encode_order(fmt, w.device)
+    with torch.cuda.device(w.device):
+        ext.module.quantize_4bit(
+            w.data_ptr(), DTYPE_CODES[w.dtype], packed.data_ptr(), absmax.data_ptr(), thresholds.data_ptr(),
+            order.data_ptr(), numel, block_size, _stream(w.device),
+        )  # fmt: skip
+    return packed, absmax
+
+
+def _dequantize_4bit_cuda(packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size):
+    ext = extension()
+    if ext.module is None:
+        raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    nested = nested_absmax is not None
+    dmap = formats.dynamic_map(packed.device)
+    with torch.cuda.device(packed.device):
+        ext.module.dequantize_4bit(
+            packed.contiguous().data_ptr(), absmax.contiguous().data_ptr(),
+            nested_absmax.contiguous().data_ptr() if nested else 0, offset.data_ptr() if nested else 0,
+            dmap.data_ptr(), formats.code(fmt, packed.device).data_ptr(), out.data_ptr(), DTYPE_CODES[dtype],
+            numel, block_size, nested_block_size, _stream(packed.device),
+        )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("qft::quantize_4bit", mutates_args=())
+def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization of ``w`` (fp32/fp16/bf16, any shape, finite).
+
+    Returns ``(packed uint8 [(n + 1) // 2], absmax fp32 [ceil(n / block_size)])``; see
+    ``qft.formats`` for the exact rule.
+    """
+    _check_common(block_size, fmt)
+    backend = backend_for(w.device)
+    if backend == "cuda":
+        return _quantize_4bit_cuda(w, block_size, fmt)
+    if backend == "triton":
+        from qft.kernels.quantize_4bit import quantize_4bit as triton_quantize
+
+        return triton_quantize(w, block_size, fmt)
+    return reference.quantize_4bit(w, block_size, fmt)
+
+
+@quantize_4bit.register_fake
+def _(w, block_size, fmt):
+    n = w.numel()
+    return (
+        w.new_empty(((n + 1) // 2,), dtype=torch.uint8),
+        w.new_empty((-(-n // block_size),), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("qft::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    block_size: int,
+    fmt: str,
+    numel: int,
+    dtype: torch.dtype,
+    nested_block_size: int = formats.NESTED_BLOCK_SIZE,
+) -> torch.Tensor:
+    """Decode ``numel`` 4-bit values to a flat ``dtype`` tensor.
+
+    ``absmax`` is fp32 per block, or uint8 dynamic-map codes when ``nested_absmax`` (fp32 per
+    ``nested_block_size`` blocks) and ``offset`` (fp32 scalar) hold the double-quant state.
+    """
+    _check_common(block_size, fmt)
+    if (nested_absmax is None) != (offset is None):
+        raise ValueError("nested_absmax and offset must be given together")
+    backend = backend_for(packed.device)
+    args = (packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size)
+    if backend == "cuda":
+        return _dequantize_4bit_cuda(*args)
+    if backend == "triton":
+        from qft.kernels.dequantize_4bit import dequantize_4bit as triton_dequantize
+
+        return triton_dequantize(packed, absmax, block_size, fmt, numel, dtype, nested_absmax, offset, nested_block_size)
+    if nested_absmax is not None:
+        absmax = reference.dequantize_nested(absmax, nested_absmax, offset, nested_block_size)
+    return reference.dequantize_4bit(packed, absmax, block_size, fmt, numel, dtype)
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size=256):
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.custom_op("qft::quantize_nested", mutates_args=())
+def quantize_nested(absmax: torch.Tensor, nested_block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double-quantize fp32 absmax: ``(codes uint8 [n], absmax2 fp32 [blocks], offset fp32 [])``.
+
+    Torch ops on every device: the tensor is 1/64 of the weight or less.
+    """
+    return reference.quantize_nested(absmax, nested_block_size)
+
+
+@quantize_nested.register_fake
+def _(absmax, nested_block_size):
+    n = absmax.numel()
+    return (
+        absmax.new_empty((n,), dtype=torch.uint8),
+        absmax.new_empty((-(-n // nested_block_size),), dtype=torch.float32),
+        absmax.new_empty((), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("qft::dequantize_nested", mutates_args=())
+def dequantize_nested(
+    codes: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor, nested_block_size: int
+) -> torch.Tensor:
+    """Recover fp32 absmax from double-quant state (``qft.reference.dequantize_nested``)."""
+    return reference.dequantize_nested(codes, nested_absmax, offset, nested_block_size)
+
+
+@dequantize_nested.register_fake
+def _(codes, nested_absmax, offset, nested_block_size):
+    return codes.new_empty((codes.numel(),), dtype=torch.float32)

@@ -1,0 +1,102 @@
+"""Pure-torch implementations of every qft op: the CPU execution path and the test oracle.
+
+Each function here fixes the exact arithmetic (order of fp32 roundings) that the Triton and CUDA
+kernels must reproduce bit for bit; ``qft/formats.py`` documents the rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats
+
+
+def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View a flat fp32 tensor as ``[blocks, block_size]``, zero-padding the tail block."""
+    pad = -flat.numel() % block_size
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, block_size)
+
+
+def blockwise_absmax(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """fp32 max |x| of each block of the row-major flattened ``w``: ``[num_blocks]``."""
+    return _blocks(w.reshape(-1).float(), block_size).abs().amax(dim=1)
+
+
+def scale_to_unit(w: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Scale each block into [-1, 1] exactly as bitsandbytes does: ``[num_blocks, block_size]``.
+
+    Full blocks multiply by the fp32 reciprocal of absmax; a partial tail block divides.
+    """
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    floored = absmax.clamp(min=formats.ABSMAX_FLOOR)
+    scaled = _blocks(flat, block_size) * (1.0 / floored).unsqueeze(1)
+    tail = n % block_size
+    if tail:
+        scaled[-1, :tail] = flat[n - tail :] / floored[-1]
+    return scaled.clamp_(-1.0, 1.0)
+
+
+def encode_4bit(scaled: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Nibble for each value of ``scaled`` (in [-1, 1]): thresholds strictly below, reordered."""
+    position = torch.bucketize(scaled, formats.thresholds(fmt, scaled.device), out_int32=True)
+    return formats.encode_order(fmt, scaled.device)[position.long()].to(torch.uint8)
+
+
+def pack_4bit(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Pack a flat uint8 nibble tensor two per byte (element 2j high); odd counts padded."""
+    if codes.numel() % 2:
+        pad = torch.full((1,), formats.get_format(fmt).zero_code, dtype=torch.uint8, device=codes.device)
+        codes = torch.cat([codes, pad])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_4bit``: the first ``numel`` nibbles as int64."""
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)
+    return nibbles[:numel].long()
+
+
+def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``w`` (any shape, fp32/fp16/bf16) blockwise to 4 bits.
+
+    Returns ``(packed uint8 [(n + 1) // 2], absmax fp32 [num_blocks])``.
+    """
+    absmax = blockwise_absmax(w, block_size)
+    scaled = scale_to_unit(w, absmax, block_size).reshape(-1)[: w.numel()]
+    return pack_4bit(encode_4bit(scaled, fmt), fmt), absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, block_size: int, fmt: str, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Decode ``numel`` values: ``code[q] * absmax`` in fp32, rounded to ``dtype``. Flat output."""
+    values = formats.code(fmt, packed.device)[unpack_4bit(packed, numel)]
+    out = _blocks(values, block_size) * absmax.unsqueeze(1)
+    return out.reshape(-1)[:numel].to(dtype)
+
+
+def quantize_nested(absmax: torch.Tensor, nested_block_size: int = formats.NESTED_BLOCK_SIZE):
+    """Double-quantize fp32 absmax: ``(codes uint8 [n], absmax2 fp32 [blocks2], offset fp32 [])``.
+
+    Each centred value takes the nearest code of the dynamic map; the choice is made in fp64 so it
+    is the true nearest (exact ties, measure zero, take the lower code).
+    """
+    offset = absmax.mean()
+    centred = absmax - offset
+    absmax2 = blockwise_absmax(centred, nested_block_size)
+    ratio = _blocks(centred.double(), nested_block_size) / absmax2.double().clamp(min=formats.ABSMAX_FLOOR).unsqueeze(1)
+    dmap = formats.dynamic_map(absmax.device).double()
+    codes = torch.bucketize(ratio.reshape(-1)[: absmax.numel()], (dmap[:-1] + dmap[1:]) / 2)
+    return codes.to(torch.uint8), absmax2, offset
+
+
+def dequantize_nested(
+    codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_block_size: int = formats.NESTED_BLOCK_SIZE
+) -> torch.Tensor:
+    """Recover fp32 absmax from double-quant state: ``fl(fl(code8[q] * absmax2) + offset)``."""
+    values = formats.dynamic_map(codes.device)[codes.long()]
+    scaled = _blocks(values, nested_block_size) * absmax2.unsqueeze(1)
+    return scaled.reshape(-1)[: codes.numel()] + offset

@@ -1,0 +1,111 @@
+"""Build qft: pure Python, plus the optional CUDA extension ``qft._C`` when nvcc is found.
+
+The extension is one pybind11 module over ``csrc/*.cu`` (and ``csrc/*.cpp``), compiled by nvcc
+through a generated ninja file. It includes no torch header, so it builds without a GPU and
+without matching torch's ABI.
+
+Environment:
+    QFT_SKIP_CUDA_BUILD=1   build no extension (pure Python install)
+    QFT_CUDA_ARCHS="80;90a" GPU targets (sm_XX; default sm_80 and sm_90a)
+    CUDA_HOME / nvcc on PATH where to find the CUDA toolkit
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "80;90a"
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc from CUDA_HOME or PATH, or None."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def gencode_flags(archs: str) -> list[str]:
+    """``-gencode`` flags for a ';'- or ','-separated list such as ``80;90a``."""
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip().removeprefix("sm_")
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    if not flags:
+        raise ValueError(f"QFT_CUDA_ARCHS names no architecture: {archs!r}")
+    return flags
+
+
+def ninja_file(sources: list[Path], build_dir: Path, output: Path, nvcc: str) -> str:
+    """Text of a build.ninja that compiles ``sources`` with nvcc and links ``output``."""
+    import pybind11
+
+    includes = [ROOT / "csrc", pybind11.get_include(), sysconfig.get_paths()["include"]]
+    include_flags = " ".join(f"-I{p}" for p in includes)
+    archs = " ".join(gencode_flags(os.environ.get("QFT_CUDA_ARCHS", DEFAULT_ARCHS)))
+    host = "-Xcompiler=-fPIC -Xcompiler=-fvisibility=hidden"
+    lines = [
+        f"nvcc = {nvcc}",
+        f"cflags = -O3 -std=c++17 {host} {include_flags}",
+        f"cuflags = {archs} --expt-relaxed-constexpr",
+        "rule cu",
+        "  command = $nvcc $cflags $cuflags -MD -MF $out.d -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "rule cpp",
+        "  command = $nvcc $cflags -MD -MF $out.d -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "rule link",
+        "  command = $nvcc -shared $in -o $out --cudart=static",
+    ]
+    objects = []
+    for src in sources:
+        obj = build_dir / (src.name + ".o")
+        objects.append(str(obj))
+        lines.append(f"build {obj}: {'cu' if src.suffix == '.cu' else 'cpp'} {src}")
+    lines.append(f"build {output}: link {' '.join(objects)}")
+    return "\n".join(lines) + "\n"
+
+
+class NinjaCudaBuild(build_ext):
+    """Builds CUDA extensions with nvcc + ninja; skips them cleanly when that is impossible."""
+
+    def build_extension(self, ext: Extension) -> None:
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        nvcc = find_nvcc()
+        if os.environ.get("QFT_SKIP_CUDA_BUILD") == "1" or nvcc is None:
+            reason = "QFT_SKIP_CUDA_BUILD=1" if nvcc else "nvcc not found"
+            print(f"qft: not building {ext.name} ({reason}); qft runs without it", file=sys.stderr)
+            return
+        build_dir = Path(self.build_temp).resolve() / "qft_cuda"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        sources = [ROOT / s for s in ext.sources]
+        (build_dir / "build.ninja").write_text(ninja_file(sources, build_dir, output, nvcc))
+        ninja = shutil.which("ninja")
+        if ninja is None:
+            import ninja as ninja_pkg  # the PyPI package ships the binary
+
+            ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
+        subprocess.run([ninja, "-C", str(build_dir)], check=True)
+
+
+cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*") if p.suffix in (".cu", ".cpp"))
+
+setup(
+    packages=["qft", "qft.kernels"],
+    package_dir={"qft": "qft", "qft.kernels": "kernels"},
+    ext_modules=[Extension("qft._C", sources=cuda_sources)],
+    cmdclass={"build_ext": NinjaCudaBuild},
+)
