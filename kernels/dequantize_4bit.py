@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
 from qft import formats
+
+from . import interpreting
 
 BYTES_PER_PROGRAM = 1024  # 2048 outputs per program
 

@@ -21,7 +21,9 @@ def _bnb_functional():
 
 
 def _same_table(table: torch.Tensor, expected: torch.Tensor) -> bool:
-    return isinstance(table, torch.Tensor) and table.shape == expected.shape and torch.equal(table.float().cpu(), expected)
+    return (
+        isinstance(table, torch.Tensor) and table.shape == expected.shape and torch.equal(table.float().cpu(), expected)
+    )
 
 
 def from_bnb(cls, packed: torch.Tensor, quant_state):

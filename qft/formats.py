@@ -116,19 +116,19 @@ def packed_numel(numel: int, bits: int = 4) -> int:
     return (numel + 1) // 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_cpu(name: str) -> torch.Tensor:
     return torch.tensor(get_format(name).code, dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _thresholds_cpu(name: str) -> torch.Tensor:
     fmt = get_format(name)
     ordered = _code_cpu(name)[list(fmt.encode_order)]
     return (ordered[:-1] + ordered[1:]) / 2  # fp32 midpoints: (a + b) rounded, then exact /2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encode_order_cpu(name: str) -> torch.Tensor:
     return torch.tensor(get_format(name).encode_order, dtype=torch.int32)
 
@@ -142,6 +142,21 @@ def _on_device(table, name: str, device: torch.device) -> torch.Tensor:
 def _table(table, name: str, device) -> torch.Tensor:
     get_format(name)
     return _on_device(table, name, torch.device(device))
+
+
+@functools.cache
+def _byte_pairs_cpu(name: str) -> torch.Tensor:
+    values = _code_cpu(name)
+    pairs = torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)  # [256, 2]
+    return pairs.contiguous().view(torch.int64).view(256)
+
+
+def byte_pairs(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``int64 [256]``: packed byte -> its two fp32 values (high nibble first) in one 8-byte word.
+
+    One gather per byte decodes two values; ``.view(torch.float32)`` on the result splits them.
+    """
+    return _table(_byte_pairs_cpu, name, device)
 
 
 def code(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -159,7 +174,7 @@ def encode_order(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     return _table(_encode_order_cpu, name, device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_cpu(_name: str = "dynamic") -> torch.Tensor:
     # Signed 8-bit dynamic map (Dettmers 2015, "8-Bit Approximations for Parallelism in Deep
     # Learning"): 7 decades 1e-6..1; decade i holds the 2**i midpoints of linspace(0.1, 1, 2**i + 1)

@@ -154,7 +154,9 @@ def dequantize_4bit(
     if backend == "triton":
         from qft.kernels.dequantize_4bit import dequantize_4bit as triton_dequantize
 
-        return triton_dequantize(packed, absmax, block_size, fmt, numel, dtype, nested_absmax, offset, nested_block_size)
+        return triton_dequantize(
+            packed, absmax, block_size, fmt, numel, dtype, nested_absmax, offset, nested_block_size
+        )
     if nested_absmax is not None:
         absmax = reference.dequantize_nested(absmax, nested_absmax, offset, nested_block_size)
     return reference.dequantize_4bit(packed, absmax, block_size, fmt, numel, dtype)

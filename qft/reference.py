@@ -53,10 +53,9 @@ def pack_4bit(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     return (codes[0::2] << 4) | codes[1::2]
 
 
-def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of ``pack_4bit``: the first ``numel`` nibbles as int64."""
-    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)
-    return nibbles[:numel].long()
+# Values per step of the CPU loops: a multiple of every block size, small enough that the
+# intermediates stay in cache (4x faster than whole-tensor steps on a 235M-value weight).
+_CHUNK = 1 << 20
 
 
 def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,18 +63,33 @@ def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Ten
 
     Returns ``(packed uint8 [(n + 1) // 2], absmax fp32 [num_blocks])``.
     """
-    absmax = blockwise_absmax(w, block_size)
-    scaled = scale_to_unit(w, absmax, block_size).reshape(-1)[: w.numel()]
-    return pack_4bit(encode_4bit(scaled, fmt), fmt), absmax
+    flat = w.reshape(-1)
+    n = flat.numel()
+    packed = torch.empty(formats.packed_numel(n), dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(formats.num_blocks(n, block_size), dtype=torch.float32, device=w.device)
+    for start in range(0, n, _CHUNK):
+        x = flat[start : start + _CHUNK].float()
+        chunk_absmax = blockwise_absmax(x, block_size)
+        scaled = scale_to_unit(x, chunk_absmax, block_size).reshape(-1)[: x.numel()]
+        absmax[start // block_size : start // block_size + chunk_absmax.numel()] = chunk_absmax
+        packed[start // 2 : start // 2 + formats.packed_numel(x.numel())] = pack_4bit(encode_4bit(scaled, fmt), fmt)
+    return packed, absmax
 
 
 def dequantize_4bit(
     packed: torch.Tensor, absmax: torch.Tensor, block_size: int, fmt: str, numel: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Decode ``numel`` values: ``code[q] * absmax`` in fp32, rounded to ``dtype``. Flat output."""
-    values = formats.code(fmt, packed.device)[unpack_4bit(packed, numel)]
-    out = _blocks(values, block_size) * absmax.unsqueeze(1)
-    return out.reshape(-1)[:numel].to(dtype)
+    pairs = formats.byte_pairs(fmt, packed.device)
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    for start in range(0, numel, _CHUNK):
+        count = min(_CHUNK, numel - start)
+        chunk = packed[start // 2 : start // 2 + formats.packed_numel(count)]
+        values = torch.index_select(pairs, 0, chunk.int()).view(torch.float32)
+        chunk_absmax = absmax[start // block_size : start // block_size + formats.num_blocks(count, block_size)]
+        scaled = _blocks(values, block_size)[: chunk_absmax.numel()] * chunk_absmax.unsqueeze(1)
+        out[start : start + count] = scaled.reshape(-1)[:count]  # copy_ rounds to nearest even
+    return out
 
 
 def quantize_nested(absmax: torch.Tensor, nested_block_size: int = formats.NESTED_BLOCK_SIZE):

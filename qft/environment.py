@@ -1,0 +1,58 @@
+"""What qft runs on: versions, the CUDA extension's state, the GPU, and each op's implementation."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from qft import ops
+from qft._extension import extension
+
+OP_NAMES = ("quantize_4bit", "dequantize_4bit", "quantize_nested", "dequantize_nested")
+# Ops that always run as torch code, whatever the device (tiny tensors).
+TORCH_EVERYWHERE = {"quantize_nested", "dequantize_nested"}
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def _cuda_version(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}" if version else "none"
+
+
+def collect() -> dict[str, object]:
+    """A dict describing this installation; safe to call on a machine with no GPU."""
+    ext = extension()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    info: dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "triton": _triton_version(),
+        "extension qft._C": "loaded" if ext.module else f"not loaded ({ext.error})",
+    }
+    if ext.module is not None:
+        info["extension CUDA runtime"] = _cuda_version(ext.module.runtime_version())
+        info["CUDA driver"] = _cuda_version(ext.module.driver_version())
+        info["extension sees"] = f"{ext.device_count} GPU(s)" if ext.device_count else f"no GPU ({ext.device_status})"
+    if torch.cuda.is_available():
+        info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    else:
+        info["GPU"] = "none"
+    for op in OP_NAMES:
+        for device in devices:
+            info[f"op {op} on {device}"] = "reference (torch)" if op in TORCH_EVERYWHERE else ops.backend_for(device)
+    return info
+
+
+def report() -> str:
+    """``collect()`` as aligned ``key: value`` lines."""
+    info = collect()
+    width = max(map(len, info))
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in info.items())

@@ -1,0 +1,19 @@
+"""Weights that exercise the edges of blockwise 4-bit quantization."""
+
+from __future__ import annotations
+
+import torch
+
+# Odd counts, counts not a multiple of any block, single rows, 1-D, exact multiples.
+SHAPES = [(3, 77), (1, 4099), (17, 64), (5,), (2, 2048), (1, 1), (129, 33)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def edge_weight(shape, dtype, block_size: int) -> torch.Tensor:
+    """Normal weights with an all-zero first block and one huge value in the last block."""
+    w = torch.randn(shape) * 3
+    flat = w.view(-1)
+    if flat.numel() > block_size:
+        flat[:block_size] = 0
+    flat[-1] = 1e3 if dtype == torch.float16 else 1e4
+    return w.to(dtype)
