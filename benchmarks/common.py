@@ -1,0 +1,112 @@
+"""Shared benchmark plumbing: timing, the device's measured copy bandwidth, result rows and files.
+
+GPU timings use ``triton.testing.do_bench`` (median with p20/p80; it clears the L2 cache before
+each run). CPU timings use ``time.perf_counter`` over repeats and are not kernel results.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_ms(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` milliseconds of ``fn()`` on ``device``."""
+    if device == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return p50, p20, p80
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), q[1], q[7]
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Measured device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    p50, _, _ = time_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / (p50 * 1e-3) / 1e9
+
+
+def device_name(device: str) -> str:
+    """Human name of the device: the GPU's name, or the CPU's model."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def versions() -> dict[str, str]:
+    """Versions that the numbers depend on."""
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none"}
+    for name in ("triton", "bitsandbytes", "qft"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = "not installed"
+    return out
+
+
+def slug(text: str) -> str:
+    """File-name-safe lower-case form of ``text``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def write_results(suite: str, device: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS_DIR) -> list[Path]:
+    """Write ``rows`` as ``<suite>-<device>-<date>.{json,csv,md}``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{suite}-{slug(device_name(device))}-{datetime.date.today().isoformat()}"
+    paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md")]
+    paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    with paths[1].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    paths[2].write_text(markdown_table(rows, meta) + "\n")
+    return paths
+
+
+def markdown_table(rows: list[dict], meta: dict) -> str:
+    """A compact markdown table of the rows, headed by the device and versions."""
+    head = f"**{meta['device_name']}** ({meta['device']}); " + ", ".join(
+        f"{k} {v}" for k, v in meta["versions"].items()
+    )
+    if meta.get("note"):
+        head += f"\n\n{meta['note']}"
+    cols = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy_bw"]
+    cols += ["vs_bitsandbytes", "matches_bitsandbytes"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)

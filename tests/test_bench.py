@@ -1,0 +1,31 @@
+"""The quant benchmark runs on CPU and writes its rows (timings themselves are not asserted)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_quant
+
+
+def test_bench_quant_writes_rows_side_by_side(tmp_path, capsys):
+    assert bench_quant.main(["--device", "cpu", "--shape", "64x256", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("quant-*.json")
+    data = json.loads(result.read_text())
+    rows = data["rows"]
+    assert {r["provider"] for r in rows} == {"qft-reference", "bitsandbytes"}
+    assert {r["op"] for r in rows} == {"quantize nf4+dq", "dequantize nf4+dq"}
+    assert all(r["p50_ms"] > 0 and r["gbps"] > 0 for r in rows)
+    assert [r["matches_bitsandbytes"] for r in rows if r["provider"] == "qft-reference" and "dequant" in r["op"]] == [
+        True
+    ]
+    assert data["meta"]["copy_bandwidth_gbps"] > 0
+    assert len(list(tmp_path.glob("quant-*.csv"))) == 1 and len(list(tmp_path.glob("quant-*.md"))) == 1
+    assert "not GPU kernel results" in capsys.readouterr().err
+
+
+def test_bench_quant_rejects_bad_shape():
+    with pytest.raises(SystemExit):
+        bench_quant.main(["--device", "cpu", "--shape", "64by256"])
