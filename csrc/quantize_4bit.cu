@@ -11,8 +11,8 @@ constexpr int kWarpsPerCta = 8;
 constexpr float kAbsmaxFloor = 1e-38f;  // bitsandbytes' clamp before the reciprocal
 
 struct Encoder {
-  float thresholds[15];
-  int order[16];
+  float thresholds[15];  // indexed by unrolled constants: stays in registers
+  const int32_t* order;  // indexed at run time: read through the read-only cache, not a local array
   float reciprocal, floored;
   bool partial;
 
@@ -24,7 +24,7 @@ struct Encoder {
     int position = 0;
 #pragma unroll
     for (int t = 0; t < 15; ++t) position += s > thresholds[t];
-    return order[position];
+    return __ldg(order + position);
   }
 };
 
@@ -48,8 +48,7 @@ __global__ void quantize_4bit_kernel(const T* __restrict__ w, uint8_t* __restric
   Encoder enc;
 #pragma unroll
   for (int t = 0; t < 15; ++t) enc.thresholds[t] = __ldg(thresholds + t);
-#pragma unroll
-  for (int t = 0; t < 16; ++t) enc.order[t] = __ldg(encode_order + t);
+  enc.order = encode_order;
   enc.floored = fmaxf(amax, kAbsmaxFloor);
   enc.reciprocal = __frcp_rn(enc.floored);
   enc.partial = end - start < block_size;

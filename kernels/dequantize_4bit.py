@@ -78,6 +78,9 @@ def dequantize_4bit(
     formats.get_format(fmt)
     formats.check_block_size(block_size)
     nested = nested_absmax is not None
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    if nested:
+        nested_absmax = nested_absmax.contiguous()
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     by_hand = dtype == torch.bfloat16 and interpreting()
     grid = (triton.cdiv(packed.numel(), BYTES_PER_PROGRAM),)

@@ -8,6 +8,8 @@ import triton.language as tl
 
 from qft import formats
 
+from . import interpreting
+
 
 @triton.jit
 def _quantize_4bit_kernel(
@@ -20,14 +22,21 @@ def _quantize_4bit_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     IDENTITY_ORDER: tl.constexpr,  # nf4: position == nibble, skip the gather
+    WIDEN_BF16_BY_HAND: tl.constexpr,  # w holds bf16 bits as int16 (the interpreter flushes subnormals)
 ):
     pid = tl.program_id(0)
     blocks = pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     pair = tl.arange(0, BLOCK_SIZE // 2)
     # Even and odd elements load separately so each byte's two nibbles sit in the same lane.
     even = blocks[:, None] * BLOCK_SIZE + 2 * pair[None, :]
-    x_even = tl.load(w_ptr + even, mask=even < numel, other=0.0).to(tl.float32)
-    x_odd = tl.load(w_ptr + even + 1, mask=even + 1 < numel, other=0.0).to(tl.float32)
+    x_even = tl.load(w_ptr + even, mask=even < numel, other=0)
+    x_odd = tl.load(w_ptr + even + 1, mask=even + 1 < numel, other=0)
+    if WIDEN_BF16_BY_HAND:
+        x_even = ((x_even.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        x_odd = ((x_odd.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        x_even = x_even.to(tl.float32)
+        x_odd = x_odd.to(tl.float32)
 
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
     tl.store(absmax_ptr + blocks, absmax, mask=blocks * BLOCK_SIZE < numel)
@@ -85,8 +94,9 @@ def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Ten
     absmax = torch.empty(blocks, dtype=torch.float32, device=w.device)
     per_program = _blocks_per_program(block_size)
     grid = (triton.cdiv(blocks, per_program),)
+    by_hand = w.dtype == torch.bfloat16 and interpreting()
     _quantize_4bit_kernel[grid](
-        w,
+        w.view(torch.int16) if by_hand else w,
         packed,
         absmax,
         formats.thresholds(fmt, w.device),
@@ -95,5 +105,6 @@ def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Ten
         BLOCK_SIZE=block_size,
         BLOCKS_PER_PROGRAM=per_program,
         IDENTITY_ORDER=spec.encode_order == tuple(range(16)),
+        WIDEN_BF16_BY_HAND=by_hand,
     )
     return packed, absmax

@@ -12,7 +12,8 @@
   the lower code), mapped through the format's ``encode_order``.
 * Pack: value ``2j`` goes to the high nibble of byte ``j``, value ``2j+1`` to the low nibble; an
   odd count is padded with the format's zero code. ``(n + 1) // 2`` bytes.
-* Decode: ``code[q] * absmax`` in fp32, rounded (to nearest even) to the output dtype.
+* Decode: ``code[q] * absmax`` in fp32, rounded (to nearest even) to the output dtype. Subnormal
+  results stay subnormal (bitsandbytes' AVX-512 bf16 CPU path flushes them to zero).
 
 FP4 signed zero: bitsandbytes' CPU path gives ``0 < s <= 0.0026`` the code of -0.0 (8) and
 ``-0.0026 < s <= 0`` the code of +0.0 (0); its CUDA path follows the sign of ``s``. qft follows

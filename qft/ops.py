@@ -61,6 +61,50 @@ def _check_common(block_size: int, fmt: str) -> None:
     formats.check_block_size(block_size)
 
 
+def _expect(tensor, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if tensor.numel() != numel:
+        raise ValueError(f"{name} must hold {numel} values for this shape and block size, got {tensor.numel()}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but packed is on {device}")
+
+
+def check_quantized_parts(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    numel: int,
+    block_size: int,
+    nested_block_size: int = formats.NESTED_BLOCK_SIZE,
+) -> None:
+    """Check that 4-bit codes and scales fit ``numel`` values; ``ValueError`` naming the part if not.
+
+    Kernels index by ``numel`` and ``block_size`` alone, so a part of the wrong size, dtype or device
+    would be read out of bounds: every decode checks first.
+    """
+    if (nested_absmax is None) != (offset is None):
+        raise ValueError("nested_absmax and offset must be given together")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+    device = packed.device
+    blocks = formats.num_blocks(numel, block_size)
+    _expect(packed, "packed", torch.uint8, formats.packed_numel(numel), device)
+    if nested_absmax is None:
+        _expect(absmax, "absmax", torch.float32, blocks, device)
+        return
+    if isinstance(nested_block_size, bool) or not isinstance(nested_block_size, int) or nested_block_size <= 0:
+        raise ValueError(f"nested_block_size must be a positive int, got {nested_block_size!r}")
+    _expect(absmax, "absmax", torch.uint8, blocks, device)
+    _expect(nested_absmax, "nested_absmax", torch.float32, formats.num_blocks(blocks, nested_block_size), device)
+    _expect(offset, "offset", torch.float32, 1, device)
+
+
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -88,14 +132,18 @@ def _dequantize_4bit_cuda(packed, absmax, nested_absmax, offset, block_size, fmt
     if ext.module is None:
         raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
+    # Hold the contiguous copies in locals: a temporary freed before the launch could be reused.
+    packed, absmax = packed.contiguous(), absmax.contiguous()
     nested = nested_absmax is not None
+    if nested:
+        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
     dmap = formats.dynamic_map(packed.device)
+    code = formats.code(fmt, packed.device)
     with torch.cuda.device(packed.device):
         ext.module.dequantize_4bit(
-            packed.contiguous().data_ptr(), absmax.contiguous().data_ptr(),
-            nested_absmax.contiguous().data_ptr() if nested else 0, offset.data_ptr() if nested else 0,
-            dmap.data_ptr(), formats.code(fmt, packed.device).data_ptr(), out.data_ptr(), DTYPE_CODES[dtype],
-            numel, block_size, nested_block_size, _stream(packed.device),
+            packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr() if nested else 0,
+            offset.data_ptr() if nested else 0, dmap.data_ptr(), code.data_ptr(), out.data_ptr(),
+            DTYPE_CODES[dtype], numel, block_size, nested_block_size, _stream(packed.device),
         )  # fmt: skip
     return out
 
@@ -108,7 +156,11 @@ def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Ten
     ``qft.formats`` for the exact rule.
     """
     _check_common(block_size, fmt)
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"w must be float32/float16/bfloat16, got {w.dtype}")
     backend = backend_for(w.device)
+    if w.numel() == 0:
+        return w.new_empty((0,), dtype=torch.uint8), w.new_empty((0,), dtype=torch.float32)
     if backend == "cuda":
         return _quantize_4bit_cuda(w, block_size, fmt)
     if backend == "triton":
@@ -145,9 +197,12 @@ def dequantize_4bit(
     ``nested_block_size`` blocks) and ``offset`` (fp32 scalar) hold the double-quant state.
     """
     _check_common(block_size, fmt)
-    if (nested_absmax is None) != (offset is None):
-        raise ValueError("nested_absmax and offset must be given together")
+    check_quantized_parts(packed, absmax, nested_absmax, offset, numel, block_size, nested_block_size)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
     backend = backend_for(packed.device)
+    if numel == 0:
+        return packed.new_empty((0,), dtype=dtype)
     args = (packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size)
     if backend == "cuda":
         return _dequantize_4bit_cuda(*args)

@@ -171,36 +171,15 @@ def _check_float_dtype(dtype: torch.dtype, name: str) -> None:
         raise TypeError(f"{name} must be one of float32/float16/bfloat16, got {dtype}")
 
 
-def _expect(tensor, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    if tensor.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}, got {tensor.dtype}")
-    if tensor.numel() != numel:
-        raise ValueError(f"{name} must hold {numel} values for this shape and block size, got {tensor.numel()}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but packed is on {device}")
-
-
 def _validate(qt: QuantizedTensor) -> None:
     formats.get_format(qt.format)
     formats.check_block_size(qt.block_size)
     _check_float_dtype(qt.dtype, "dtype")
     if any(int(d) < 0 for d in qt.shape) or math.prod(qt.shape) == 0:
         raise ValueError(f"shape must describe a non-empty tensor, got {tuple(qt.shape)}")
-    n, device = qt.numel, qt.packed.device
-    blocks = formats.num_blocks(n, qt.block_size)
-    _expect(qt.packed, "packed", torch.uint8, formats.packed_numel(n), device)
-    if qt.nested_absmax is None:
-        if qt.offset is not None:
-            raise ValueError("offset is set but nested_absmax is not")
-        _expect(qt.absmax, "absmax", torch.float32, blocks, device)
-        return
-    if not isinstance(qt.nested_block_size, int) or qt.nested_block_size <= 0:
-        raise ValueError(f"nested_block_size must be a positive int, got {qt.nested_block_size!r}")
-    _expect(qt.absmax, "absmax", torch.uint8, blocks, device)
-    _expect(qt.nested_absmax, "nested_absmax", torch.float32, formats.num_blocks(blocks, qt.nested_block_size), device)
-    _expect(qt.offset, "offset", torch.float32, 1, device)
+    ops.check_quantized_parts(
+        qt.packed, qt.absmax, qt.nested_absmax, qt.offset, qt.numel, qt.block_size, qt.nested_block_size
+    )
 
 
 def _json_to_tensor(obj: dict) -> torch.Tensor:

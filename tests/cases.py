@@ -10,10 +10,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def edge_weight(shape, dtype, block_size: int) -> torch.Tensor:
-    """Normal weights with an all-zero first block and one huge value in the last block."""
+    """Normal weights with an all-zero first block, a block of subnormals (of ``dtype``) next, and
+    one huge value in the last block."""
     w = torch.randn(shape) * 3
     flat = w.view(-1)
     if flat.numel() > block_size:
         flat[:block_size] = 0
+    if flat.numel() > 3 * block_size:
+        flat[block_size : 2 * block_size] = torch.randn(block_size) * torch.finfo(dtype).tiny / 8
     flat[-1] = 1e3 if dtype == torch.float16 else 1e4
     return w.to(dtype)

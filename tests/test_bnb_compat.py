@@ -42,7 +42,13 @@ def test_from_bnb_dequantizes_bit_for_bit(fmt, dtype, double_quant):
         packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=fmt, compress_statistics=double_quant)
         qt = qft.QuantizedTensor.from_bnb(packed, state)
         assert qt.double_quant == double_quant
-        assert torch.equal(qt.dequantize(), _bnb_dequantize(packed, state)), shape
+        ours, theirs = qt.dequantize(), _bnb_dequantize(packed, state)
+        if dtype == torch.bfloat16:
+            # bitsandbytes' AVX-512 bf16 conversion flushes subnormal results to zero; qft rounds them
+            # like torch does. Everywhere else the two must agree bit for bit.
+            flushed = (ours.abs() < torch.finfo(dtype).tiny) & (theirs == 0)
+            ours, theirs = ours[~flushed], theirs[~flushed]
+        assert torch.equal(ours, theirs), shape
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])

@@ -99,3 +99,56 @@ def test_cuda_extension_handles_unaligned_views():
     with ops.use_backend("cuda"):
         got = ops.dequantize_4bit(shifted, absmax, None, None, 64, "nf4", w.numel(), torch.bfloat16)
     assert torch.equal(got, want)
+
+
+def _parts(n=130, block_size=64):
+    packed, absmax = reference.quantize_4bit(torch.randn(n), block_size, "nf4")
+    codes, absmax2, offset = reference.quantize_nested(absmax)
+    return packed, absmax, codes, absmax2, offset
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda p: {**p, "packed": p["packed"][:-1]}, ValueError, "packed must hold 65"),
+        (lambda p: {**p, "absmax": p["absmax"].half()}, ValueError, "absmax must be torch.float32"),
+        (lambda p: {**p, "numel": 131}, ValueError, "packed must hold 66"),
+        (lambda p: {**p, "numel": -1}, ValueError, "numel must be a non-negative int"),
+        (lambda p: {**p, "dtype": torch.int32}, TypeError, "dtype must be"),
+    ],
+)
+def test_dequantize_op_checks_parts_before_any_kernel(backend, change, error, match):
+    packed, absmax, *_ = _parts()
+    args = change({"packed": packed, "absmax": absmax, "numel": 130, "dtype": torch.float32})
+    with ops.use_backend(backend), pytest.raises(error, match=match):
+        ops.dequantize_4bit(args["packed"], args["absmax"], None, None, 64, "nf4", args["numel"], args["dtype"])
+
+
+def test_dequantize_op_checks_nested_parts():
+    packed, absmax, codes, absmax2, offset = _parts()
+    with pytest.raises(ValueError, match=r"absmax must be torch\.uint8"):
+        ops.dequantize_4bit(packed, absmax, absmax2, offset, 64, "nf4", 130, torch.float32)
+    with pytest.raises(ValueError, match="nested_absmax must hold 1"):
+        ops.dequantize_4bit(packed, codes, torch.zeros(2), offset, 64, "nf4", 130, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_inputs_give_empty_outputs(backend):
+    with ops.use_backend(backend):
+        packed, absmax = ops.quantize_4bit(torch.empty(0), 64, "nf4")
+        assert packed.shape == (0,) and absmax.shape == (0,)
+        out = ops.dequantize_4bit(packed, absmax, None, None, 64, "nf4", 0, torch.bfloat16)
+        assert out.shape == (0,) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_strided_parts_decode_like_contiguous(backend):
+    packed, absmax, *_ = _parts(n=256)
+    strided_packed = torch.stack([packed, packed], 1)[:, 0]
+    strided_absmax = torch.stack([absmax, absmax], 1)[:, 1]
+    assert not strided_packed.is_contiguous()
+    want = reference.dequantize_4bit(packed, absmax, 64, "nf4", 256, torch.float32)
+    with ops.use_backend(backend):
+        got = ops.dequantize_4bit(strided_packed, strided_absmax, None, None, 64, "nf4", 256, torch.float32)
+    assert torch.equal(got, want)
