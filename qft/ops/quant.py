@@ -1,59 +1,13 @@
-"""torch.library custom ops (``qft::...``) and their dispatch to an implementation.
-
-Each op is defined once here, with a fake (meta) implementation so ``torch.compile`` sees one
-node. The real implementation is chosen by device when the op runs:
-
-* CPU -> ``qft.reference`` (pure torch);
-* CUDA -> the CUDA extension ``qft._C`` when it is built and sees a GPU, else the Triton kernels.
-
-``use_backend("triton")`` (or the environment variable ``QFT_BACKEND``) forces one implementation,
-for tests and benchmarks; Triton also runs on CPU tensors under ``TRITON_INTERPRET=1``.
-"""
+"""Custom ops of blockwise 4-bit quantization: ``qft::quantize_4bit``, ``qft::dequantize_4bit`` and
+the double-quantization pair ``qft::quantize_nested`` / ``qft::dequantize_nested``."""
 
 from __future__ import annotations
-
-import contextlib
-import os
-from collections.abc import Iterator
 
 import torch
 
 from qft import formats, reference
 from qft._extension import extension
-
-BACKENDS = ("reference", "triton", "cuda")
-# Element-type codes shared with csrc/qft_kernels.h (qft::DType).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FLOAT_DTYPES = tuple(DTYPE_CODES)
-
-_forced: list[str] = []
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Force every qft op inside the ``with`` block onto one implementation."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _forced.append(name)
-    try:
-        yield
-    finally:
-        _forced.pop()
-
-
-def backend_for(device: torch.device | str) -> str:
-    """The implementation a qft op runs with for tensors on ``device``."""
-    if _forced:
-        return _forced[-1]
-    env = os.environ.get("QFT_BACKEND", "")
-    if env:
-        if env not in BACKENDS:
-            raise ValueError(f"QFT_BACKEND must be one of {BACKENDS}, got {env!r}")
-        return env
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "reference"
-    return "cuda" if extension().usable else "triton"
+from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
 
 
 def _check_common(block_size: int, fmt: str) -> None:
@@ -105,10 +59,6 @@ def check_quantized_parts(
     _expect(offset, "offset", torch.float32, 1, device)
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 def _quantize_4bit_cuda(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     ext = extension()
     if ext.module is None:
@@ -122,7 +72,7 @@ def _quantize_4bit_cuda(w: torch.Tensor, block_size: int, fmt: str) -> tuple[tor
     with torch.cuda.device(w.device):
         ext.module.quantize_4bit(
             w.data_ptr(), DTYPE_CODES[w.dtype], packed.data_ptr(), absmax.data_ptr(), thresholds.data_ptr(),
-            order.data_ptr(), numel, block_size, _stream(w.device),
+            order.data_ptr(), numel, block_size, cuda_stream(w.device),
         )  # fmt: skip
     return packed, absmax
 
@@ -143,7 +93,7 @@ def _dequantize_4bit_cuda(packed, absmax, nested_absmax, offset, block_size, fmt
         ext.module.dequantize_4bit(
             packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr() if nested else 0,
             offset.data_ptr() if nested else 0, dmap.data_ptr(), code.data_ptr(), out.data_ptr(),
-            DTYPE_CODES[dtype], numel, block_size, nested_block_size, _stream(packed.device),
+            DTYPE_CODES[dtype], numel, block_size, nested_block_size, cuda_stream(packed.device),
         )  # fmt: skip
     return out
 

@@ -1,0 +1,58 @@
+"""How a qft op picks its implementation.
+
+* CPU -> ``qft.reference`` (pure torch);
+* CUDA -> the CUDA extension ``qft._C`` when it is built and sees a GPU, else the Triton kernels
+  (ops with size-dependent paths consult ``qft.ops.thresholds`` too).
+
+``use_backend("triton")`` (or the environment variable ``QFT_BACKEND``) forces one implementation,
+for tests and benchmarks; Triton also runs on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from qft._extension import extension
+
+BACKENDS = ("reference", "triton", "cuda")
+# Element-type codes shared with csrc/qft_kernels.h (qft::DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FLOAT_DTYPES = tuple(DTYPE_CODES)
+
+_forced: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every qft op inside the ``with`` block onto one implementation."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The implementation a qft op runs with for tensors on ``device``."""
+    if _forced:
+        return _forced[-1]
+    env = os.environ.get("QFT_BACKEND", "")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"QFT_BACKEND must be one of {BACKENDS}, got {env!r}")
+        return env
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    return "cuda" if extension().usable else "triton"
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The raw handle of the current CUDA stream on ``device`` (for ``qft._C``)."""
+    return torch.cuda.current_stream(device).cuda_stream
