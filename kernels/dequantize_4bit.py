@@ -69,11 +69,13 @@ def dequantize_4bit(
     nested_absmax: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     nested_block_size: int = formats.NESTED_BLOCK_SIZE,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode ``numel`` 4-bit values with Triton; returns a flat ``dtype`` tensor.
 
     ``absmax`` is fp32 per block, or uint8 codes of the dynamic map when ``nested_absmax`` (fp32 per
     ``nested_block_size`` blocks) and ``offset`` (fp32 scalar) are given. All inputs on one device.
+    ``out``, if given, is a contiguous ``[numel]`` tensor of ``dtype`` to decode into (a scratch buffer).
     """
     formats.get_format(fmt)
     formats.check_block_size(block_size)
@@ -81,7 +83,8 @@ def dequantize_4bit(
     packed, absmax = packed.contiguous(), absmax.contiguous()
     if nested:
         nested_absmax = nested_absmax.contiguous()
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
     by_hand = dtype == torch.bfloat16 and interpreting()
     grid = (triton.cdiv(packed.numel(), BYTES_PER_PROGRAM),)
     _dequantize_4bit_kernel[grid](

@@ -1,11 +1,40 @@
 """qft: GPU kernels for quantized low-rank finetuning.
 
-Public API so far: ``quantize``/``dequantize`` and ``QuantizedTensor`` (nf4/fp4 with double
-quantization, byte-compatible with bitsandbytes); ``qft.ops`` holds the ``qft::`` custom ops.
+``quantize``/``dequantize``/``QuantizedTensor`` (nf4/fp4 with double quantization, byte-compatible
+with bitsandbytes); ``qft.functional`` (quant_linear, lora_linear); ``qft.nn`` modules and the
+model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``, ``save_adapters``, ``load_adapters``;
+``qft.ops`` holds the ``qft::`` custom ops.
 """
 
-from qft import formats, ops
+from qft import formats, functional, nn, ops
+from qft.nn import (
+    LoRAConfig,
+    QuantConfig,
+    add_adapters,
+    load_adapters,
+    merge_adapters,
+    quantize_,
+    save_adapters,
+    unmerge_adapters,
+)
 from qft.tensor import QuantizedTensor, dequantize, quantize
 
 __version__ = "0.1.0"
-__all__ = ["QuantizedTensor", "__version__", "dequantize", "formats", "ops", "quantize"]
+__all__ = [
+    "LoRAConfig",
+    "QuantConfig",
+    "QuantizedTensor",
+    "__version__",
+    "add_adapters",
+    "dequantize",
+    "formats",
+    "functional",
+    "load_adapters",
+    "merge_adapters",
+    "nn",
+    "ops",
+    "quantize",
+    "quantize_",
+    "save_adapters",
+    "unmerge_adapters",
+]

@@ -114,3 +114,54 @@ def dequantize_nested(
     values = formats.dynamic_map(codes.device)[codes.long()]
     scaled = _blocks(values, nested_block_size) * absmax2.unsqueeze(1)
     return scaled.reshape(-1)[: codes.numel()] + offset
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    # fp32 for every storage dtype; float64 stays float64 so gradcheck can run on this path.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lora_xa: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    scaling: float = 0.0,
+) -> torch.Tensor:
+    """``x @ weight^T + bias + scaling * lora_xa @ lora_B^T`` accumulated in fp32, rounded once to x's dtype.
+
+    ``x`` [M, K]; ``weight`` [N, K], the dequantized base weight in x's dtype (as bitsandbytes
+    decodes it); ``lora_xa`` [M, r] and ``lora_B`` [N, r] in any float dtype (fp32 adapters keep
+    their precision).
+    """
+    acc_dtype = _accumulator(x.dtype)
+    acc = x.to(acc_dtype) @ weight.to(acc_dtype).t()
+    if bias is not None:
+        acc += bias.to(acc_dtype)
+    if lora_xa is not None:
+        acc.addmm_(lora_xa.to(acc_dtype), lora_B.to(acc_dtype).t(), alpha=scaling)
+    return acc.to(x.dtype)
+
+
+def quant_linear_grad_input(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    lora_grad_xa: torch.Tensor | None = None,
+    lora_A: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_scale: float = 1.0,
+) -> torch.Tensor:
+    """``grad @ weight + (lora_grad_xa @ lora_A) * mask * dropout_scale`` in fp32, rounded to grad's dtype.
+
+    ``grad`` [M, N]; ``weight`` [N, K] in grad's dtype; ``lora_grad_xa`` [M, r] (the gradient that
+    reaches ``dropout(x) @ A^T``, scaling included); ``lora_A`` [r, K]; ``dropout_mask`` [M, K] bool.
+    """
+    acc_dtype = _accumulator(grad.dtype)
+    acc = grad.to(acc_dtype) @ weight.to(acc_dtype)
+    if lora_grad_xa is not None:
+        lora = lora_grad_xa.to(acc_dtype) @ lora_A.to(acc_dtype)
+        if dropout_mask is not None:
+            lora *= dropout_mask * dropout_scale
+        acc += lora
+    return acc.to(grad.dtype)

@@ -3,6 +3,7 @@
 """
 
 from qft.ops.dispatch import BACKENDS, DTYPE_CODES, FLOAT_DTYPES, backend_for, use_backend
+from qft.ops.linear import quant_linear, quant_linear_grad_input
 from qft.ops.quant import check_quantized_parts, dequantize_4bit, dequantize_nested, quantize_4bit, quantize_nested
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "check_quantized_parts",
     "dequantize_4bit",
     "dequantize_nested",
+    "quant_linear",
+    "quant_linear_grad_input",
     "quantize_4bit",
     "quantize_nested",
     "use_backend",

@@ -77,11 +77,14 @@ def _quantize_4bit_cuda(w: torch.Tensor, block_size: int, fmt: str) -> tuple[tor
     return packed, absmax
 
 
-def _dequantize_4bit_cuda(packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size):
+def _dequantize_4bit_cuda(
+    packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size, out=None
+):
     ext = extension()
     if ext.module is None:
         raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
     # Hold the contiguous copies in locals: a temporary freed before the launch could be reused.
     packed, absmax = packed.contiguous(), absmax.contiguous()
     nested = nested_absmax is not None
@@ -153,18 +156,31 @@ def dequantize_4bit(
     backend = backend_for(packed.device)
     if numel == 0:
         return packed.new_empty((0,), dtype=dtype)
+    return dequantize_4bit_into(
+        None, backend, packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size
+    )
+
+
+def dequantize_4bit_into(
+    out, backend, packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size
+) -> torch.Tensor:
+    """Decode with ``backend`` into ``out`` (a contiguous ``[numel]`` buffer, or None to allocate).
+
+    For ops that decode into a reused scratch buffer; callers have checked the parts.
+    """
     args = (packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size)
     if backend == "cuda":
-        return _dequantize_4bit_cuda(*args)
+        return _dequantize_4bit_cuda(*args, out=out)
     if backend == "triton":
         from qft.kernels.dequantize_4bit import dequantize_4bit as triton_dequantize
 
         return triton_dequantize(
-            packed, absmax, block_size, fmt, numel, dtype, nested_absmax, offset, nested_block_size
+            packed, absmax, block_size, fmt, numel, dtype, nested_absmax, offset, nested_block_size, out=out
         )
     if nested_absmax is not None:
         absmax = reference.dequantize_nested(absmax, nested_absmax, offset, nested_block_size)
-    return reference.dequantize_4bit(packed, absmax, block_size, fmt, numel, dtype)
+    decoded = reference.dequantize_4bit(packed, absmax, block_size, fmt, numel, dtype)
+    return decoded if out is None else out.copy_(decoded)
 
 
 @dequantize_4bit.register_fake

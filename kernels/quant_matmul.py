@@ -1,0 +1,145 @@
+"""Triton fused 4-bit matmul for small M: ``y = x @ W^T (+ bias) (+ s * xa @ B^T)``.
+
+The weight is decoded tile by tile inside the K loop (never written out), exactly as
+``dequantize_4bit`` decodes it, rounded to x's dtype and fed to ``tl.dot`` with fp32 accumulation.
+The LoRA term is one more small dot in the epilogue, so y is written once. Decode indexes each
+element by its flat position, so any K works (blocks may cross rows when K % block_size != 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qft import formats
+
+
+@triton.jit
+def _quant_matmul_kernel(
+    x_ptr,  # [M, K] row stride stride_xm
+    packed_ptr,  # [(N * K + 1) // 2] uint8
+    absmax_ptr,  # [num_blocks] fp32, or uint8 codes when NESTED
+    nested_absmax_ptr,
+    offset_ptr,
+    dynamic_map_ptr,
+    code_ptr,  # [16] fp32
+    bias_ptr,  # [N] (HAS_BIAS)
+    xa_ptr,  # [M, R] (HAS_LORA), row stride R
+    lora_b_ptr,  # [N, R] (HAS_LORA), row stride R
+    y_ptr,  # [M, N] row stride N
+    M,
+    N,
+    K,
+    R,
+    scaling,
+    stride_xm,
+    BLOCK_SIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32"/default otherwise
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :])
+        flat = cols[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K] positions in W
+        w_ok = col_ok[:, None] & k_ok[None, :]
+        byte = tl.load(packed_ptr + (flat >> 1), mask=w_ok, other=0).to(tl.int32)
+        nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
+        block = flat // BLOCK_SIZE
+        if NESTED:
+            q8 = tl.load(absmax_ptr + block, mask=w_ok, other=0).to(tl.int32)
+            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCK_SIZE, mask=w_ok, other=0.0)
+            absmax = tl.load(dynamic_map_ptr + q8) * scale2 + tl.load(offset_ptr)
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=w_ok, other=0.0)
+        w = (tl.load(code_ptr + nibble) * absmax).to(x_ptr.dtype.element_ty)
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        rs = tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        xa = tl.load(xa_ptr + rows[:, None] * R + rs[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        lb = tl.load(lora_b_ptr + cols[:, None] * R + rs[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        acc += scaling * tl.dot(xa.to(tl.float32), tl.trans(lb.to(tl.float32)), input_precision="ieee")
+    y_index = rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(y_ptr + y_index, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    block_size: int,
+    fmt: str,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    lora_xa: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    scaling: float = 0.0,
+    nested_block_size: int = formats.NESTED_BLOCK_SIZE,
+) -> torch.Tensor:
+    """Fused decode + matmul (+ bias, + LoRA epilogue) with Triton; returns y [M, N] in x's dtype.
+
+    ``x`` [M, K] fp32/fp16/bf16 with unit stride along K; the weight is [N=out_features, K] as
+    packed by ``quantize_4bit``; ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32.
+    Callers check shapes and devices (``qft.ops.linear``).
+    """
+    m, k = x.shape
+    n = out_features
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    nested = nested_absmax is not None
+    has_lora = lora_xa is not None
+    r = lora_xa.shape[1] if has_lora else 0
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    grid = (triton.cdiv(n, 64), triton.cdiv(m, block_m))
+    _quant_matmul_kernel[grid](
+        x,
+        packed.contiguous(),
+        absmax.contiguous(),
+        nested_absmax.contiguous() if nested else absmax,
+        offset if nested else absmax,
+        formats.dynamic_map(x.device),
+        formats.code(fmt, x.device),
+        bias if bias is not None else x,
+        lora_xa.contiguous() if has_lora else x,
+        lora_B.contiguous() if has_lora else x,
+        y,
+        m,
+        n,
+        k,
+        r,
+        float(scaling),
+        x.stride(0),
+        BLOCK_SIZE=block_size,
+        NESTED=nested,
+        NESTED_BLOCK_SIZE=nested_block_size,
+        HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        BLOCK_K=64,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        enable_fp_fusion=False,
+    )
+    return y

@@ -1,0 +1,21 @@
+"""Modules: QuantLinear (frozen 4-bit base), LoRALinear (adapters), and the model-level verbs."""
+
+from qft.nn.adapters_io import load_adapters, save_adapters
+from qft.nn.config import LoRAConfig, QuantConfig
+from qft.nn.lora import LoRALinear
+from qft.nn.model import add_adapters, lora_layers, merge_adapters, quantize_, unmerge_adapters
+from qft.nn.quant_linear import QuantLinear
+
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "QuantConfig",
+    "QuantLinear",
+    "add_adapters",
+    "load_adapters",
+    "lora_layers",
+    "merge_adapters",
+    "quantize_",
+    "save_adapters",
+    "unmerge_adapters",
+]

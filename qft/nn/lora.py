@@ -1,0 +1,94 @@
+"""LoRALinear: a frozen base layer (QuantLinear or nn.Linear) plus trainable LoRA adapters A and B."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from qft import functional
+from qft.nn.config import LoRAConfig
+from qft.nn.quant_linear import QuantLinear
+from qft.tensor import quantize
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    return layer.weight_packed.device if isinstance(layer, QuantLinear) else layer.weight.device
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``, PEFT's LoRA layer.
+
+    ``lora_A`` / ``lora_B`` are ``nn.Linear`` without bias (``lora_A.weight`` [r, in], ``lora_B.weight``
+    [out, r]) in ``config.adapter_dtype``, initialised as PEFT does: A kaiming-uniform(a=sqrt(5)),
+    B zero, so a fresh adapter leaves the output unchanged. Over a QuantLinear the whole layer runs
+    as one fused ``qft.functional.lora_linear``.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (QuantLinear, nn.Linear)):
+            raise TypeError(f"base_layer must be a QuantLinear or nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        self.base_layer = base_layer
+        self.config = config
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        kwargs = {"bias": False, "device": _device_of(base_layer), "dtype": config.adapter_dtype}
+        self.lora_A = nn.Linear(self.in_features, config.r, **kwargs)
+        self.lora_B = nn.Linear(config.r, self.out_features, **kwargs)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = config.scaling
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in] -> [..., out]`` in x's dtype."""
+        if self.merged:
+            return self.base_layer(x)
+        dropout = self.config.dropout if self.training else 0.0
+        base = self.base_layer
+        if isinstance(base, QuantLinear):
+            return functional.lora_linear(
+                x, base.quantized, self.lora_A.weight, self.lora_B.weight, self.scaling, base.bias, dropout
+            )
+        y = base(x)
+        x_lora = nn.functional.dropout(x, dropout, self.training).to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(x_lora)) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32: what merging adds to the base weight."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (a 4-bit base is re-quantized: lossy, as in PEFT)."""
+        if not self.merged:
+            self._add_to_base(self.delta_weight())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight (a 4-bit base is re-quantized again)."""
+        if self.merged:
+            self._add_to_base(-self.delta_weight())
+            self.merged = False
+
+    @torch.no_grad()
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        base = self.base_layer
+        if isinstance(base, QuantLinear):
+            warnings.warn(
+                "merging into a 4-bit weight re-quantizes it; outputs change by the rounding",
+                UserWarning,
+                stacklevel=3,
+            )
+            qt = base.quantized
+            new = quantize(qt.dequantize(torch.float32) + delta, qt.format, qt.block_size, qt.double_quant)
+            base._set_quantized(dataclasses.replace(new, dtype=qt.dtype))  # keep the original dtype tag
+        else:
+            base.weight += delta.to(base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.config.r}, scaling={self.scaling:g}, dropout={self.config.dropout}, merged={self.merged}"

@@ -1,0 +1,101 @@
+"""Model-level verbs: quantize_ (swap nn.Linear for QuantLinear), add_adapters, merge/unmerge.
+
+Each verb builds every replacement first and swaps only when all were built, so an error leaves the
+model as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from qft.nn.config import LoRAConfig, QuantConfig
+from qft.nn.lora import LoRALinear
+from qft.nn.quant_linear import QuantLinear
+
+
+def _is_adapter_part(model: nn.Module, name: str) -> bool:
+    """True for modules inside a LoRALinear's adapters (lora_A / lora_B), which are never targets."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf in ("lora_A", "lora_B") and isinstance(model.get_submodule(parent), LoRALinear)
+
+
+def _swap(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
+    for name, module in replacements.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, module)
+
+
+def quantize_(
+    model: nn.Module, config: QuantConfig | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true) by a
+    ``QuantLinear`` quantized with ``config``, in place; returns ``model``.
+
+    LoRA adapter layers are never quantized; a LoRALinear's plain base layer is.
+    """
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise ValueError("model is itself an nn.Linear: use QuantLinear.from_linear(model, config)")
+    replacements = {
+        name: QuantLinear.from_linear(module, config)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and not _is_adapter_part(model, name)
+        and (filter_fn is None or filter_fn(module, name))
+    }
+    _swap(model, replacements)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRALinear layers by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_adapters(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap each target Linear/QuantLinear of ``model`` in a LoRALinear, in place; returns ``model``.
+
+    Targets follow PEFT: a module whose name equals, or ends in ``"." + t`` for, some ``t`` in
+    ``config.target_modules``. Afterwards only adapter parameters require grad (PEFT's freezing).
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    targets = {}
+    for name, module in model.named_modules():
+        if not name or not config.matches(name) or _is_adapter_part(model, name):
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA adapter")
+        if not isinstance(module, (QuantLinear, nn.Linear)):
+            raise TypeError(f"target {name} is a {type(module).__name__}, not a Linear or QuantLinear")
+        targets[name] = module
+    if not targets:
+        raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
+    replacements = {name: LoRALinear(module, config) for name, module in targets.items()}
+    _swap(model, replacements)
+    for param in model.parameters():
+        param.requires_grad = False
+    for layer in replacements.values():
+        layer.lora_A.weight.requires_grad = True
+        layer.lora_B.weight.requires_grad = True
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (4-bit bases are re-quantized); returns ``model``."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo ``merge_adapters``; returns ``model``."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model

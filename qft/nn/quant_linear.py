@@ -1,0 +1,155 @@
+"""QuantLinear: a frozen 4-bit weight as a drop-in replacement for ``nn.Linear``.
+
+Its state dict uses bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``,
+``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__<fmt>``, ``bias``), so checkpoints move both ways. A plain float
+``weight`` of the right shape (an ``nn.Linear`` checkpoint) is quantized on load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from qft import formats, functional
+from qft.nn.config import QuantConfig
+from qft.tensor import QuantizedTensor, quantize
+
+_PARTS = ("packed", "absmax", "nested_absmax", "offset")
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + bias`` with W frozen in a 4-bit format (no gradient reaches W).
+
+    Build with ``QuantLinear.from_linear(linear, QuantConfig(...))`` or from a ``QuantizedTensor``.
+    The quantized parts are buffers (``.to()``, ``state_dict`` and FSDP see them); casting the
+    module's dtype casts the bias only, never the codes or scales.
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(qt, QuantizedTensor) or len(qt.shape) != 2:
+            raise ValueError(f"qt must be a QuantizedTensor of a 2-D [out, in] weight, got {qt!r}")
+        self.out_features, self.in_features = qt.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self._set_quantized(qt)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(qt.device), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig | None = None) -> QuantLinear:
+        """Quantize ``linear``'s weight (on its device) with ``config``; the bias is copied, frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        config = QuantConfig() if config is None else config
+        qt = quantize(linear.weight.detach(), config.format, config.block_size, config.double_quant)
+        return cls(qt, None if linear.bias is None else linear.bias.detach().clone())
+
+    def _set_quantized(self, qt: QuantizedTensor) -> None:
+        # Non-persistent: the state dict is written in bitsandbytes' layout by _save_to_state_dict.
+        for part in _PARTS:
+            self.register_buffer(f"weight_{part}", getattr(qt, part), persistent=False)
+        self.format, self.block_size, self.nested_block_size = qt.format, qt.block_size, qt.nested_block_size
+        self.weight_dtype = qt.dtype
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        """The weight as a ``QuantizedTensor`` over this module's buffers (no copy)."""
+        return QuantizedTensor(
+            self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
+            torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.format, self.block_size,
+            self.nested_block_size,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in] -> [..., out]`` in x's dtype; see ``qft.functional.quant_linear``."""
+        return functional.quant_linear(x, self.quantized, self.bias)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` weight (default: the dtype it was quantized from)."""
+        return self.quantized.dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.weight_nested_absmax is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={self.format}, block_size={self.block_size}{dq}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype)/half() would cast the fp32 scales; let them follow device moves only.
+        before = {part: getattr(self, f"weight_{part}") for part in _PARTS}
+        super()._apply(fn, recurse)
+        for part, old in before.items():
+            new = getattr(self, f"weight_{part}")
+            if new is not None and new.dtype != old.dtype:
+                setattr(self, f"weight_{part}", old.to(new.device))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        qt = self.quantized
+        detach = (lambda t: t) if keep_vars else (lambda t: t.detach())
+        destination[prefix + "weight"] = detach(qt.packed.view(-1, 1))
+        destination[prefix + "weight.absmax"] = detach(qt.absmax)
+        destination[prefix + "weight.quant_map"] = formats.code(qt.format, qt.device).clone()
+        meta = {
+            "quant_type": qt.format, "blocksize": qt.block_size, "dtype": str(qt.dtype).removeprefix("torch."),
+            "shape": list(qt.shape),
+        }  # fmt: skip
+        if qt.double_quant:
+            destination[prefix + "weight.nested_absmax"] = detach(qt.nested_absmax)
+            destination[prefix + "weight.nested_quant_map"] = formats.dynamic_map(qt.device).clone()
+            meta.update(nested_blocksize=qt.nested_block_size, nested_dtype="float32", nested_offset=qt.offset.item())
+        blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        destination[f"{prefix}weight.quant_state.bitsandbytes__{qt.format}"] = blob
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        keys = [k for k in state_dict if k.startswith(prefix + "weight")]
+        if prefix + "weight" in state_dict:
+            try:
+                qt = _quantized_from_state(state_dict, prefix, (self.out_features, self.in_features), self)
+            except (ValueError, TypeError, KeyError) as exc:
+                errors.append(f"{prefix}weight: {exc}")
+            else:
+                self._set_quantized(qt.to(self.weight_packed.device))
+            for k in keys:  # consumed here (torch passes its own copy of the dict)
+                state_dict.pop(k)
+        elif strict:
+            missing_keys.append(prefix + "weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
+def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: QuantLinear) -> QuantizedTensor:
+    """A QuantizedTensor from bitsandbytes' Linear4bit keys, or by quantizing a float weight."""
+    weight = state[prefix + "weight"]
+    blobs = [k for k in state if k.startswith(prefix + "weight.quant_state.bitsandbytes__")]
+    if weight.is_floating_point() and not blobs:
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"a float weight must have shape {shape}, got {tuple(weight.shape)}")
+        return quantize(weight, module.format, module.block_size, module.weight_nested_absmax is not None)
+    if len(blobs) != 1:
+        raise ValueError(f"expected one 'weight.quant_state.bitsandbytes__<format>' entry, found {len(blobs)}")
+    meta = json.loads(bytes(state[blobs[0]].cpu().tolist()).decode())
+    fmt = meta["quant_type"]
+    if tuple(meta["shape"]) != shape:
+        raise ValueError(f"checkpoint weight has shape {tuple(meta['shape'])}, this layer is {shape}")
+    if not torch.equal(state[prefix + "weight.quant_map"].float().cpu(), formats.code(fmt)):
+        raise ValueError(f"weight.quant_map is not the standard {fmt} code book")
+    nested = prefix + "weight.nested_absmax" in state
+    if nested and not torch.equal(state[prefix + "weight.nested_quant_map"].float().cpu(), formats.dynamic_map()):
+        raise ValueError("weight.nested_quant_map is not the signed 8-bit dynamic map")
+    dtype = getattr(torch, str(meta["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {meta['dtype']!r}")
+    packed = weight if weight.dtype == torch.uint8 else weight.contiguous().view(torch.uint8)
+    device = packed.device
+    return QuantizedTensor(
+        packed=packed.reshape(-1), absmax=state[prefix + "weight.absmax"],
+        nested_absmax=state[prefix + "weight.nested_absmax"] if nested else None,
+        offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device) if nested else None,
+        shape=torch.Size(shape), dtype=dtype, format=fmt, block_size=int(meta["blocksize"]),
+        nested_block_size=int(meta.get("nested_blocksize", formats.NESTED_BLOCK_SIZE)),
+    )  # fmt: skip

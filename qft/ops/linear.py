@@ -1,0 +1,135 @@
+"""Custom ops of the quantized linear layer: ``qft::quant_linear`` (forward, LoRA epilogue optional)
+and ``qft::quant_linear_grad_input`` (grad of x, LoRA term optional).
+
+Paths, chosen by device and M (rows of x):
+
+* CPU -> the weight is decoded in x's dtype and ``qft.reference`` does the fp32 arithmetic;
+* GPU, M <= ``thresholds.fused_max_m`` -> the Triton kernel that decodes inside the matmul and adds
+  the LoRA term in its epilogue;
+* GPU, larger M -> the weight is decoded into a reused per-device scratch buffer (never kept) and
+  cuBLAS runs one GEMM whose ``beta * C`` epilogue adds the bias and the LoRA term.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats, reference
+from qft.ops import scratch, thresholds
+from qft.ops.dispatch import FLOAT_DTYPES, backend_for
+from qft.ops.quant import check_quantized_parts, dequantize_4bit_into
+
+
+def _decode(backend, packed, absmax, nested_absmax, offset, block_size, fmt, shape, dtype, nested_block_size):
+    """The dense [N, K] weight in ``dtype``: allocated on the reference path, a scratch view otherwise."""
+    numel = shape[0] * shape[1]
+    decode_dtype = torch.float32 if dtype == torch.float64 else dtype  # float64: gradcheck only
+    out = None if backend == "reference" else scratch.buffer(packed.device, decode_dtype, numel)
+    weight = dequantize_4bit_into(
+        out, backend, packed, absmax, nested_absmax, offset, block_size, fmt, numel, decode_dtype, nested_block_size
+    )
+    return weight.view(shape).to(dtype)
+
+
+def _check(x, name, packed, absmax, nested_absmax, offset, block_size, fmt, numel, nested_block_size):
+    formats.get_format(fmt)
+    formats.check_block_size(block_size)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, features], got shape {tuple(x.shape)}")
+    if x.dtype not in (*FLOAT_DTYPES, torch.float64):
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    check_quantized_parts(packed, absmax, nested_absmax, offset, numel, block_size, nested_block_size)
+
+
+@torch.library.custom_op("qft::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    block_size: int,
+    fmt: str,
+    out_features: int,
+    nested_block_size: int,
+    bias: torch.Tensor | None,
+    lora_xa: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """``y = x @ W^T + bias + scaling * lora_xa @ lora_B^T``; x [M, K], W [out_features, K] 4-bit.
+
+    Accumulates in fp32 and returns y [M, out_features] in x's dtype. ``lora_xa`` [M, r] and
+    ``lora_B`` [out_features, r] (both or neither) may be fp32 over a bf16/fp16 x.
+    """
+    m, k = x.shape
+    _check(x, "x", packed, absmax, nested_absmax, offset, block_size, fmt, out_features * k, nested_block_size)
+    weight_args = (packed, absmax, nested_absmax, offset, block_size, fmt)
+    backend = backend_for(x.device)
+    if backend == "reference" or x.dtype == torch.float64:
+        weight = _decode("reference", *weight_args, (out_features, k), x.dtype, nested_block_size)
+        return reference.quant_linear(x, weight, bias, lora_xa, lora_B, scaling)
+    if m <= thresholds.fused_max_m(x.device):
+        from qft.kernels.quant_matmul import quant_matmul as fused
+
+        return fused(x, *weight_args, out_features, bias, lora_xa, lora_B, scaling, nested_block_size)
+    weight = _decode(backend, *weight_args, (out_features, k), x.dtype, nested_block_size)
+    epilogue = None
+    if lora_xa is not None:
+        epilogue = (scaling * (lora_xa @ lora_B.t())).to(x.dtype)
+        if bias is not None:
+            epilogue += bias
+    elif bias is not None:
+        epilogue = bias.to(x.dtype).expand(m, out_features)
+    if epilogue is None:
+        return x @ weight.t()
+    return torch.addmm(epilogue, x, weight.t())
+
+
+@quant_linear.register_fake
+def _(x, packed, absmax, nested_absmax, offset, block_size, fmt, out_features, nested_block_size, *rest):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("qft::quant_linear_grad_input", mutates_args=())
+def quant_linear_grad_input(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    block_size: int,
+    fmt: str,
+    in_features: int,
+    nested_block_size: int,
+    lora_grad_xa: torch.Tensor | None,
+    lora_A: torch.Tensor | None,
+    dropout_mask: torch.Tensor | None,
+    dropout_scale: float,
+) -> torch.Tensor:
+    """``grad_x = grad @ W + (lora_grad_xa @ lora_A) * dropout_mask * dropout_scale``.
+
+    grad [M, N]; W [N, in_features] 4-bit, decoded again (never saved); ``lora_grad_xa`` [M, r] is
+    the gradient reaching ``dropout(x) @ A^T`` (scaling included); ``dropout_mask`` [M, K] bool or
+    None. Returns grad_x [M, in_features] in grad's dtype.
+    """
+    n = grad.shape[1]
+    _check(grad, "grad", packed, absmax, nested_absmax, offset, block_size, fmt, n * in_features, nested_block_size)
+    backend = backend_for(grad.device)
+    if grad.dtype == torch.float64:
+        backend = "reference"
+    weight_args = (packed, absmax, nested_absmax, offset, block_size, fmt)
+    weight = _decode(backend, *weight_args, (n, in_features), grad.dtype, nested_block_size)
+    if backend == "reference":
+        return reference.quant_linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale)
+    if lora_grad_xa is None:
+        return grad @ weight
+    lora = lora_grad_xa @ lora_A
+    if dropout_mask is not None:
+        lora *= dropout_mask * dropout_scale
+    return torch.addmm(lora.to(grad.dtype), grad, weight)
+
+
+@quant_linear_grad_input.register_fake
+def _(grad, packed, absmax, nested_absmax, offset, block_size, fmt, in_features, nested_block_size, *rest):
+    return grad.new_empty((grad.shape[0], in_features))
