@@ -186,3 +186,22 @@ def test_bad_input_is_named(kwargs, error, match):
     args |= kwargs
     with pytest.raises(error, match=match):
         F.lora_linear(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 4, 16, 64, 300])
+@pytest.mark.parametrize("k", [4096, 1000])
+def test_gpu_paths_match_reference(dtype, m, k):
+    # m <= 4: CUDA GEMV (if built); <= 16: fused Triton; above: scratch decode + cuBLAS.
+    qt = qft.quantize(torch.randn(512, k, device="cuda", dtype=dtype))
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    xa, lora_b, bias = (torch.randn(*s, device="cuda") for s in ((m, 16), (512, 16), (512,)))
+    args = (qt.packed, qt.absmax, qt.nested_absmax, qt.offset, 64, "nf4", 512, 256, bias.to(dtype), xa, lora_b, 0.5)
+    with ops.use_backend("reference"):
+        want = ops.quant_linear(x, *args)
+    got = ops.quant_linear(x, *args)
+    exact = reference.quant_linear(x.double(), qt.dequantize(dtype).double(), bias.to(dtype).double(),
+                                   xa.double(), lora_b.double(), 0.5)  # fmt: skip
+    ref_err = (want.double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= 2 * ref_err + 1e-3 * exact.abs().max()

@@ -4,6 +4,8 @@ and ``qft::quant_linear_grad_input`` (grad of x, LoRA term optional).
 Paths, chosen by device and M (rows of x):
 
 * CPU -> the weight is decoded in x's dtype and ``qft.reference`` does the fp32 arithmetic;
+* GPU, M <= ``thresholds.gemv_max_m`` with the CUDA extension -> its decode GEMV (LoRA and bias
+  folded into the same reduction);
 * GPU, M <= ``thresholds.fused_max_m`` -> the Triton kernel that decodes inside the matmul and adds
   the LoRA term in its epilogue;
 * GPU, larger M -> the weight is decoded into a reused per-device scratch buffer (never kept) and
@@ -15,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from qft import formats, reference
+from qft._extension import extension
 from qft.ops import scratch, thresholds
-from qft.ops.dispatch import FLOAT_DTYPES, backend_for
+from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
 from qft.ops.quant import check_quantized_parts, dequantize_4bit_into
 
 
@@ -69,6 +72,8 @@ def quant_linear(
     if backend == "reference" or x.dtype == torch.float64:
         weight = _decode("reference", *weight_args, (out_features, k), x.dtype, nested_block_size)
         return reference.quant_linear(x, weight, bias, lora_xa, lora_B, scaling)
+    if backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
+        return _gemv_cuda(x, *weight_args, out_features, nested_block_size, bias, lora_xa, lora_B, scaling)
     if m <= thresholds.fused_max_m(x.device):
         from qft.kernels.quant_matmul import quant_matmul as fused
 
@@ -84,6 +89,31 @@ def quant_linear(
     if epilogue is None:
         return x @ weight.t()
     return torch.addmm(epilogue, x, weight.t())
+
+
+def _gemv_cuda(x, packed, absmax, nested_absmax, offset, block_size, fmt, n, nested_block_size, bias, xa, lora_b, s):
+    ext = extension().module
+    m, k = x.shape
+    if m > ext.max_gemv_rows:
+        raise ValueError(f"quant_gemv serves at most {ext.max_gemv_rows} rows, got {m}")
+    # Locals keep every contiguous copy alive until the launch has been queued.
+    x, packed, absmax = x.contiguous(), packed.contiguous(), absmax.contiguous()
+    nested = nested_absmax is not None
+    nested_absmax = nested_absmax.contiguous() if nested else None
+    bias = bias.to(x.dtype).contiguous() if bias is not None else None
+    xa = xa.float().contiguous() if xa is not None else None
+    lora_b = lora_b.float().contiguous() if lora_b is not None else None
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dmap, code = formats.dynamic_map(x.device), formats.code(fmt, x.device)
+    ptr = lambda t: 0 if t is None else t.data_ptr()
+    with torch.cuda.device(x.device):
+        ext.quant_gemv(
+            x.data_ptr(), DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(), ptr(nested_absmax),
+            ptr(offset) if nested else 0, dmap.data_ptr(), code.data_ptr(), block_size, nested_block_size,
+            ptr(bias), ptr(xa), ptr(lora_b), float(s), 0 if xa is None else xa.shape[1], y.data_ptr(), m, n, k,
+            cuda_stream(x.device),
+        )  # fmt: skip
+    return y
 
 
 @quant_linear.register_fake
