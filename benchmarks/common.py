@@ -77,7 +77,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def write_results(suite: str, device: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS_DIR) -> list[Path]:
+QUANT_COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy_bw",
+                 "vs_bitsandbytes", "matches_bitsandbytes"]  # fmt: skip
+
+
+def write_results(
+    suite: str, device: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS_DIR, columns=QUANT_COLUMNS
+) -> list[Path]:
     """Write ``rows`` as ``<suite>-<device>-<date>.{json,csv,md}``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{suite}-{slug(device_name(device))}-{datetime.date.today().isoformat()}"
@@ -87,22 +93,20 @@ def write_results(suite: str, device: str, rows: list[dict], meta: dict, out_dir
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    paths[2].write_text(markdown_table(rows, meta) + "\n")
+    paths[2].write_text(markdown_table(rows, meta, columns) + "\n")
     return paths
 
 
-def markdown_table(rows: list[dict], meta: dict) -> str:
+def markdown_table(rows: list[dict], meta: dict, columns=QUANT_COLUMNS) -> str:
     """A compact markdown table of the rows, headed by the device and versions."""
     head = f"**{meta['device_name']}** ({meta['device']}); " + ", ".join(
         f"{k} {v}" for k, v in meta["versions"].items()
     )
     if meta.get("note"):
         head += f"\n\n{meta['note']}"
-    cols = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy_bw"]
-    cols += ["vs_bitsandbytes", "matches_bitsandbytes"]
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check for the device machine, in one call: install qft (builds qft._C with its nvcc),
-# report the environment, run the gpu-marked tests, run the quant benchmark against bitsandbytes.
+# report the environment, run the gpu-marked tests, run the quant and linear benchmarks against
+# bitsandbytes / PEFT / cuBLAS.
 # Everything lands in $OUT (the device tool brings it back). Prepare bitsandbytes here first:
 #   ../shared/tools/device-site.sh          # makes .devsite/ (bitsandbytes 0.50.2 for the GPU's Python)
 # then, through the device tool, with carry [".devsite"]:
 #   bash benchmarks/gpu_check.sh
-# and commit $OUT's quant-*.{json,csv,md} under benchmarks/results/.
+# and commit $OUT's quant-*.{json,csv,md} and linear-*.{json,csv,md} under benchmarks/results/.
 set -uo pipefail
 OUT=${OUT:-/tmp/qft-gpu-check}
 mkdir -p "$OUT"
@@ -17,10 +18,12 @@ python3 -m qft env 2>&1 | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/env.txt"
 
 # Only the files with gpu tests: the GPU machine lacks hypothesis, which the property tests need.
-python3 -m pytest -q -m gpu tests/test_triton.py tests/test_ops.py 2>&1 | tee "$OUT/pytest-gpu.txt"
+python3 -m pytest -q -m gpu tests/test_triton.py tests/test_ops.py tests/test_functional.py 2>&1 | tee "$OUT/pytest-gpu.txt"
 tests_rc=${PIPESTATUS[0]}
 
 python3 benchmarks/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
+python3 benchmarks/bench_linear.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 echo "gpu tests rc=$tests_rc, bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

@@ -29,3 +29,14 @@ def test_bench_quant_writes_rows_side_by_side(tmp_path, capsys):
 def test_bench_quant_rejects_bad_shape():
     with pytest.raises(SystemExit):
         bench_quant.main(["--device", "cpu", "--shape", "64by256"])
+
+
+def test_bench_linear_runs_every_provider_on_cpu(tmp_path):
+    import bench_linear
+
+    assert bench_linear.main(["--device", "cpu", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("linear-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"qft", "peft-bf16", "peft-bnb"}
+    assert {r["op"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["p50_ms"] > 0 and r["vs_peft_bnb"] > 0 for r in rows)

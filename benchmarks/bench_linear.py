@@ -1,0 +1,177 @@
+"""Quantized linear + LoRA benchmark: qft against PEFT over bf16 nn.Linear and over bitsandbytes
+Linear4bit, side by side in one run; forward and forward+backward, time and peak memory.
+
+    python benchmarks/bench_linear.py            # GPU: Llama-3-8B-like shapes, M = 1..8192, r = 16
+    python benchmarks/bench_linear.py --device cpu --quick
+
+Providers: qft (QuantLinear + LoRALinear, nf4 + double quant), peft-bf16 (nn.Linear + PEFT LoRA),
+peft-bnb (bitsandbytes Linear4bit nf4 + double quant + PEFT LoRA). On CPU the shapes are small and
+timings compare CPU code paths, not GPU kernels; peak memory is measured on GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import common
+import torch
+from torch import nn
+
+import qft
+
+GPU_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in), Llama-3-8B
+GPU_MS = [1, 16, 64, 512, 4096, 8192]
+DECODE_SHAPE, DECODE_MS = (28672, 8192), [1, 4, 16]  # the GEMV goal: forward only
+CPU_SHAPES, CPU_MS = [(512, 512), (1024, 256)], [1, 16, 128]
+RANK = 16
+COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "peak_mem_mb",
+           "vs_peft_bf16", "vs_peft_bnb"]  # fmt: skip
+CPU_NOTE = "CPU run: small shapes, CPU code paths of every provider; these are not GPU kernel results."
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def build(provider: str, dense: nn.Linear, device: str) -> nn.Module:
+    """One linear layer with a rank-16 LoRA adapter (B nonzero so the adapter path is real work)."""
+    if provider == "qft":
+        model = _Holder(qft.nn.QuantLinear.from_linear(dense))
+        qft.add_adapters(model, qft.LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=("proj",)))
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if provider == "peft-bf16":
+            layer = nn.Linear(dense.in_features, dense.out_features, dtype=dense.weight.dtype, device=device)
+            layer.load_state_dict(dense.state_dict())
+        else:
+            import bitsandbytes as bnb
+
+            layer = bnb.nn.Linear4bit(
+                dense.in_features, dense.out_features, compute_dtype=dense.weight.dtype, quant_type="nf4",
+                compress_statistics=True,
+            )  # fmt: skip
+            layer.load_state_dict({k: v.float().cpu() for k, v in dense.state_dict().items()})
+            layer = layer.to(device)
+        model = get_peft_model(_Holder(layer), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.01)
+    return model
+
+
+def providers() -> list[str]:
+    """qft first, then the peers that are installed."""
+    names = ["qft"]
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return names
+    names.append("peft-bf16")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return names
+    return [*names, "peft-bnb"]
+
+
+def _peak_mb(fn, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted) -> list[dict]:
+    model = build(provider, dense, device)
+    xg = x.clone().requires_grad_()
+    m, k = x.shape
+    n = dense.out_features
+
+    def forward():
+        with torch.no_grad():
+            return model(x)
+
+    def train_step():
+        model(xg).backward(grad)
+        xg.grad = None
+        for p in model.parameters():
+            p.grad = None
+
+    fns = {"fwd": (forward, 2 * m * n * k), "fwd+bwd": (train_step, 4 * m * n * k)}
+    rows = []
+    for op in ops_wanted:
+        fn, flops = fns[op]
+        p50, p20, p80 = common.time_ms(fn, device, repeats)
+        rows.append({
+            "suite": "linear", "op": op, "provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k,
+            "r": RANK, "dtype": str(x.dtype).removeprefix("torch."), "device": common.device_name(device),
+            "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "tflops": flops / (p50 * 1e-3) / 1e12,
+            "peak_mem_mb": _peak_mb(fn, device),
+        })  # fmt: skip
+    return rows
+
+
+def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted) -> list[dict]:
+    """Rows for one (out, in) shape and M, every provider."""
+    n, k = shape
+    dense = nn.Linear(k, n, dtype=dtype, device=device)
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    grad = torch.randn(m, n, dtype=dtype, device=device)
+    rows = []
+    for provider in providers():
+        rows += _time_provider(provider, dense, x, grad, device, repeats, ops_wanted)
+    for row in rows:
+        for peer in ("peft-bf16", "peft-bnb"):
+            match = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
+            row[f"vs_{peer.replace('-', '_')}"] = match[0]["p50_ms"] / row["p50_ms"] if match else None
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite, print a markdown table, write JSON/CSV/MD under the results folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="one shape, fewer M")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="folder for the result files")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.manual_seed(0)
+    if args.device == "cuda":
+        shapes, ms = GPU_SHAPES, GPU_MS
+        cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
+        cases += [(DECODE_SHAPE, m, ("fwd",)) for m in DECODE_MS]
+    else:
+        print(CPU_NOTE, file=sys.stderr)
+        shapes, ms = CPU_SHAPES, CPU_MS
+        cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
+    if args.quick:
+        cases = [c for c in cases if c[0] == shapes[0] and c[1] in (ms[0], ms[-1])]
+    rows = []
+    for shape, m, wanted in cases:
+        rows += bench_case(shape, m, args.device, torch.bfloat16, args.repeats, wanted)
+    meta = {
+        "suite": "linear", "device": args.device, "device_name": common.device_name(args.device),
+        "versions": common.versions(), "rank": RANK, "note": CPU_NOTE if args.device == "cpu" else "",
+    }  # fmt: skip
+    paths = common.write_results("linear", args.device, rows, meta, args.out, COLUMNS)
+    print(common.markdown_table(rows, meta, COLUMNS))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
