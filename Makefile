@@ -1,11 +1,14 @@
-# qft developer commands. `make test` is the README's (and CI's) test command.
+# qft developer commands. `make demo` and `make test` are the README's quick start (CI runs the latter).
+# -P keeps the checkout's folder off sys.path, so its kernels/ (installed as qft.kernels) never
+# shadows the PyPI package `kernels` that bitsandbytes and transformers probe.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qft-installed
 BENCH_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup test bench lint env clean
+.PHONY: setup demo test bench lint env clean
 
 setup: $(STAMP)
 
@@ -18,18 +21,21 @@ $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
+demo: setup
+	$(PY) -P -m qft demo $(DEMO_ARGS)
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -P -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench_quant.py $(BENCH_ARGS)
+	$(PY) -P -m qft bench $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 env: setup
-	$(PY) -m qft env
+	$(PY) -P -m qft env
 
 clean:
 	rm -rf build *.egg-info qft/_C*.so .pytest_cache .ruff_cache

@@ -139,6 +139,29 @@ def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted) -> l
     return rows
 
 
+def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
+    """Measure every case and provider; write the result files. Returns (rows, meta, paths)."""
+    torch.manual_seed(0)
+    rates = rates or common.device_rates(device)
+    if device == "cuda":
+        shapes, ms = GPU_SHAPES, GPU_MS
+        cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
+        cases += [(DECODE_SHAPE, m, ("fwd",)) for m in DECODE_MS]
+    else:
+        shapes, ms = CPU_SHAPES, CPU_MS
+        cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
+    if quick:
+        cases = [c for c in cases if c[0] == shapes[0] and c[1] in (ms[0], ms[-1])]
+    rows = []
+    for shape, m, wanted in cases:
+        rows += bench_case(shape, m, device, torch.bfloat16, repeats, wanted)
+    meta = {
+        "suite": "linear", "device": device, "device_name": common.device_name(device),
+        "versions": common.versions(), "rank": RANK, **rates, "note": CPU_NOTE if device == "cpu" else "",
+    }  # fmt: skip
+    return rows, meta, common.write_results("linear", device, rows, meta, out, COLUMNS)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite, print a markdown table, write JSON/CSV/MD under the results folder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,25 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    torch.manual_seed(0)
-    if args.device == "cuda":
-        shapes, ms = GPU_SHAPES, GPU_MS
-        cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
-        cases += [(DECODE_SHAPE, m, ("fwd",)) for m in DECODE_MS]
-    else:
+    if args.device == "cpu":
         print(CPU_NOTE, file=sys.stderr)
-        shapes, ms = CPU_SHAPES, CPU_MS
-        cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
-    if args.quick:
-        cases = [c for c in cases if c[0] == shapes[0] and c[1] in (ms[0], ms[-1])]
-    rows = []
-    for shape, m, wanted in cases:
-        rows += bench_case(shape, m, args.device, torch.bfloat16, args.repeats, wanted)
-    meta = {
-        "suite": "linear", "device": args.device, "device_name": common.device_name(args.device),
-        "versions": common.versions(), "rank": RANK, "note": CPU_NOTE if args.device == "cpu" else "",
-    }  # fmt: skip
-    paths = common.write_results("linear", args.device, rows, meta, args.out, COLUMNS)
+    rows, meta, paths = run_suite(args.device, args.quick, args.out, repeats=args.repeats)
     print(common.markdown_table(rows, meta, COLUMNS))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -109,6 +109,22 @@ def _shape(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, shapes=None, repeats: int = 3):
+    """Measure every shape and provider; write the result files. Returns (rows, meta, paths)."""
+    rates = rates or common.device_rates(device)
+    copy_gbs = rates["copy_bandwidth_gbps"]
+    rows = []
+    for shape in shapes or (SHAPES[:1] if quick else SHAPES):
+        rows += bench_shape(shape, device, repeats, copy_gbs)
+    meta = {
+        "suite": "quant", "device": device, "device_name": common.device_name(device),
+        "versions": common.versions(), **rates,
+        "floor": "bytes moved / measured copy bandwidth (read + write)",
+        "note": CPU_NOTE if device == "cpu" else f"measured copy bandwidth {copy_gbs:.0f} GB/s",
+    }  # fmt: skip
+    return rows, meta, common.write_results("quant", device, rows, meta, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite, print a markdown table, write JSON/CSV/MD under the results folder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,18 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is available")
     if args.device == "cpu":
         print(CPU_NOTE, file=sys.stderr)
-
-    copy_gbs = common.copy_bandwidth_gbs(args.device)
-    rows = []
-    for shape in args.shape or (SHAPES[:1] if args.quick else SHAPES):
-        rows += bench_shape(shape, args.device, args.repeats, copy_gbs)
-    meta = {
-        "suite": "quant", "device": args.device, "device_name": common.device_name(args.device),
-        "versions": common.versions(), "copy_bandwidth_gbps": copy_gbs,
-        "floor": "bytes moved / measured copy bandwidth (read + write)",
-        "note": CPU_NOTE if args.device == "cpu" else f"measured copy bandwidth {copy_gbs:.0f} GB/s",
-    }  # fmt: skip
-    paths = common.write_results("quant", args.device, rows, meta, args.out)
+    rows, meta, paths = run_suite(args.device, args.quick, args.out, shapes=args.shape, repeats=args.repeats)
     print(common.markdown_table(rows, meta))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -48,6 +48,20 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 28, repeats: int = 5) -> 
     return 2 * nbytes / (p50 * 1e-3) / 1e9
 
 
+def matmul_tflops(device: str, repeats: int = 3) -> float:
+    """Measured dense matmul rate: bf16 8192^3 on a GPU, fp32 1024^3 on CPU."""
+    size, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    p50, _, _ = time_ms(lambda: a @ b, device, repeats)
+    return 2 * size**3 / (p50 * 1e-3) / 1e12
+
+
+def device_rates(device: str) -> dict[str, float]:
+    """The device's measured copy bandwidth (GB/s) and matmul rate (TFLOP/s): the floors' divisors."""
+    return {"copy_bandwidth_gbps": copy_bandwidth_gbs(device), "matmul_tflops": matmul_tflops(device)}
+
+
 def device_name(device: str) -> str:
     """Human name of the device: the GPU's name, or the CPU's model."""
     if device == "cuda":

@@ -40,3 +40,35 @@ def test_bench_linear_runs_every_provider_on_cpu(tmp_path):
     assert {r["provider"] for r in rows} == {"qft", "peft-bf16", "peft-bnb"}
     assert {r["op"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(r["p50_ms"] > 0 and r["vs_peft_bnb"] > 0 for r in rows)
+
+
+def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
+    from qft import bench
+
+    assert bench.run(None, "cpu", True, str(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "not GPU kernel results" in printed and "TFLOP/s (measured)" in printed
+    expected = {
+        "quant": {"qft-reference", "bitsandbytes"},
+        "linear": {"qft", "peft-bf16", "peft-bnb"},
+        "e2e": {"qft", "peft-bf16", "peft-bnb"},
+    }
+    for suite, providers in expected.items():
+        (json_file,) = tmp_path.glob(f"{suite}-*.json")
+        data = json.loads(json_file.read_text())
+        assert {"copy_bandwidth_gbps", "matmul_tflops", "versions", "device_name"} <= set(data["meta"])
+        rows = data["rows"]
+        assert {r["provider"] for r in rows} == providers
+        for row in rows:
+            assert {"suite", "op", "provider", "shape", "dtype", "device", "p50_ms", "p20_ms", "p80_ms"} <= set(row)
+            assert row["suite"] == suite and row["p50_ms"] > 0
+        (csv_file,) = tmp_path.glob(f"{suite}-*.csv")
+        assert csv_file.read_text().splitlines()[0].startswith("suite,op,provider")
+    assert len(list(tmp_path.glob("linear-*.png"))) == 1
+
+
+def test_harness_rejects_unknown_suite():
+    from qft import bench
+
+    with pytest.raises(bench.BenchError, match="--suite must be among"):
+        bench.run(["fast"], "cpu", True, None)

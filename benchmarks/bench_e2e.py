@@ -1,0 +1,154 @@
+"""End-to-end training step: a Llama-3-8B-shaped slice, qft vs PEFT over bitsandbytes vs PEFT over bf16.
+
+Four decoder layers built from a transformers ``LlamaConfig`` (random weights), every decoder
+linear quantized to nf4 + double quant (the LM head stays bf16, as transformers' bitsandbytes
+loader leaves it), LoRA r = 16 on all of them, bf16, sequence 2048, gradient checkpointing off and
+on. Reports one training step's tokens/s and peak memory. On CPU a tiny config runs as a smoke test
+only.
+
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import common
+import torch
+from torch import nn
+
+import qft
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPU_CONFIG = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
+CPU_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 256}  # fmt: skip
+COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mb",
+           "vs_peft_bf16", "vs_peft_bnb"]  # fmt: skip
+CPU_NOTE = "CPU run: a tiny config as a smoke test; not GPU kernel results and not the Llama-3-8B slice."
+
+
+def build(provider: str, dense_state: dict, config, device: str, dtype) -> nn.Module:
+    """The slice for one provider, from the same dense weights."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model.load_state_dict(dense_state)
+    if provider == "qft":
+        qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
+        qft.add_adapters(model, qft.LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if provider == "peft-bnb":
+        import bitsandbytes as bnb
+
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and name != "lm_head":
+                layer = bnb.nn.Linear4bit(
+                    module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=dtype,
+                    quant_type="nf4", compress_statistics=True,
+                )  # fmt: skip
+                layer.load_state_dict({k: v.float().cpu() for k, v in module.state_dict().items()})
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, layer.to(device))
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS)))
+
+
+def providers() -> list[str]:
+    """qft and the installed peers."""
+    names = ["qft"]
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return names
+    names.append("peft-bf16")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return names
+    return [*names, "peft-bnb"]
+
+
+def _step_fn(model, ids, checkpointing: bool):
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    else:
+        model.gradient_checkpointing_disable()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
+def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
+    """One training step per provider and checkpointing mode; writes the files. Returns (rows, meta, paths)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rates = rates or common.device_rates(device)
+    on_gpu = device == "cuda" and not quick
+    config = LlamaConfig(**(GPU_CONFIG if on_gpu else CPU_CONFIG))
+    seq = 2048 if on_gpu else 64
+    dtype = torch.bfloat16
+    dense_state = LlamaForCausalLM(config).to(device=device, dtype=dtype).state_dict()
+    ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
+    rows = []
+    for provider in providers():
+        model = build(provider, dense_state, config, device, dtype)
+        for checkpointing in (False, True):
+            fn = _step_fn(model, ids, checkpointing)
+            p50, p20, p80 = common.time_ms(fn, device, repeats)
+            peak = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            rows.append({
+                "suite": "e2e", "op": "train step" + (" +ckpt" if checkpointing else ""), "provider": provider,
+                "shape": f"{config.num_hidden_layers}L h{config.hidden_size} seq{seq}", "dtype": "bfloat16",
+                "device": common.device_name(device), "p50_ms": p50, "p20_ms": p20, "p80_ms": p80,
+                "tokens_per_s": seq / (p50 * 1e-3), "peak_mem_mb": peak,
+            })  # fmt: skip
+        del model
+    for row in rows:
+        for peer in ("peft-bf16", "peft-bnb"):
+            match = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
+            row[f"vs_{peer.replace('-', '_')}"] = match[0]["p50_ms"] / row["p50_ms"] if match else None
+    meta = {
+        "suite": "e2e", "device": device, "device_name": common.device_name(device), "versions": common.versions(),
+        **rates, "config": config.to_dict() if hasattr(config, "to_dict") else {},
+        "note": "" if on_gpu else CPU_NOTE,
+    }  # fmt: skip
+    meta["config"] = {k: meta["config"].get(k) for k in GPU_CONFIG}
+    return rows, meta, common.write_results("e2e", device, rows, meta, out, COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite, print a markdown table, write JSON/CSV/MD under the results folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="the tiny config, also on a GPU")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="folder for the result files")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    rows, meta, paths = run_suite(args.device, args.quick, args.out)
+    print(common.markdown_table(rows, meta, COLUMNS))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

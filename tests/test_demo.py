@@ -1,0 +1,38 @@
+"""The demo end to end (few steps), and its one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from qft import demo
+
+
+def test_demo_improves_held_out_cosine(tmp_path):
+    config = demo.DemoConfig(steps=20, out=str(tmp_path / "adapter"), progress=False)
+    result = demo.run(config)
+    assert result["held-out cosine after"] > result["held-out cosine before"] + 0.002
+    assert result["linear weights bits/param before"] == 32.0
+    assert 4.1 < result["linear weights bits/param after"] < 4.2
+    assert result["model MB after (with adapters)"] < result["model MB before"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert "held-out cosine after" in demo.report(result)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent"], "is not a model folder"),
+        (["--format", "int9"], "--format must be one of"),
+        (["--adapter", "dora"], "--adapter must be 'lora'"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--steps", "many"], "invalid int value"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "qft", "demo", *args], capture_output=True, text=True, timeout=120
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
