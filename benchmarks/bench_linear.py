@@ -26,8 +26,8 @@ GPU_MS = [1, 16, 64, 512, 4096, 8192]
 DECODE_SHAPE, DECODE_MS = (28672, 8192), [1, 4, 16]  # the GEMV goal: forward only
 CPU_SHAPES, CPU_MS = [(512, 512), (1024, 256)], [1, 16, 128]
 RANK = 16
-COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "peak_mem_mb",
-           "vs_peft_bf16", "vs_peft_bnb"]  # fmt: skip
+COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "pct_of_floor",
+           "peak_mem_mb", "vs_peft_bf16", "vs_peft_bnb"]  # fmt: skip
 CPU_NOTE = "CPU run: small shapes, CPU code paths of every provider; these are not GPU kernel results."
 
 
@@ -93,7 +93,7 @@ def _peak_mb(fn, device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted) -> list[dict]:
+def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates) -> list[dict]:
     model = build(provider, dense, device)
     xg = x.clone().requires_grad_()
     m, k = x.shape
@@ -118,12 +118,24 @@ def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted) -> lis
             "suite": "linear", "op": op, "provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k,
             "r": RANK, "dtype": str(x.dtype).removeprefix("torch."), "device": common.device_name(device),
             "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "tflops": flops / (p50 * 1e-3) / 1e12,
+            # floor: the larger of the GEMM flops at the measured matmul rate and the bytes of a
+            # 4-bit weight + x + y at the measured copy bandwidth
+            "pct_of_floor": 100 * _floor_ms(op, m, n, k, x.element_size(), rates) / p50,
             "peak_mem_mb": _peak_mb(fn, device),
         })  # fmt: skip
     return rows
 
 
-def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted) -> list[dict]:
+def _floor_ms(op: str, m: int, n: int, k: int, elem: int, rates: dict) -> float:
+    passes = 1 if op == "fwd" else 2  # forward; forward + grad_x
+    flops = passes * 2 * m * n * k
+    nbytes = passes * (n * k * 4.127 / 8 + (m * k + m * n) * elem)
+    compute = flops / (rates["matmul_tflops"] * 1e12)
+    memory = nbytes / (rates["copy_bandwidth_gbps"] * 1e9)
+    return 1e3 * max(compute, memory)
+
+
+def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted, rates) -> list[dict]:
     """Rows for one (out, in) shape and M, every provider."""
     n, k = shape
     dense = nn.Linear(k, n, dtype=dtype, device=device)
@@ -131,7 +143,7 @@ def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted) -> l
     grad = torch.randn(m, n, dtype=dtype, device=device)
     rows = []
     for provider in providers():
-        rows += _time_provider(provider, dense, x, grad, device, repeats, ops_wanted)
+        rows += _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates)
     for row in rows:
         for peer in ("peft-bf16", "peft-bnb"):
             match = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
@@ -154,7 +166,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
         cases = [c for c in cases if c[0] == shapes[0] and c[1] in (ms[0], ms[-1])]
     rows = []
     for shape, m, wanted in cases:
-        rows += bench_case(shape, m, device, torch.bfloat16, repeats, wanted)
+        rows += bench_case(shape, m, device, torch.bfloat16, repeats, wanted, rates)
     meta = {
         "suite": "linear", "device": device, "device_name": common.device_name(device),
         "versions": common.versions(), "rank": RANK, **rates, "note": CPU_NOTE if device == "cpu" else "",

@@ -78,7 +78,7 @@ def device_name(device: str) -> str:
 def versions() -> dict[str, str]:
     """Versions that the numbers depend on."""
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none"}
-    for name in ("triton", "bitsandbytes", "qft"):
+    for name in ("triton", "bitsandbytes", "peft", "transformers", "qft"):
         try:
             out[name] = __import__(name).__version__
         except ImportError:
@@ -100,6 +100,8 @@ def write_results(
 ) -> list[Path]:
     """Write ``rows`` as ``<suite>-<device>-<date>.{json,csv,md}``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    rows = [{**row, "versions": stamp} for row in rows]  # each row stands alone once copied elsewhere
     stem = f"{suite}-{slug(device_name(device))}-{datetime.date.today().isoformat()}"
     paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md")]
     paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
