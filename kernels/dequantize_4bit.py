@@ -77,7 +77,7 @@ def dequantize_4bit(
     ``nested_block_size`` blocks) and ``offset`` (fp32 scalar) are given. All inputs on one device.
     ``out``, if given, is a contiguous ``[numel]`` tensor of ``dtype`` to decode into (a scratch buffer).
     """
-    formats.get_format(fmt)
+    formats.get_4bit_format(fmt)
     formats.check_block_size(block_size)
     nested = nested_absmax is not None
     packed, absmax = packed.contiguous(), absmax.contiguous()

@@ -32,7 +32,7 @@ def from_bnb(cls, packed: torch.Tensor, quant_state):
         if not hasattr(quant_state, attr):
             raise TypeError(f"quant_state must be a bitsandbytes QuantState; it has no {attr!r}")
     fmt = quant_state.quant_type
-    formats.get_format(fmt)
+    formats.get_4bit_format(fmt)
     if not _same_table(quant_state.code, formats.code(fmt)):
         raise ValueError(f"quant_state.code is not the standard {fmt} code book; qft cannot decode it")
     if not isinstance(packed, torch.Tensor):
@@ -60,6 +60,7 @@ def from_bnb(cls, packed: torch.Tensor, quant_state):
 
 def to_bnb(qt):
     """``(packed uint8 [n/2, 1], QuantState)`` for bitsandbytes, sharing ``qt``'s tensors."""
+    formats.get_4bit_format(qt.format)
     bnb_functional = _bnb_functional()
     device = qt.device
     state2 = None

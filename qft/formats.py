@@ -19,6 +19,25 @@ FP4 signed zero: bitsandbytes' CPU path gives ``0 < s <= 0.0026`` the code of -0
 ``-0.0026 < s <= 0`` the code of +0.0 (0); its CUDA path follows the sign of ``s``. qft follows
 the CPU path (the oracle it is tested against); both codes decode to zero.
 
+3- and 2-bit formats, two families (``qft/reference_lowbit.py`` holds their arithmetic):
+
+* code-book ``lloyd3`` / ``lloyd2``: absmax-scaled tables like nf4, decoded by the same rule
+  (``code[q] * scale``); the tables are Lloyd-Max quantizers of N(0,1) weights scaled by their
+  block-64 absmax (2^22 samples, symmetric, 300 iterations; ``benchmarks/bench_quality.py`` measures
+  them). They beat the QLoRA-style NF-k construction, which is lopsided at 2 bits
+  ({-1, 0, 0.338, 1}). At quantize time each block's scale is chosen from ``absmax * f``,
+  f in ``SCALE_SEARCH`` (least squared error), so the stored "absmax" is a scale <= absmax.
+* affine ``int4`` / ``int3`` / ``int2`` (HQQ/GPTQ semantics): ``x = (q - zero) * scale`` per group of
+  32/64/128 values, q in [0, 2^bits); scale fp32 (or double-quantized like absmax), zero fp16.
+  Quantize picks the range by ``method``: ``"rtn"`` min-max, ``"clip"`` MSE search over shrunken
+  ranges, ``"hqq"`` clip then HQQ's half-quadratic zero refinement.
+
+Packing along the flattened weight: 4-bit two codes per byte (above); 3-bit bit-planar, per 32 values
+three int32 words: word 0 holds the low 2 bits of values 0..15 (value i at bits 2i, 2i+1), word 1
+those of values 16..31, word 2 the high bit of value i at bit i (exactly 3.0 bits, no value
+straddles a word); 2-bit sixteen values per int32 word (value i at bits 2i, 2i+1). A partial last
+group of 32 (or 16) is padded with the format's zero code.
+
 Double quantization (bitsandbytes' ``compress_statistics``): ``offset = mean(absmax)``; the
 centred absmax is quantized in blocks of 256 with the signed 8-bit dynamic map, scaled by each
 block's fp32 absmax. qft picks the nearest code (exact, in fp64), where bitsandbytes' CPU path uses
@@ -52,11 +71,27 @@ class CodebookFormat:
     bits: int
     code: tuple[float, ...]
     encode_order: tuple[int, ...]
+    affine = False
 
     @property
     def zero_code(self) -> int:
-        """The nibble that encodes 0.0, used to pad an odd element count."""
+        """The code that 0.0 encodes to, used to pad a partial word."""
         return encode_position_of_zero(self)
+
+
+@dataclass(frozen=True)
+class AffineFormat:
+    """An integer format ``x = (q - zero) * scale`` per group, q in [0, 2**bits)."""
+
+    name: str
+    bits: int
+    affine = True
+    zero_code = 0
+
+    @property
+    def max_code(self) -> int:
+        """The largest code, ``2**bits - 1``."""
+        return 2**self.bits - 1
 
 
 def encode_position_of_zero(fmt: CodebookFormat) -> int:
@@ -86,23 +121,49 @@ def _fp4_code() -> tuple[float, ...]:
 # FP4 nibbles by ascending value. +0.0 (0) precedes -0.0 (8): the bitsandbytes CPU tie order.
 _FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 
-FORMATS: dict[str, CodebookFormat] = {
+# Lloyd-Max tables for block-64 absmax-scaled N(0,1) weights (positive half; symmetric).
+_LLOYD3 = (0.0943947, 0.291785, 0.5201229, 0.8326523)
+_LLOYD2 = (0.1782987, 0.6022794)
+
+
+def _symmetric(half: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(-v for v in reversed(half)) + half
+
+
+FORMATS: dict[str, CodebookFormat | AffineFormat] = {
     "nf4": CodebookFormat("nf4", 4, _NF4, tuple(range(16))),
     "fp4": CodebookFormat("fp4", 4, _fp4_code(), _FP4_ORDER),
+    "lloyd3": CodebookFormat("lloyd3", 3, _symmetric(_LLOYD3), tuple(range(8))),
+    "lloyd2": CodebookFormat("lloyd2", 2, _symmetric(_LLOYD2), tuple(range(4))),
+    "int4": AffineFormat("int4", 4),
+    "int3": AffineFormat("int3", 3),
+    "int2": AffineFormat("int2", 2),
 }
+GROUP_SIZES = (32, 64, 128)  # affine formats
+# Scale candidates (fractions of the block absmax) searched when quantizing lloyd3/lloyd2.
+SCALE_SEARCH = tuple(0.7 + 0.025 * i for i in range(13))
 
 
-def get_format(name: str) -> CodebookFormat:
+def get_format(name: str) -> CodebookFormat | AffineFormat:
     """Look up a format by name; ``ValueError`` naming the choices if it is unknown."""
     if not isinstance(name, str) or name not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {name!r}")
     return FORMATS[name]
 
 
-def check_block_size(block_size: int) -> int:
-    """Validate a 4-bit block size (a power of two in 32..4096) and return it."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+def get_4bit_format(name: str) -> CodebookFormat:
+    """A 4-bit code-book format (nf4, fp4): the ones bitsandbytes shares and the 4-bit ops serve."""
+    fmt = get_format(name)
+    if fmt.affine or fmt.bits != 4:
+        raise ValueError(f"format must be a 4-bit code-book format ('fp4', 'nf4') here, got {name!r}")
+    return fmt
+
+
+def check_block_size(block_size: int, fmt: str | None = None) -> int:
+    """Validate a block (code-book: 32..4096, powers of two) or group (affine: 32/64/128) size."""
+    allowed = GROUP_SIZES if fmt is not None and get_format(fmt).affine else BLOCK_SIZES
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in allowed:
+        raise ValueError(f"block_size must be one of {allowed} for this format, got {block_size!r}")
     return block_size
 
 
@@ -112,19 +173,34 @@ def num_blocks(numel: int, block_size: int) -> int:
 
 
 def packed_numel(numel: int, bits: int = 4) -> int:
-    """Bytes holding ``numel`` packed 4-bit codes (two per byte, odd count padded)."""
-    assert bits == 4, "only 4-bit packing exists so far"
-    return (numel + 1) // 2
+    """Elements of the packed tensor for ``numel`` codes: bytes (4-bit) or int32 words (3-, 2-bit)."""
+    if bits == 4:
+        return (numel + 1) // 2
+    if bits == 3:
+        return 3 * (-(-numel // 32))
+    if bits == 2:
+        return -(-numel // 16)
+    raise ValueError(f"no packing for {bits}-bit codes")
+
+
+def packed_dtype(bits: int) -> torch.dtype:
+    """uint8 for 4-bit (bitsandbytes' layout), int32 words for 3- and 2-bit."""
+    return torch.uint8 if bits == 4 else torch.int32
 
 
 @functools.cache
 def _code_cpu(name: str) -> torch.Tensor:
-    return torch.tensor(get_format(name).code, dtype=torch.float32)
+    fmt = get_format(name)
+    if fmt.affine:
+        raise ValueError(f"{name} is affine: it has no code book")
+    return torch.tensor(fmt.code, dtype=torch.float32)
 
 
 @functools.cache
 def _thresholds_cpu(name: str) -> torch.Tensor:
     fmt = get_format(name)
+    if fmt.affine:
+        raise ValueError(f"{name} is affine: it has no code book")
     ordered = _code_cpu(name)[list(fmt.encode_order)]
     return (ordered[:-1] + ordered[1:]) / 2  # fp32 midpoints: (a + b) rounded, then exact /2
 

@@ -20,7 +20,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _weight_args(qt: QuantizedTensor) -> tuple:
-    return (qt.packed, qt.absmax, qt.nested_absmax, qt.offset, qt.block_size, qt.format)
+    return (qt.packed, qt.absmax, qt.nested_absmax, qt.offset, qt.zero, qt.block_size, qt.format)
 
 
 class _QuantLinear(torch.autograd.Function):

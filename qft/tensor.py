@@ -29,7 +29,11 @@ class QuantizedTensor:
         nested_absmax: fp32 ``[ceil(num_blocks / nested_block_size)]`` when double-quantized, else None.
         offset: fp32 scalar (0-dim) mean subtracted before double quantization, else None.
         shape: the original shape; dtype: the original floating dtype (default of ``dequantize``).
-        format: ``"nf4"`` or ``"fp4"``; block_size: values per absmax block.
+        format: a name in ``qft.formats.FORMATS``; block_size: values per scale block (or group).
+        zero: fp16 ``[num_blocks]`` zero points of affine formats (int4/int3/int2), else None.
+
+    For 3- and 2-bit formats ``packed`` holds int32 words; for every format but nf4/fp4 ``absmax``
+    is the block's (searched or affine) scale.
     """
 
     packed: torch.Tensor
@@ -41,6 +45,7 @@ class QuantizedTensor:
     format: str
     block_size: int
     nested_block_size: int = formats.NESTED_BLOCK_SIZE
+    zero: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -64,6 +69,8 @@ class QuantizedTensor:
         parts = [self.packed, self.absmax]
         if self.double_quant:
             parts += [self.nested_absmax, self.offset]
+        if self.zero is not None:
+            parts.append(self.zero)
         return parts
 
     @property
@@ -84,10 +91,16 @@ class QuantizedTensor:
         """Decode to a dense tensor of the original shape in ``dtype`` (default: original dtype)."""
         dtype = self.dtype if dtype is None else dtype
         _check_float_dtype(dtype, "dtype")
-        flat = ops.dequantize_4bit(
-            self.packed, self.absmax, self.nested_absmax, self.offset, self.block_size, self.format,
-            self.numel, dtype, self.nested_block_size,
-        )  # fmt: skip
+        if is_4bit_codebook(self.format):
+            flat = ops.dequantize_4bit(
+                self.packed, self.absmax, self.nested_absmax, self.offset, self.block_size, self.format,
+                self.numel, dtype, self.nested_block_size,
+            )  # fmt: skip
+        else:
+            flat = ops.dequantize_lowbit(
+                self.packed, self.absmax, self.nested_absmax, self.offset, self.zero, self.block_size, self.format,
+                self.numel, dtype, self.nested_block_size,
+            )  # fmt: skip
         return flat.view(self.shape)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
@@ -98,7 +111,7 @@ class QuantizedTensor:
         move = lambda t: None if t is None else t.to(device)
         return replace(
             self, packed=move(self.packed), absmax=move(self.absmax),
-            nested_absmax=move(self.nested_absmax), offset=move(self.offset),
+            nested_absmax=move(self.nested_absmax), offset=move(self.offset), zero=move(self.zero),
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -112,6 +125,8 @@ class QuantizedTensor:
         if self.double_quant:
             state["nested_absmax"] = self.nested_absmax
             state["offset"] = self.offset
+        if self.zero is not None:
+            state["zero"] = self.zero
         state[_METADATA_KEY] = _json_to_tensor(meta)
         return state
 
@@ -139,6 +154,7 @@ class QuantizedTensor:
             shape=torch.Size(meta["shape"]), dtype=dtype, format=meta["format"],
             block_size=meta["block_size"],
             nested_block_size=meta["nested_block_size"] if nested else formats.NESTED_BLOCK_SIZE,
+            zero=state.get("zero"),
         )  # fmt: skip
 
     @classmethod
@@ -171,15 +187,22 @@ def _check_float_dtype(dtype: torch.dtype, name: str) -> None:
         raise TypeError(f"{name} must be one of float32/float16/bfloat16, got {dtype}")
 
 
+def is_4bit_codebook(fmt: str) -> bool:
+    """True for nf4/fp4: the bitsandbytes-compatible formats with their own 4-bit ops and kernels."""
+    spec = formats.get_format(fmt)
+    return not spec.affine and spec.bits == 4
+
+
 def _validate(qt: QuantizedTensor) -> None:
     formats.get_format(qt.format)
-    formats.check_block_size(qt.block_size)
+    formats.check_block_size(qt.block_size, qt.format)
     _check_float_dtype(qt.dtype, "dtype")
     if any(int(d) < 0 for d in qt.shape) or math.prod(qt.shape) == 0:
         raise ValueError(f"shape must describe a non-empty tensor, got {tuple(qt.shape)}")
     ops.check_quantized_parts(
-        qt.packed, qt.absmax, qt.nested_absmax, qt.offset, qt.numel, qt.block_size, qt.nested_block_size
-    )
+        qt.packed, qt.absmax, qt.nested_absmax, qt.offset, qt.numel, qt.block_size, qt.nested_block_size,
+        qt.format, qt.zero,
+    )  # fmt: skip
 
 
 def _json_to_tensor(obj: dict) -> torch.Tensor:
@@ -199,35 +222,62 @@ def _tensor_to_json(t: torch.Tensor) -> dict:
 
 
 def quantize(
-    w: torch.Tensor, format: str = "nf4", block_size: int = formats.DEFAULT_BLOCK_SIZE, double_quant: bool = True
+    w: torch.Tensor,
+    format: str = "nf4",
+    block_size: int = formats.DEFAULT_BLOCK_SIZE,
+    double_quant: bool = True,
+    method: str = "hqq",
 ) -> QuantizedTensor:
-    """Quantize a floating tensor blockwise to a 4-bit code-book format.
+    """Quantize a floating tensor blockwise.
 
     Args:
         w: fp32/fp16/bf16, any shape (non-contiguous is fine), non-empty, finite.
-        format: ``"nf4"`` (default) or ``"fp4"``.
-        block_size: values per absmax block, a power of two in 32..4096 (default 64).
-        double_quant: also quantize the absmax to 8 bits (bitsandbytes' ``compress_statistics``).
+        format: ``"nf4"`` (default), ``"fp4"`` (both byte-compatible with bitsandbytes),
+            ``"lloyd3"``, ``"lloyd2"`` (code books), ``"int4"``, ``"int3"``, ``"int2"`` (affine).
+        block_size: values per scale block: a power of two in 32..4096 for code books (default 64),
+            32/64/128 for affine groups.
+        double_quant: also quantize the per-block scales to 8 bits (bitsandbytes' ``compress_statistics``).
+        method: affine formats only: ``"rtn"``, ``"clip"`` or ``"hqq"`` (default; see ``qft.formats``).
 
     Returns:
-        A ``QuantizedTensor`` on ``w``'s device, byte-compatible with bitsandbytes.
+        A ``QuantizedTensor`` on ``w``'s device.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     _check_float_dtype(w.dtype, "w.dtype")
-    formats.get_format(format)
-    formats.check_block_size(block_size)
+    spec = formats.get_format(format)
+    formats.check_block_size(block_size, format)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    if method not in ("rtn", "clip", "hqq"):
+        raise ValueError(f"method must be 'rtn', 'clip' or 'hqq', got {method!r}")
     if w.numel() == 0:
         raise ValueError(f"w must not be empty, got shape {tuple(w.shape)}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w must be finite: it holds NaN or Inf")
-    packed, absmax = ops.quantize_4bit(w, block_size, format)
+    zero = None
+    if is_4bit_codebook(format):
+        packed, absmax = ops.quantize_4bit(w, block_size, format)
+    else:
+        packed, absmax, zero = _quantize_lowbit(w, spec, block_size, method)
     nested_absmax = offset = None
     if double_quant:
         absmax, nested_absmax, offset = ops.quantize_nested(absmax, formats.NESTED_BLOCK_SIZE)
-    return QuantizedTensor(packed, absmax, nested_absmax, offset, w.shape, w.dtype, format, block_size)
+    return QuantizedTensor(packed, absmax, nested_absmax, offset, w.shape, w.dtype, format, block_size, zero=zero)
+
+
+def _quantize_lowbit(w, spec, block_size: int, method: str):
+    """Codes packed per ``formats``, fp32 scales, fp16 zeros (affine): torch code on every device."""
+    from qft import reference, reference_lowbit
+
+    zero = None
+    if spec.affine:
+        codes, scale, zero = reference_lowbit.quantize_affine(w, spec.name, block_size, method)
+        zero = zero.to(torch.float16)
+    else:
+        codes, scale = reference_lowbit.quantize_codebook(w, spec.name, block_size)
+    packed = reference.pack_4bit(codes, spec.name) if spec.bits == 4 else reference_lowbit.pack(codes, spec.bits)
+    return packed, scale, zero
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -40,8 +40,8 @@ def test_bad_block_size_is_named(bad):
 
 
 def test_unknown_format_lists_choices():
-    with pytest.raises(ValueError, match=r"format must be one of \['fp4', 'nf4'\]"):
-        formats.get_format("int4")
+    with pytest.raises(ValueError, match=r"format must be one of \['fp4', 'int2', 'int3', 'int4', 'lloyd2'"):
+        formats.get_format("int5")
 
 
 def test_counts():

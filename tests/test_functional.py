@@ -197,7 +197,21 @@ def test_gpu_paths_match_reference(dtype, m, k):
     qt = qft.quantize(torch.randn(512, k, device="cuda", dtype=dtype))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     xa, lora_b, bias = (torch.randn(*s, device="cuda") for s in ((m, 16), (512, 16), (512,)))
-    args = (qt.packed, qt.absmax, qt.nested_absmax, qt.offset, 64, "nf4", 512, 256, bias.to(dtype), xa, lora_b, 0.5)
+    args = (
+        qt.packed,
+        qt.absmax,
+        qt.nested_absmax,
+        qt.offset,
+        None,
+        64,
+        "nf4",
+        512,
+        256,
+        bias.to(dtype),
+        xa,
+        lora_b,
+        0.5,
+    )
     with ops.use_backend("reference"):
         want = ops.quant_linear(x, *args)
     got = ops.quant_linear(x, *args)

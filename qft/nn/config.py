@@ -16,20 +16,25 @@ class QuantConfig:
     """How ``quantize_`` / ``QuantLinear.from_linear`` store a weight.
 
     Attributes:
-        format: ``"nf4"`` (default) or ``"fp4"``.
-        block_size: values per absmax block, a power of two in 32..4096 (default 64).
-        double_quant: also quantize the absmax to 8 bits (default True; 4.127 bits/param for nf4/64).
+        format: a name in ``qft.formats.FORMATS``: ``"nf4"`` (default), ``"fp4"``, ``"lloyd3"``,
+            ``"lloyd2"``, ``"int4"``, ``"int3"``, ``"int2"``.
+        block_size: values per scale block (default 64; affine groups 32/64/128).
+        double_quant: also quantize the scales to 8 bits (default True; 4.127 bits/param for nf4/64).
+        method: affine formats: ``"rtn"``, ``"clip"`` or ``"hqq"`` (default).
     """
 
     format: str = "nf4"
     block_size: int = formats.DEFAULT_BLOCK_SIZE
     double_quant: bool = True
+    method: str = "hqq"
 
     def __post_init__(self) -> None:
         formats.get_format(self.format)
-        formats.check_block_size(self.block_size)
+        formats.check_block_size(self.block_size, self.format)
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {self.double_quant!r}")
+        if self.method not in ("rtn", "clip", "hqq"):
+            raise ValueError(f"method must be 'rtn', 'clip' or 'hqq', got {self.method!r}")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """QuantLinear: a frozen 4-bit weight as a drop-in replacement for ``nn.Linear``.
 
-Its state dict uses bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``,
+For nf4/fp4 its state dict uses bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``,
 ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
-``weight.quant_state.bitsandbytes__<fmt>``, ``bias``), so checkpoints move both ways. A plain float
-``weight`` of the right shape (an ``nn.Linear`` checkpoint) is quantized on load.
+``weight.quant_state.bitsandbytes__<fmt>``, ``bias``), so checkpoints move both ways. Formats that
+bitsandbytes lacks use the same layout with ``weight.zero`` (affine) and a
+``weight.quant_state.qft__<fmt>`` entry instead. A plain float ``weight`` of the right shape (an
+``nn.Linear`` checkpoint) is quantized on load.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from qft import formats, functional
 from qft.nn.config import QuantConfig
 from qft.tensor import QuantizedTensor, quantize
 
-_PARTS = ("packed", "absmax", "nested_absmax", "offset")
+_PARTS = ("packed", "absmax", "nested_absmax", "offset", "zero")
+_BNB_BLOB = "weight.quant_state.bitsandbytes__"
+_QFT_BLOB = "weight.quant_state.qft__"
 
 
 class QuantLinear(nn.Module):
@@ -44,7 +48,7 @@ class QuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         config = QuantConfig() if config is None else config
-        qt = quantize(linear.weight.detach(), config.format, config.block_size, config.double_quant)
+        qt = quantize(linear.weight.detach(), config.format, config.block_size, config.double_quant, config.method)
         return cls(qt, None if linear.bias is None else linear.bias.detach().clone())
 
     def _set_quantized(self, qt: QuantizedTensor) -> None:
@@ -60,7 +64,7 @@ class QuantLinear(nn.Module):
         return QuantizedTensor(
             self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
             torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.format, self.block_size,
-            self.nested_block_size,
+            self.nested_block_size, self.weight_zero,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +95,14 @@ class QuantLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         qt = self.quantized
+        spec = formats.get_format(qt.format)
         detach = (lambda t: t) if keep_vars else (lambda t: t.detach())
         destination[prefix + "weight"] = detach(qt.packed.view(-1, 1))
         destination[prefix + "weight.absmax"] = detach(qt.absmax)
-        destination[prefix + "weight.quant_map"] = formats.code(qt.format, qt.device).clone()
+        if spec.affine:
+            destination[prefix + "weight.zero"] = detach(qt.zero)
+        else:
+            destination[prefix + "weight.quant_map"] = formats.code(qt.format, qt.device).clone()
         meta = {
             "quant_type": qt.format, "blocksize": qt.block_size, "dtype": str(qt.dtype).removeprefix("torch."),
             "shape": list(qt.shape),
@@ -104,7 +112,8 @@ class QuantLinear(nn.Module):
             destination[prefix + "weight.nested_quant_map"] = formats.dynamic_map(qt.device).clone()
             meta.update(nested_blocksize=qt.nested_block_size, nested_dtype="float32", nested_offset=qt.offset.item())
         blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
-        destination[f"{prefix}weight.quant_state.bitsandbytes__{qt.format}"] = blob
+        bnb_compatible = not spec.affine and spec.bits == 4
+        destination[f"{prefix}{_BNB_BLOB if bnb_compatible else _QFT_BLOB}{qt.format}"] = blob
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         keys = [k for k in state_dict if k.startswith(prefix + "weight")]
@@ -125,18 +134,19 @@ class QuantLinear(nn.Module):
 def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: QuantLinear) -> QuantizedTensor:
     """A QuantizedTensor from bitsandbytes' Linear4bit keys, or by quantizing a float weight."""
     weight = state[prefix + "weight"]
-    blobs = [k for k in state if k.startswith(prefix + "weight.quant_state.bitsandbytes__")]
+    blobs = [k for k in state if k.startswith((prefix + _BNB_BLOB, prefix + _QFT_BLOB))]
     if weight.is_floating_point() and not blobs:
         if tuple(weight.shape) != shape:
             raise ValueError(f"a float weight must have shape {shape}, got {tuple(weight.shape)}")
         return quantize(weight, module.format, module.block_size, module.weight_nested_absmax is not None)
     if len(blobs) != 1:
-        raise ValueError(f"expected one 'weight.quant_state.bitsandbytes__<format>' entry, found {len(blobs)}")
+        raise ValueError(f"expected one 'weight.quant_state.<library>__<format>' entry, found {len(blobs)}")
     meta = json.loads(bytes(state[blobs[0]].cpu().tolist()).decode())
     fmt = meta["quant_type"]
+    spec = formats.get_format(fmt)
     if tuple(meta["shape"]) != shape:
         raise ValueError(f"checkpoint weight has shape {tuple(meta['shape'])}, this layer is {shape}")
-    if not torch.equal(state[prefix + "weight.quant_map"].float().cpu(), formats.code(fmt)):
+    if not spec.affine and not torch.equal(state[prefix + "weight.quant_map"].float().cpu(), formats.code(fmt)):
         raise ValueError(f"weight.quant_map is not the standard {fmt} code book")
     nested = prefix + "weight.nested_absmax" in state
     if nested and not torch.equal(state[prefix + "weight.nested_quant_map"].float().cpu(), formats.dynamic_map()):
@@ -144,7 +154,8 @@ def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: Qu
     dtype = getattr(torch, str(meta["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {meta['dtype']!r}")
-    packed = weight if weight.dtype == torch.uint8 else weight.contiguous().view(torch.uint8)
+    stored = formats.packed_dtype(spec.bits)
+    packed = weight if weight.dtype == stored else weight.contiguous().view(stored)
     device = packed.device
     return QuantizedTensor(
         packed=packed.reshape(-1), absmax=state[prefix + "weight.absmax"],
@@ -152,4 +163,5 @@ def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: Qu
         offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device) if nested else None,
         shape=torch.Size(shape), dtype=dtype, format=fmt, block_size=int(meta["blocksize"]),
         nested_block_size=int(meta.get("nested_blocksize", formats.NESTED_BLOCK_SIZE)),
+        zero=state.get(prefix + "weight.zero"),
     )  # fmt: skip

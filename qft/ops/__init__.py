@@ -4,7 +4,14 @@
 
 from qft.ops.dispatch import BACKENDS, DTYPE_CODES, FLOAT_DTYPES, backend_for, use_backend
 from qft.ops.linear import quant_linear, quant_linear_grad_input
-from qft.ops.quant import check_quantized_parts, dequantize_4bit, dequantize_nested, quantize_4bit, quantize_nested
+from qft.ops.quant import (
+    check_quantized_parts,
+    dequantize_4bit,
+    dequantize_lowbit,
+    dequantize_nested,
+    quantize_4bit,
+    quantize_nested,
+)
 
 __all__ = [
     "BACKENDS",
@@ -13,6 +20,7 @@ __all__ = [
     "backend_for",
     "check_quantized_parts",
     "dequantize_4bit",
+    "dequantize_lowbit",
     "dequantize_nested",
     "quant_linear",
     "quant_linear_grad_input",

@@ -20,28 +20,36 @@ from qft import formats, reference
 from qft._extension import extension
 from qft.ops import scratch, thresholds
 from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
-from qft.ops.quant import check_quantized_parts, dequantize_4bit_into
+from qft.ops.quant import check_quantized_parts, dequantize_4bit_into, dequantize_lowbit_into
 
 
-def _decode(backend, packed, absmax, nested_absmax, offset, block_size, fmt, shape, dtype, nested_block_size):
+def _is_4bit_codebook(fmt: str) -> bool:
+    spec = formats.get_format(fmt)
+    return not spec.affine and spec.bits == 4
+
+
+def _decode(backend, packed, absmax, nested_absmax, offset, zero, block_size, fmt, shape, dtype, nested_block_size):
     """The dense [N, K] weight in ``dtype``: allocated on the reference path, a scratch view otherwise."""
     numel = shape[0] * shape[1]
     decode_dtype = torch.float32 if dtype == torch.float64 else dtype  # float64: gradcheck only
     out = None if backend == "reference" else scratch.buffer(packed.device, decode_dtype, numel)
-    weight = dequantize_4bit_into(
-        out, backend, packed, absmax, nested_absmax, offset, block_size, fmt, numel, decode_dtype, nested_block_size
-    )
+    parts = (packed, absmax, nested_absmax, offset)
+    if _is_4bit_codebook(fmt):
+        weight = dequantize_4bit_into(out, backend, *parts, block_size, fmt, numel, decode_dtype, nested_block_size)
+    else:
+        weight = dequantize_lowbit_into(
+            out, backend, *parts, zero, block_size, fmt, numel, decode_dtype, nested_block_size
+        )
     return weight.view(shape).to(dtype)
 
 
-def _check(x, name, packed, absmax, nested_absmax, offset, block_size, fmt, numel, nested_block_size):
-    formats.get_format(fmt)
-    formats.check_block_size(block_size)
+def _check(x, name, packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, nested_block_size):
+    formats.check_block_size(block_size, fmt)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [M, features], got shape {tuple(x.shape)}")
     if x.dtype not in (*FLOAT_DTYPES, torch.float64):
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    check_quantized_parts(packed, absmax, nested_absmax, offset, numel, block_size, nested_block_size)
+    check_quantized_parts(packed, absmax, nested_absmax, offset, numel, block_size, nested_block_size, fmt, zero)
 
 
 @torch.library.custom_op("qft::quant_linear", mutates_args=())
@@ -51,6 +59,7 @@ def quant_linear(
     absmax: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     offset: torch.Tensor | None,
+    zero: torch.Tensor | None,
     block_size: int,
     fmt: str,
     out_features: int,
@@ -66,19 +75,21 @@ def quant_linear(
     ``lora_B`` [out_features, r] (both or neither) may be fp32 over a bf16/fp16 x.
     """
     m, k = x.shape
-    _check(x, "x", packed, absmax, nested_absmax, offset, block_size, fmt, out_features * k, nested_block_size)
-    weight_args = (packed, absmax, nested_absmax, offset, block_size, fmt)
+    parts = (packed, absmax, nested_absmax, offset)
+    _check(x, "x", *parts, zero, block_size, fmt, out_features * k, nested_block_size)
     backend = backend_for(x.device)
     if backend == "reference" or x.dtype == torch.float64:
-        weight = _decode("reference", *weight_args, (out_features, k), x.dtype, nested_block_size)
+        weight = _decode("reference", *parts, zero, block_size, fmt, (out_features, k), x.dtype, nested_block_size)
         return reference.quant_linear(x, weight, bias, lora_xa, lora_B, scaling)
-    if backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
-        return _gemv_cuda(x, *weight_args, out_features, nested_block_size, bias, lora_xa, lora_B, scaling)
-    if m <= thresholds.fused_max_m(x.device):
+    # The fused small-M kernels decode nf4/fp4 only so far; other formats decode then multiply.
+    fused_ok = _is_4bit_codebook(fmt)
+    if fused_ok and backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
+        return _gemv_cuda(x, *parts, block_size, fmt, out_features, nested_block_size, bias, lora_xa, lora_B, scaling)
+    if fused_ok and m <= thresholds.fused_max_m(x.device):
         from qft.kernels.quant_matmul import quant_matmul as fused
 
-        return fused(x, *weight_args, out_features, bias, lora_xa, lora_B, scaling, nested_block_size)
-    weight = _decode(backend, *weight_args, (out_features, k), x.dtype, nested_block_size)
+        return fused(x, *parts, block_size, fmt, out_features, bias, lora_xa, lora_B, scaling, nested_block_size)
+    weight = _decode(backend, *parts, zero, block_size, fmt, (out_features, k), x.dtype, nested_block_size)
     epilogue = None
     if lora_xa is not None:
         epilogue = (scaling * (lora_xa @ lora_B.t())).to(x.dtype)
@@ -117,7 +128,7 @@ def _gemv_cuda(x, packed, absmax, nested_absmax, offset, block_size, fmt, n, nes
 
 
 @quant_linear.register_fake
-def _(x, packed, absmax, nested_absmax, offset, block_size, fmt, out_features, nested_block_size, *rest):
+def _(x, packed, absmax, nested_absmax, offset, zero, block_size, fmt, out_features, nested_block_size, *rest):
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -128,6 +139,7 @@ def quant_linear_grad_input(
     absmax: torch.Tensor,
     nested_absmax: torch.Tensor | None,
     offset: torch.Tensor | None,
+    zero: torch.Tensor | None,
     block_size: int,
     fmt: str,
     in_features: int,
@@ -144,12 +156,12 @@ def quant_linear_grad_input(
     None. Returns grad_x [M, in_features] in grad's dtype.
     """
     n = grad.shape[1]
-    _check(grad, "grad", packed, absmax, nested_absmax, offset, block_size, fmt, n * in_features, nested_block_size)
+    parts = (packed, absmax, nested_absmax, offset, zero)
+    _check(grad, "grad", *parts, block_size, fmt, n * in_features, nested_block_size)
     backend = backend_for(grad.device)
     if grad.dtype == torch.float64:
         backend = "reference"
-    weight_args = (packed, absmax, nested_absmax, offset, block_size, fmt)
-    weight = _decode(backend, *weight_args, (n, in_features), grad.dtype, nested_block_size)
+    weight = _decode(backend, *parts, block_size, fmt, (n, in_features), grad.dtype, nested_block_size)
     if backend == "reference":
         return reference.quant_linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale)
     if lora_grad_xa is None:
@@ -161,5 +173,5 @@ def quant_linear_grad_input(
 
 
 @quant_linear_grad_input.register_fake
-def _(grad, packed, absmax, nested_absmax, offset, block_size, fmt, in_features, nested_block_size, *rest):
+def _(grad, packed, absmax, nested_absmax, offset, zero, block_size, fmt, in_features, nested_block_size, *rest):
     return grad.new_empty((grad.shape[0], in_features))

@@ -11,7 +11,7 @@ from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
 
 
 def _check_common(block_size: int, fmt: str) -> None:
-    formats.get_format(fmt)
+    formats.get_4bit_format(fmt)
     formats.check_block_size(block_size)
 
 
@@ -34,8 +34,10 @@ def check_quantized_parts(
     numel: int,
     block_size: int,
     nested_block_size: int = formats.NESTED_BLOCK_SIZE,
+    fmt: str = "nf4",
+    zero: torch.Tensor | None = None,
 ) -> None:
-    """Check that 4-bit codes and scales fit ``numel`` values; ``ValueError`` naming the part if not.
+    """Check that packed codes and scales fit ``numel`` values; ``ValueError`` naming the part if not.
 
     Kernels index by ``numel`` and ``block_size`` alone, so a part of the wrong size, dtype or device
     would be read out of bounds: every decode checks first.
@@ -47,8 +49,13 @@ def check_quantized_parts(
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
     device = packed.device
+    spec = formats.get_format(fmt)
     blocks = formats.num_blocks(numel, block_size)
-    _expect(packed, "packed", torch.uint8, formats.packed_numel(numel), device)
+    _expect(packed, "packed", formats.packed_dtype(spec.bits), formats.packed_numel(numel, spec.bits), device)
+    if spec.affine:
+        _expect(zero, "zero", torch.float16, blocks, device)
+    elif zero is not None:
+        raise ValueError(f"zero is only for affine formats, not {fmt}")
     if nested_absmax is None:
         _expect(absmax, "absmax", torch.float32, blocks, device)
         return
@@ -185,6 +192,67 @@ def dequantize_4bit_into(
 
 @dequantize_4bit.register_fake
 def _(packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size=256):
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.custom_op("qft::dequantize_lowbit", mutates_args=())
+def dequantize_lowbit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    block_size: int,
+    fmt: str,
+    numel: int,
+    dtype: torch.dtype,
+    nested_block_size: int = formats.NESTED_BLOCK_SIZE,
+) -> torch.Tensor:
+    """Decode ``numel`` values of a 3-/2-bit code-book or affine int4/3/2 format (flat ``dtype``).
+
+    ``absmax`` holds the per-block scale (fp32, or double-quantized codes with ``nested_absmax`` and
+    ``offset``); ``zero`` (fp16 per group) is given for affine formats only.
+    """
+    formats.check_block_size(block_size, fmt)
+    spec = formats.get_format(fmt)
+    if not spec.affine and spec.bits == 4:
+        raise ValueError(f"{fmt} is a 4-bit code-book format: use qft::dequantize_4bit")
+    check_quantized_parts(packed, absmax, nested_absmax, offset, numel, block_size, nested_block_size, fmt, zero)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
+    return dequantize_lowbit_into(
+        None, backend_for(packed.device), packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel,
+        dtype, nested_block_size,
+    )  # fmt: skip
+
+
+def dequantize_lowbit_into(
+    out, backend, packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nested_block_size
+) -> torch.Tensor:
+    """Decode with ``backend`` into ``out`` (or a new tensor); callers have checked the parts."""
+    from qft import reference_lowbit
+
+    del backend  # torch ops on every device for now; Triton/CUDA low-bit kernels are not written yet
+    if numel == 0:
+        return packed.new_empty((0,), dtype=dtype) if out is None else out
+    scale = absmax
+    if nested_absmax is not None:
+        scale = reference.dequantize_nested(absmax, nested_absmax, offset, nested_block_size)
+    spec = formats.get_format(fmt)
+    codes = reference_lowbit.unpack(packed, spec.bits, numel) if spec.bits != 4 else _unpack_nibbles(packed, numel)
+    if spec.affine:
+        decoded = reference_lowbit.dequantize_affine(codes, scale, zero, block_size, dtype)
+    else:
+        decoded = reference_lowbit.dequantize_codebook(codes, scale, fmt, block_size, dtype)
+    return decoded if out is None else out.copy_(decoded)
+
+
+def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel].long()
+
+
+@dequantize_lowbit.register_fake
+def _(packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nested_block_size=256):
     return packed.new_empty((numel,), dtype=dtype)
 
 

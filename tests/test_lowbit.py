@@ -1,0 +1,142 @@
+"""3-/2-bit code books and affine int4/3/2: packing, quantizers, QuantizedTensor, QLoRA over them."""
+
+import pytest
+import torch
+
+import qft
+from qft import formats
+from qft import reference_lowbit as lowbit
+
+LOWBIT = ["lloyd3", "lloyd2", "int4", "int3", "int2"]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("n", [1, 15, 16, 31, 32, 33, 100, 1000])
+def test_pack_round_trip(bits, n):
+    codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8)
+    packed = lowbit.pack(codes, bits)
+    assert packed.dtype == torch.int32 and packed.numel() == formats.packed_numel(n, bits)
+    assert torch.equal(lowbit.unpack(packed, bits, n), codes.long())
+
+
+def test_three_bit_layout_is_bit_planar():
+    codes = torch.zeros(32, dtype=torch.uint8)
+    codes[0], codes[17], codes[31] = 0b101, 0b011, 0b110
+    w0, w1, w2 = (int(v) & 0xFFFFFFFF for v in lowbit.pack(codes, 3))
+    assert w0 == 0b01  # value 0's low bits at bits 0-1
+    assert w1 & 0xF == 0b11 << 2  # value 17 is the second of word 1
+    assert w1 >> 30 == 0b10  # value 31's low bits at the top of word 1
+    assert w2 == (1 << 0) | (1 << 31)  # high bits of values 0 and 31
+
+
+def test_two_bit_layout():
+    codes = torch.tensor([1, 0, 0, 3] + [0] * 11 + [2], dtype=torch.uint8)
+    (word,) = (int(v) & 0xFFFFFFFF for v in lowbit.pack(codes, 2))
+    assert word == 1 | (3 << 6) | (2 << 30)
+
+
+@pytest.mark.parametrize("fmt", LOWBIT)
+@pytest.mark.parametrize("shape", [(7, 45), (33, 64), (5, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_dequantize_every_format(fmt, shape, dtype):
+    w = torch.randn(shape).to(dtype)
+    qt = qft.quantize(w, fmt, 32)
+    out = qt.dequantize()
+    assert out.shape == w.shape and out.dtype == dtype
+    bits = formats.get_format(fmt).bits
+    err = ((out.float() - w.float()).norm() / w.float().norm()).item()
+    assert err < {4: 0.12, 3: 0.25, 2: 0.5}[bits]
+    back = qft.QuantizedTensor.from_state_dict(qt.state_dict())
+    assert torch.equal(back.dequantize(), out)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int2"])
+def test_affine_decode_is_q_minus_zero_times_scale(fmt):
+    w = torch.randn(4, 64)
+    codes, scale, zero = lowbit.quantize_affine(w, fmt, 32, "clip")
+    assert int(codes.max()) <= formats.get_format(fmt).max_code
+    want = (codes.float().view(-1, 32) - zero.view(-1, 1)) * scale.view(-1, 1)
+    assert torch.equal(lowbit.dequantize_affine(codes, scale, zero, 32, torch.float32), want.view(-1))
+
+
+@pytest.mark.parametrize("fmt", ["int3", "int2"])
+def test_clip_and_hqq_improve_on_min_max(fmt):
+    w = torch.randn(64, 256)
+
+    def err(method):
+        q, s, z = lowbit.quantize_affine(w, fmt, 64, method)
+        return (lowbit.dequantize_affine(q, s, z, 64, torch.float32).view_as(w) - w).norm()
+
+    assert err("hqq") < err("clip") < err("rtn")
+
+
+def test_lloyd_scale_search_never_hurts():
+    w = torch.randn(64, 256)
+    q, scale = lowbit.quantize_codebook(w, "lloyd2", 64)
+    absmax = w.view(-1, 64).abs().amax(1)
+    assert bool((scale <= absmax).all())
+    searched = (lowbit.dequantize_codebook(q, scale, "lloyd2", 64, torch.float32).view_as(w) - w).norm()
+    plain = qft.reference.scale_to_unit(w, absmax, 64)
+    codes = torch.bucketize(plain.reshape(-1), formats.thresholds("lloyd2"))
+    unsearched = (lowbit.dequantize_codebook(codes, absmax, "lloyd2", 64, torch.float32).view_as(w) - w).norm()
+    assert searched <= unsearched
+
+
+def test_beats_hqq_at_lower_bits():
+    hqq_quantize = pytest.importorskip("hqq.core.quantize")
+    w = torch.randn(512, 1024)
+    for bits, fmt, goal in ((3, "int3", 0.97), (2, "int2", 0.85), (3, "lloyd3", 0.97), (2, "lloyd2", 0.85)):
+        wq, meta = hqq_quantize.Quantizer.quantize(w, nbits=bits, group_size=64, axis=1, device="cpu",
+                                                   compute_dtype=torch.float32)  # fmt: skip
+        theirs = (hqq_quantize.Quantizer.dequantize(wq, meta).reshape(w.shape) - w).norm() / w.norm()
+        qt = qft.quantize(w, fmt, 64)
+        ours = (qt.dequantize() - w).norm() / w.norm()
+        assert qt.bits_per_param < bits + 0.5, "HQQ stores fp16 scale + zero per 64: bits + 0.5"
+        assert ours <= goal * theirs, (fmt, float(ours), float(theirs))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"format": "int3", "block_size": 256}, ValueError, r"block_size must be one of \(32, 64, 128\)"),
+        ({"format": "int3", "method": "gptq"}, ValueError, "method must be"),
+        ({"format": "lloyd2", "block_size": 48}, ValueError, "block_size"),
+    ],
+)
+def test_bad_input_is_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        qft.quantize(torch.randn(64), **kwargs)
+
+
+def test_nan_is_rejected_for_low_bit_formats():
+    with pytest.raises(ValueError, match="finite"):
+        qft.quantize(torch.tensor([1.0, float("nan")]), "int2")
+
+
+def test_low_bit_formats_refuse_bitsandbytes_export():
+    with pytest.raises(ValueError, match="4-bit code-book"):
+        qft.quantize(torch.randn(64), "lloyd3").to_bnb()
+
+
+@pytest.mark.parametrize("fmt", ["lloyd2", "int3"])
+def test_qlora_over_low_bit_formats(fmt):
+    qt = qft.quantize(torch.randn(24, 40), fmt, 32)
+    x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 40, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: qft.functional.lora_linear(x, qt, a, b, 0.5), (x, a, b))
+    y = qft.functional.lora_linear(x.float().detach(), qt, a.float().detach(), b.float().detach(), 0.5)
+    want = x.float() @ qt.dequantize(torch.float32).t() + 0.5 * x.float() @ a.float().t() @ b.float().t()
+    torch.testing.assert_close(y, want.detach(), rtol=1e-5, atol=1e-5)
+    with qft.ops.use_backend("triton"):  # decode-then-GEMM path (the fused kernels are nf4/fp4 only)
+        torch.testing.assert_close(qft.functional.lora_linear(x.float().detach(), qt, a.float().detach(),
+                                                              b.float().detach(), 0.5), y)  # fmt: skip
+
+
+def test_quant_linear_state_dict_for_affine_format():
+    layer = qft.nn.QuantLinear.from_linear(torch.nn.Linear(64, 32), qft.QuantConfig("int3", 64))
+    state = layer.state_dict()
+    assert "weight.zero" in state and "weight.quant_state.qft__int3" in state
+    other = qft.nn.QuantLinear.from_linear(torch.nn.Linear(64, 32))
+    other.load_state_dict(state)
+    assert other.format == "int3" and torch.equal(other.dequantize(), layer.dequantize())
