@@ -140,3 +140,15 @@ def test_quant_linear_state_dict_for_affine_format():
     other = qft.nn.QuantLinear.from_linear(torch.nn.Linear(64, 32))
     other.load_state_dict(state)
     assert other.format == "int3" and torch.equal(other.dequantize(), layer.dequantize())
+
+
+@pytest.mark.parametrize("fmt", LOWBIT)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_decode_equals_reference(fmt, double_quant, dtype):
+    # 7 x 45 = 315 values: not a multiple of 32, 16 or the group.
+    qt = qft.quantize(torch.randn(7, 45), fmt, 32, double_quant=double_quant)
+    want = qt.dequantize(dtype)
+    with qft.ops.use_backend("triton"):
+        got = qt.dequantize(dtype)
+    assert torch.equal(got, want)

@@ -232,9 +232,14 @@ def dequantize_lowbit_into(
     """Decode with ``backend`` into ``out`` (or a new tensor); callers have checked the parts."""
     from qft import reference_lowbit
 
-    del backend  # torch ops on every device for now; Triton/CUDA low-bit kernels are not written yet
     if numel == 0:
         return packed.new_empty((0,), dtype=dtype) if out is None else out
+    if backend != "reference":  # no CUDA low-bit kernels yet: the CUDA backend decodes with Triton
+        from qft.kernels.dequantize_lowbit import dequantize_lowbit as triton_dequantize
+
+        return triton_dequantize(
+            packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nested_block_size, out
+        )
     scale = absmax
     if nested_absmax is not None:
         scale = reference.dequantize_nested(absmax, nested_absmax, offset, nested_block_size)
