@@ -21,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="quantize MiniLM, train LoRA adapters to recover it, report")
     defaults = DemoConfig()
     demo.add_argument("--model", help="local Hugging Face BERT/Llama-style model folder (default: MiniLM-L6)")
-    demo.add_argument("--format", default=defaults.format, help="weight format: nf4 or fp4")
+    demo.add_argument("--format", default=defaults.format, help="nf4, fp4, lloyd3, lloyd2, int4, int3, int2")
     demo.add_argument("--adapter", default=defaults.adapter, help="adapter kind: lora")
+    demo.add_argument("--init", default=defaults.init, help="adapter init: default or loftq")
     demo.add_argument("--rank", type=int, default=defaults.rank)
     demo.add_argument("--steps", type=int, default=defaults.steps)
     demo.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from qft import demo
 
     config = demo.DemoConfig(
-        model=args.model, format=args.format, adapter=args.adapter, rank=args.rank, steps=args.steps,
+        model=args.model, format=args.format, adapter=args.adapter, init=args.init, rank=args.rank, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, out=args.out, seed=args.seed, device=args.device,
         progress=not args.no_progress,
     )  # fmt: skip

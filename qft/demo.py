@@ -35,6 +35,7 @@ class DemoConfig:
     model: str | None = None  # a local Hugging Face BERT- or Llama-style model folder
     format: str = "nf4"
     adapter: str = "lora"
+    init: str = "default"  # or "loftq"
     rank: int = 16
     steps: int = 150
     batch_size: int = 16
@@ -132,11 +133,11 @@ def linear_weight_stats(model: nn.Module) -> tuple[float, float]:
 
 
 def adapter_targets(model: nn.Module) -> tuple[str, ...]:
-    """Every quantized linear except poolers and LM heads (unused by sentence embeddings)."""
+    """Every linear except poolers and LM heads (unused by sentence embeddings)."""
     return tuple(
         name
         for name, m in model.named_modules()
-        if isinstance(m, qft.nn.QuantLinear) and not name.startswith("pooler") and name != "lm_head"
+        if isinstance(m, (qft.nn.QuantLinear, nn.Linear)) and not name.startswith("pooler") and name != "lm_head"
     )
 
 
@@ -156,6 +157,8 @@ def run(config: DemoConfig) -> dict[str, object]:
         raise DemoError(f"--format must be one of {sorted(qft.formats.FORMATS)}, got {config.format!r}")
     if config.adapter != "lora":
         raise DemoError(f"--adapter must be 'lora', got {config.adapter!r}")
+    if config.init not in ("default", "loftq"):
+        raise DemoError(f"--init must be 'default' or 'loftq', got {config.init!r}")
     torch.manual_seed(config.seed)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = config.model or default_model_path()
@@ -163,11 +166,17 @@ def run(config: DemoConfig) -> dict[str, object]:
     train, held_out = load_sentences(config.seed)
 
     student = copy.deepcopy(teacher)
-    qft.quantize_(student, qft.QuantConfig(format=config.format))
+    quant_config = qft.QuantConfig(format=config.format)
     targets = adapter_targets(student)
     if not targets:
         raise DemoError(f"--model {path!r} has no Linear layers to adapt")
-    qft.add_adapters(student, qft.LoRAConfig(r=config.rank, alpha=2 * config.rank, target_modules=targets))
+    lora_config = qft.LoRAConfig(r=config.rank, alpha=2 * config.rank, target_modules=targets, init=config.init)
+    if config.init == "loftq":  # LoftQ quantizes the targets itself, from the full-precision weights
+        qft.add_adapters(student, lora_config, quant_config=quant_config)
+        qft.quantize_(student, quant_config)
+    else:
+        qft.quantize_(student, quant_config)
+        qft.add_adapters(student, lora_config)
     cosine_before = held_out_cosine(student, teacher, tokenizer, held_out, config, device)
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -200,6 +209,7 @@ def run(config: DemoConfig) -> dict[str, object]:
     qft.save_adapters(student, config.out)
     return {
         "model": path, "device": str(device), "format": config.format, "adapter": config.adapter,
+        "init": config.init,
         "rank": config.rank, "steps": config.steps, "train sentences": len(train),
         "held-out sentences": len(held_out), "trainable params": sum(p.numel() for p in params),
         "linear weights bits/param before": bits_before, "linear weights bits/param after": bits_after,

@@ -152,3 +152,32 @@ def test_triton_decode_equals_reference(fmt, double_quant, dtype):
     with qft.ops.use_backend("triton"):
         got = qt.dequantize(dtype)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["int2", "lloyd2"])
+def test_loftq_starts_closer_to_the_full_precision_weight(fmt):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 64)
+    with torch.no_grad():  # real weights have structure: low rank plus noise
+        dense.weight.copy_(torch.randn(64, 8) @ torch.randn(8, 96) / 3 + 0.3 * torch.randn(64, 96))
+    config = qft.LoRAConfig(r=8, target_modules=("0",), init="loftq")
+    plain = torch.nn.Sequential(torch.nn.Linear(96, 64))
+    plain[0].load_state_dict(dense.state_dict())
+    qft.add_adapters(plain, config, quant_config=qft.QuantConfig(fmt, 64))
+    layer = plain[0]
+    start = layer.base_layer.dequantize(torch.float32) + layer.delta_weight()
+    plain_error = (qft.quantize(dense.weight.detach(), fmt, 64).dequantize() - dense.weight).norm()
+    loftq_error = (start - dense.weight).norm()
+    assert loftq_error < 0.7 * plain_error
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer(x), x @ start.t() + dense.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_loftq_needs_quant_config_and_full_precision_targets():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    config = qft.LoRAConfig(r=4, target_modules=("0",), init="loftq")
+    with pytest.raises(ValueError, match="pass quant_config"):
+        qft.add_adapters(model, config)
+    qft.quantize_(model)
+    with pytest.raises(ValueError, match="already quantized"):
+        qft.add_adapters(model, config, quant_config=qft.QuantConfig())

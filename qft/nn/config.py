@@ -46,6 +46,9 @@ class LoRAConfig:
         ``use_rslora``). dropout: probability in [0, 1) on the adapter input while training.
         target_modules: module names or name suffixes (PEFT's matching: equal, or ending in
         ``"." + target``). adapter_dtype: dtype of A and B (fp32 by default, as PEFT keeps them).
+        init: ``"default"`` (PEFT's: A kaiming-uniform, B zero) or ``"loftq"`` (quantize the target
+        and fit A, B to the quantization residual; needs full-precision targets and a QuantConfig
+        passed to ``add_adapters``). loftq_iters: LoftQ's alternating rounds.
     """
 
     r: int = 16
@@ -54,6 +57,8 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = field(default_factory=tuple)
     use_rslora: bool = False
     adapter_dtype: torch.dtype = torch.float32
+    init: str = "default"
+    loftq_iters: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -68,6 +73,10 @@ class LoRAConfig:
         object.__setattr__(self, "target_modules", targets)
         if self.adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"adapter_dtype must be a floating dtype, got {self.adapter_dtype}")
+        if self.init not in ("default", "loftq"):
+            raise ValueError(f"init must be 'default' or 'loftq', got {self.init!r}")
+        if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
+            raise ValueError(f"loftq_iters must be a positive int, got {self.loftq_iters!r}")
 
     @property
     def scaling(self) -> float:

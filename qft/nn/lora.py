@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qft import functional
-from qft.nn.config import LoRAConfig
+from qft.nn.config import LoRAConfig, QuantConfig
 from qft.nn.quant_linear import QuantLinear
 from qft.tensor import quantize
 
@@ -44,6 +44,19 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = config.scaling
         self.merged = False
+
+    @classmethod
+    def with_loftq(cls, linear: nn.Linear, config: LoRAConfig, quant_config: QuantConfig) -> LoRALinear:
+        """Quantize ``linear`` with ``quant_config`` and start A, B from LoftQ (``qft.nn.loftq``)."""
+        from qft.nn.loftq import loftq
+
+        qt, a, b = loftq(linear.weight, quant_config, config)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        layer = cls(QuantLinear(qt, bias), config)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [..., out]`` in x's dtype."""

@@ -58,14 +58,18 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_adapters(model: nn.Module, config: LoRAConfig) -> nn.Module:
+def add_adapters(model: nn.Module, config: LoRAConfig, quant_config: QuantConfig | None = None) -> nn.Module:
     """Wrap each target Linear/QuantLinear of ``model`` in a LoRALinear, in place; returns ``model``.
 
     Targets follow PEFT: a module whose name equals, or ends in ``"." + t`` for, some ``t`` in
     ``config.target_modules``. Afterwards only adapter parameters require grad (PEFT's freezing).
+    With ``config.init == "loftq"`` the targets must still be full-precision ``nn.Linear``: each is
+    quantized with ``quant_config`` and gets LoftQ-initialised adapters.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    if config.init == "loftq" and not isinstance(quant_config, QuantConfig):
+        raise ValueError("init='loftq' quantizes the targets itself: pass quant_config=QuantConfig(...)")
     targets = {}
     for name, module in model.named_modules():
         if not name or not config.matches(name) or _is_adapter_part(model, name):
@@ -74,10 +78,15 @@ def add_adapters(model: nn.Module, config: LoRAConfig) -> nn.Module:
             raise ValueError(f"{name} already has a LoRA adapter")
         if not isinstance(module, (QuantLinear, nn.Linear)):
             raise TypeError(f"target {name} is a {type(module).__name__}, not a Linear or QuantLinear")
+        if config.init == "loftq" and type(module) is not nn.Linear:
+            raise ValueError(f"init='loftq' needs the full-precision weight, but {name} is already quantized")
         targets[name] = module
     if not targets:
         raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
-    replacements = {name: LoRALinear(module, config) for name, module in targets.items()}
+    if config.init == "loftq":
+        replacements = {name: LoRALinear.with_loftq(module, config, quant_config) for name, module in targets.items()}
+    else:
+        replacements = {name: LoRALinear(module, config) for name, module in targets.items()}
     _swap(model, replacements)
     for param in model.parameters():
         param.requires_grad = False
