@@ -13,6 +13,7 @@ import triton.language as tl
 from qft import formats
 
 from . import interpreting
+from .decode import decode_values
 
 VALUES_PER_PROGRAM = 2048
 
@@ -38,31 +39,8 @@ def _dequantize_lowbit_kernel(
 ):
     idx = tl.program_id(0).to(tl.int64) * VALUES + tl.arange(0, VALUES)
     ok = idx < numel
-    if BITS == 4:
-        byte = tl.load(packed_ptr + idx // 2, mask=ok, other=0).to(tl.int32)
-        q = tl.where((idx & 1) == 0, byte >> 4, byte & 0xF)
-    elif BITS == 2:
-        word = tl.load(packed_ptr + idx // 16, mask=ok, other=0)
-        q = (word >> (2 * (idx % 16)).to(tl.int32)) & 3
-    else:  # 3-bit planar: words (low 0-15, low 16-31, high) per 32 values
-        base = (idx // 32) * 3
-        lane = idx % 32
-        low_word = tl.load(packed_ptr + base + lane // 16, mask=ok, other=0)
-        high_word = tl.load(packed_ptr + base + 2, mask=ok, other=0)
-        low = (low_word >> (2 * (lane % 16)).to(tl.int32)) & 3
-        q = low | (((high_word >> lane.to(tl.int32)) & 1) << 2)
-    block = idx // BLOCK_SIZE
-    if NESTED:
-        q8 = tl.load(scale_ptr + block, mask=ok, other=0).to(tl.int32)
-        scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCK_SIZE, mask=ok, other=0.0)
-        scale = tl.load(dynamic_map_ptr + q8) * scale2 + tl.load(offset_ptr)
-    else:
-        scale = tl.load(scale_ptr + block, mask=ok, other=0.0)
-    if AFFINE:
-        zero = tl.load(zero_ptr + block, mask=ok, other=0.0).to(tl.float32)
-        values = (q.to(tl.float32) - zero) * scale
-    else:
-        values = tl.load(code_ptr + q) * scale
+    values = decode_values(packed_ptr, scale_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, code_ptr, zero_ptr,
+                           idx, ok, BITS, AFFINE, BLOCK_SIZE, NESTED, NESTED_BLOCK_SIZE)  # fmt: skip
     if ROUND_BF16_BY_HAND:
         bits = values.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)

@@ -1,7 +1,7 @@
 """Triton fused 4-bit matmul for small M: ``y = x @ W^T (+ bias) (+ s * xa @ B^T)``.
 
-The weight is decoded tile by tile inside the K loop (never written out), exactly as
-``dequantize_4bit`` decodes it, rounded to x's dtype and fed to ``tl.dot`` with fp32 accumulation.
+The weight (any ``qft.formats`` format) is decoded tile by tile inside the K loop (never written
+out), exactly as the dequantize kernels decode it, rounded to x's dtype and fed to ``tl.dot`` with fp32 accumulation.
 The LoRA term is one more small dot in the epilogue, so y is written once. Decode indexes each
 element by its flat position, so any K works (blocks may cross rows when K % block_size != 0).
 """
@@ -14,6 +14,8 @@ import triton.language as tl
 
 from qft import formats
 
+from .decode import decode_values
+
 
 @triton.jit
 def _quant_matmul_kernel(
@@ -23,7 +25,8 @@ def _quant_matmul_kernel(
     nested_absmax_ptr,
     offset_ptr,
     dynamic_map_ptr,
-    code_ptr,  # [16] fp32
+    code_ptr,  # [2**BITS] fp32 (code books)
+    zero_ptr,  # [blocks] fp16 (affine formats)
     bias_ptr,  # [N] (HAS_BIAS)
     xa_ptr,  # [M, R] (HAS_LORA), row stride R
     lora_b_ptr,  # [N, R] (HAS_LORA), row stride R
@@ -34,6 +37,8 @@ def _quant_matmul_kernel(
     R,
     scaling,
     stride_xm,
+    BITS: tl.constexpr,
+    AFFINE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCK_SIZE: tl.constexpr,
@@ -58,16 +63,9 @@ def _quant_matmul_kernel(
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :])
         flat = cols[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K] positions in W
         w_ok = col_ok[:, None] & k_ok[None, :]
-        byte = tl.load(packed_ptr + (flat >> 1), mask=w_ok, other=0).to(tl.int32)
-        nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
-        block = flat // BLOCK_SIZE
-        if NESTED:
-            q8 = tl.load(absmax_ptr + block, mask=w_ok, other=0).to(tl.int32)
-            scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCK_SIZE, mask=w_ok, other=0.0)
-            absmax = tl.load(dynamic_map_ptr + q8) * scale2 + tl.load(offset_ptr)
-        else:
-            absmax = tl.load(absmax_ptr + block, mask=w_ok, other=0.0)
-        w = (tl.load(code_ptr + nibble) * absmax).to(x_ptr.dtype.element_ty)
+        w = decode_values(packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, code_ptr, zero_ptr,
+                          flat, w_ok, BITS, AFFINE, BLOCK_SIZE, NESTED, NESTED_BLOCK_SIZE)  # fmt: skip
+        w = w.to(x_ptr.dtype.element_ty)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -95,11 +93,12 @@ def quant_matmul(
     lora_B: torch.Tensor | None = None,
     scaling: float = 0.0,
     nested_block_size: int = formats.NESTED_BLOCK_SIZE,
+    zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused decode + matmul (+ bias, + LoRA epilogue) with Triton; returns y [M, N] in x's dtype.
 
-    ``x`` [M, K] fp32/fp16/bf16 with unit stride along K; the weight is [N=out_features, K] as
-    packed by ``quantize_4bit``; ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32.
+    ``x`` [M, K] fp32/fp16/bf16 with unit stride along K; the weight is [N=out_features, K] in any
+    ``qft.formats`` format (``zero`` for affine ones); ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32.
     Callers check shapes and devices (``qft.ops.linear``).
     """
     m, k = x.shape
@@ -108,6 +107,7 @@ def quant_matmul(
         x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     nested = nested_absmax is not None
+    spec = formats.get_format(fmt)
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -119,7 +119,8 @@ def quant_matmul(
         nested_absmax.contiguous() if nested else absmax,
         offset if nested else absmax,
         formats.dynamic_map(x.device),
-        formats.code(fmt, x.device),
+        absmax if spec.affine else formats.code(fmt, x.device),
+        zero.contiguous() if spec.affine else absmax,
         bias if bias is not None else x,
         lora_xa.contiguous() if has_lora else x,
         lora_B.contiguous() if has_lora else x,
@@ -130,6 +131,8 @@ def quant_matmul(
         r,
         float(scaling),
         x.stride(0),
+        BITS=spec.bits,
+        AFFINE=spec.affine,
         BLOCK_SIZE=block_size,
         NESTED=nested,
         NESTED_BLOCK_SIZE=nested_block_size,

@@ -118,7 +118,7 @@ def test_low_bit_formats_refuse_bitsandbytes_export():
         qft.quantize(torch.randn(64), "lloyd3").to_bnb()
 
 
-@pytest.mark.parametrize("fmt", ["lloyd2", "int3"])
+@pytest.mark.parametrize("fmt", LOWBIT)
 def test_qlora_over_low_bit_formats(fmt):
     qt = qft.quantize(torch.randn(24, 40), fmt, 32)
     x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
@@ -128,9 +128,14 @@ def test_qlora_over_low_bit_formats(fmt):
     y = qft.functional.lora_linear(x.float().detach(), qt, a.float().detach(), b.float().detach(), 0.5)
     want = x.float() @ qt.dequantize(torch.float32).t() + 0.5 * x.float() @ a.float().t() @ b.float().t()
     torch.testing.assert_close(y, want.detach(), rtol=1e-5, atol=1e-5)
-    with qft.ops.use_backend("triton"):  # decode-then-GEMM path (the fused kernels are nf4/fp4 only)
-        torch.testing.assert_close(qft.functional.lora_linear(x.float().detach(), qt, a.float().detach(),
-                                                              b.float().detach(), 0.5), y)  # fmt: skip
+    with qft.ops.use_backend("triton"):  # M = 5: the fused decode-in-matmul Triton kernel
+        got = qft.functional.lora_linear(x.float().detach(), qt, a.float().detach(), b.float().detach(), 0.5)
+    torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
+    with qft.ops.use_backend("triton"):  # M = 40: decode into scratch + GEMM
+        x_big = torch.randn(40, 40)
+        got = qft.functional.lora_linear(x_big, qt, a.float().detach(), b.float().detach(), 0.5)
+    want = x_big @ qt.dequantize(torch.float32).t() + 0.5 * x_big @ a.float().t().detach() @ b.float().t().detach()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_quant_linear_state_dict_for_affine_format():

@@ -81,14 +81,13 @@ def quant_linear(
     if backend == "reference" or x.dtype == torch.float64:
         weight = _decode("reference", *parts, zero, block_size, fmt, (out_features, k), x.dtype, nested_block_size)
         return reference.quant_linear(x, weight, bias, lora_xa, lora_B, scaling)
-    # The fused small-M kernels decode nf4/fp4 only so far; other formats decode then multiply.
-    fused_ok = _is_4bit_codebook(fmt)
-    if fused_ok and backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
+    # The CUDA GEMV decodes nf4/fp4 only so far; the fused Triton kernel decodes every format.
+    if _is_4bit_codebook(fmt) and backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
         return _gemv_cuda(x, *parts, block_size, fmt, out_features, nested_block_size, bias, lora_xa, lora_B, scaling)
-    if fused_ok and m <= thresholds.fused_max_m(x.device):
+    if m <= thresholds.fused_max_m(x.device):
         from qft.kernels.quant_matmul import quant_matmul as fused
 
-        return fused(x, *parts, block_size, fmt, out_features, bias, lora_xa, lora_B, scaling, nested_block_size)
+        return fused(x, *parts, block_size, fmt, out_features, bias, lora_xa, lora_B, scaling, nested_block_size, zero)
     weight = _decode(backend, *parts, zero, block_size, fmt, (out_features, k), x.dtype, nested_block_size)
     epilogue = None
     if lora_xa is not None:
