@@ -1,0 +1,108 @@
+"""Importers into QuantizedTensor: HQQ-quantized layers and GPTQ ``qweight/qzeros/scales``.
+
+Both land in qft's affine formats (``(q - zero) * scale`` per group along the input dimension);
+the codes are re-packed into qft's layout, nothing is re-quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats, reference, reference_lowbit
+from qft.tensor import QuantizedTensor
+
+
+def _pack(codes: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
+    codes = codes.reshape(-1).to(torch.uint8)
+    return reference.pack_4bit(codes, fmt) if bits == 4 else reference_lowbit.pack(codes, bits)
+
+
+def _check_affine(bits: int, group_size: int) -> str:
+    fmt = f"int{bits}"
+    if fmt not in formats.FORMATS:
+        raise ValueError(f"qft has no {bits}-bit affine format (int4, int3, int2 exist)")
+    formats.check_block_size(group_size, fmt)
+    return fmt
+
+
+def from_hqq(layer) -> QuantizedTensor:
+    """Wrap an ``hqq.core.quantize.HQQLinear`` (axis 1, 4/3/2 bits, group 32/64/128) as int4/3/2.
+
+    Scale and zero are taken as stored (fp16 for HQQ's default compute dtype; a zero in another
+    dtype is rounded to fp16, the only rounding this import can add).
+    """
+    from hqq.core.quantize import Quantizer
+
+    meta = layer.meta
+    if meta.get("axis") != 1:
+        raise ValueError(f"only HQQ's axis=1 grouping maps to qft's groups, got axis={meta.get('axis')}")
+    if meta.get("quant_scale") or meta.get("quant_zero"):
+        raise ValueError("HQQ layers with quantized scale/zero are not supported: quantize without them")
+    fmt = _check_affine(int(meta["nbits"]), int(meta["group_size"]))
+    shape = torch.Size(meta["shape"])
+    numel = shape.numel()
+    codes = Quantizer.unpack[meta["packing"]](layer.W_q, dtype=torch.uint8).reshape(-1)[:numel]
+    return QuantizedTensor(
+        packed=_pack(codes, int(meta["nbits"]), fmt), absmax=meta["scale"].float().reshape(-1),
+        nested_absmax=None, offset=None, shape=shape, dtype=meta["compute_dtype"], format=fmt,
+        block_size=int(meta["group_size"]), zero=meta["zero"].to(torch.float16).reshape(-1),
+    )  # fmt: skip
+
+
+def unpack_gptq_columns(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """GPTQ's packing along dim 0 of an int32 [rows * bits / 32, cols] tensor -> int64 [rows, cols].
+
+    4- and 2-bit: 32/bits values per word, value i at bits ``bits * i``. 3-bit: 32 values in three
+    words, 10-1-10-1-10: values 0-9 in word 0, value 10 split (low 2 bits at the top of word 0, high
+    bit at the bottom of word 1), values 11-20 in word 1, value 21 split (low bit at the top of word 1,
+    high 2 bits at the bottom of word 2), values 22-31 in word 2.
+    """
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    if bits in (4, 2):
+        per = 32 // bits
+        shifts = (bits * torch.arange(per, device=w.device)).view(1, per, 1)
+        return ((w.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1, w.shape[1])[:rows]
+    if bits != 3:
+        raise ValueError(f"GPTQ {bits}-bit packing is not supported (4, 3, 2)")
+    w = w.view(-1, 3, w.shape[1])
+    w0, w1, w2 = w[:, 0], w[:, 1], w[:, 2]
+    take = lambda word, first, n: [(word >> (3 * i + first)) & 7 for i in range(n)]
+    values = take(w0, 0, 10)
+    values.append(((w0 >> 30) & 3) | ((w1 & 1) << 2))
+    values += take(w1, 1, 10)
+    values.append(((w1 >> 31) & 1) | ((w2 & 3) << 1))
+    values += take(w2, 2, 10)
+    return torch.stack(values, 1).reshape(-1, w.shape[2])[:rows]
+
+
+def from_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    zero_offset: int = 1,
+) -> QuantizedTensor:
+    """GPTQ tensors (``qweight`` int32 [in*bits/32, out], ``qzeros`` int32 [groups, out*bits/32],
+    ``scales`` fp16 [groups, out]) as a qft int4/3/2 weight [out, in].
+
+    ``zero_offset``: GPTQ's original checkpoints store zero - 1 (decode adds 1); ``gptq_v2`` ones
+    store the zero itself (pass 0). ``g_idx`` must be the plain ``k // group_size`` order: act-order
+    checkpoints permute the input channels, which qft's layers do not support yet.
+    """
+    fmt = _check_affine(bits, group_size)
+    groups, out_features = scales.shape
+    in_features = groups * group_size
+    if g_idx is not None:
+        plain = torch.arange(in_features, device=g_idx.device) // group_size
+        if g_idx.numel() != in_features or not torch.equal(g_idx.to(plain.dtype), plain):
+            raise ValueError("act-order g_idx (permuted input channels) is not supported yet")
+    codes = unpack_gptq_columns(qweight, bits, in_features)  # [in, out]
+    zeros = unpack_gptq_columns(qzeros.t().contiguous(), bits, out_features).t() + zero_offset  # [groups, out]
+    # qft groups run along each output row: group (n, k // group_size) -> n * groups + k // group_size.
+    return QuantizedTensor(
+        packed=_pack(codes.t().contiguous(), bits, fmt), absmax=scales.t().float().reshape(-1),
+        nested_absmax=None, offset=None, shape=torch.Size((out_features, in_features)), dtype=scales.dtype,
+        format=fmt, block_size=group_size, zero=zeros.t().to(torch.float16).reshape(-1),
+    )  # fmt: skip
