@@ -54,6 +54,22 @@ PYBIND11_MODULE(_C, m) {
       "Blockwise 4-bit dequantization; nested_absmax = 0 means plain fp32 absmax.");
 
   m.def(
+      "dequantize_lowbit",
+      [](uintptr_t packed, int bits, bool affine, uintptr_t scale, uintptr_t nested_absmax, uintptr_t offset,
+         uintptr_t dynamic_map, uintptr_t code, uintptr_t zero, uintptr_t out, int out_dtype, int64_t numel,
+         int block_size, int nested_block_size, uintptr_t stream) {
+        check(qft::dequantize_lowbit(ptr<const void>(packed), bits, affine, ptr<const void>(scale),
+                                     ptr<const float>(nested_absmax), ptr<const float>(offset),
+                                     ptr<const float>(dynamic_map), ptr<const float>(code), ptr<const void>(zero),
+                                     ptr<void>(out), static_cast<qft::DType>(out_dtype), numel, block_size,
+                                     nested_block_size, ptr<void>(stream)));
+      },
+      py::arg("packed"), py::arg("bits"), py::arg("affine"), py::arg("scale"), py::arg("nested_absmax"),
+      py::arg("offset"), py::arg("dynamic_map"), py::arg("code"), py::arg("zero"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("numel"), py::arg("block_size"), py::arg("nested_block_size"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(), "Low-bit dequantization (see qft_kernels.h).");
+
+  m.def(
       "quant_gemv",
       [](uintptr_t x, int dtype, uintptr_t packed, uintptr_t absmax, uintptr_t nested_absmax, uintptr_t offset,
          uintptr_t dynamic_map, uintptr_t code, int block_size, int nested_block_size, uintptr_t bias,

@@ -23,6 +23,13 @@ int dequantize_4bit(const uint8_t* packed, const void* absmax, const float* nest
                     const float* offset, const float* dynamic_map, const float* code, void* out,
                     DType out_dtype, int64_t numel, int block_size, int nested_block_size, void* stream);
 
+// Dequantization of 3-/2-bit code books and affine int4/3/2 (bit-identical to qft.reference_lowbit):
+// code[q] * scale, or (q - zero) * scale for affine formats (zero: fp16 per block). `packed` holds
+// int32 words (3-, 2-bit) or bytes (4-bit); scale as in dequantize_4bit's absmax. block_size % 32 == 0.
+int dequantize_lowbit(const void* packed, int bits, bool affine, const void* scale, const float* nested_absmax,
+                      const float* offset, const float* dynamic_map, const float* code, const void* zero, void* out,
+                      DType out_dtype, int64_t numel, int block_size, int nested_block_size, void* stream);
+
 // Largest M served by quant_gemv.
 constexpr int kMaxGemvRows = 4;
 

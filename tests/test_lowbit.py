@@ -186,3 +186,18 @@ def test_loftq_needs_quant_config_and_full_precision_targets():
     qft.quantize_(model)
     with pytest.raises(ValueError, match="already quantized"):
         qft.add_adapters(model, config, quant_config=qft.QuantConfig())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", LOWBIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_decode_equals_reference(fmt, dtype, backend):
+    if backend == "cuda" and not qft._extension.extension().usable:
+        pytest.skip("qft._C is not built or sees no GPU")
+    for shape in [(7, 45), (512, 4096), (3, 4099)]:
+        qt = qft.quantize(torch.randn(shape, device="cuda"), fmt, 64 if fmt.startswith("int") else 128)
+        with qft.ops.use_backend("reference"):
+            want = qt.dequantize(dtype)
+        with qft.ops.use_backend(backend):
+            assert torch.equal(qt.dequantize(dtype), want), shape

@@ -234,7 +234,11 @@ def dequantize_lowbit_into(
 
     if numel == 0:
         return packed.new_empty((0,), dtype=dtype) if out is None else out
-    if backend != "reference":  # no CUDA low-bit kernels yet: the CUDA backend decodes with Triton
+    if backend == "cuda":
+        return _dequantize_lowbit_cuda(
+            packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nested_block_size, out
+        )
+    if backend == "triton":
         from qft.kernels.dequantize_lowbit import dequantize_lowbit as triton_dequantize
 
         return triton_dequantize(
@@ -250,6 +254,30 @@ def dequantize_lowbit_into(
     else:
         decoded = reference_lowbit.dequantize_codebook(codes, scale, fmt, block_size, dtype)
     return decoded if out is None else out.copy_(decoded)
+
+
+def _dequantize_lowbit_cuda(packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nbs, out):
+    ext = extension()
+    if ext.module is None:
+        raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
+    spec = formats.get_format(fmt)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+    # Locals keep every contiguous copy alive until the launch has been queued.
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    nested = nested_absmax is not None
+    nested_absmax = nested_absmax.contiguous() if nested else None
+    zero = zero.contiguous() if spec.affine else None
+    code = None if spec.affine else formats.code(fmt, packed.device)
+    dmap = formats.dynamic_map(packed.device)
+    ptr = lambda t: 0 if t is None else t.data_ptr()
+    with torch.cuda.device(packed.device):
+        ext.module.dequantize_lowbit(
+            packed.data_ptr(), spec.bits, spec.affine, absmax.data_ptr(), ptr(nested_absmax),
+            ptr(offset) if nested else 0, dmap.data_ptr(), ptr(code), ptr(zero), out.data_ptr(), DTYPE_CODES[dtype],
+            numel, block_size, nbs, cuda_stream(packed.device),
+        )  # fmt: skip
+    return out
 
 
 def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
