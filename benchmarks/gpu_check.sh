@@ -25,5 +25,7 @@ python3 benchmarks/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/be
 bench_rc=${PIPESTATUS[0]}
 python3 benchmarks/bench_linear.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
 bench_rc=$(( bench_rc || PIPESTATUS[0] ))
+python3 benchmarks/bench_lowbit.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 echo "gpu tests rc=$tests_rc, bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

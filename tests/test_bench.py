@@ -51,6 +51,7 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
     expected = {
         "quant": {"qft-reference", "bitsandbytes"},
         "linear": {"qft", "peft-bf16", "peft-bnb"},
+        "lowbit": {"bf16 torch", *(f"qft {f}" for f in ("nf4", "lloyd3", "int3", "lloyd2", "int2"))},
         "e2e": {"qft", "peft-bf16", "peft-bnb"},
     }
     for suite, providers in expected.items():
