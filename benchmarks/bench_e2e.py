@@ -11,7 +11,6 @@ only.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -58,21 +57,6 @@ def build(provider: str, dense_state: dict, config, device: str, dtype) -> nn.Mo
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS)))
 
 
-def providers() -> list[str]:
-    """qft and the installed peers."""
-    names = ["qft"]
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return names
-    names.append("peft-bf16")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return names
-    return [*names, "peft-bnb"]
-
-
 def _step_fn(model, ids, checkpointing: bool):
     model.train()
     if checkpointing:
@@ -103,7 +87,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
     dense_state = LlamaForCausalLM(config).to(device=device, dtype=dtype).state_dict()
     ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
     rows = []
-    for provider in providers():
+    for provider in common.peer_providers():
         model = build(provider, dense_state, config, device, dtype)
         for checkpointing in (False, True):
             fn = _step_fn(model, ids, checkpointing)
@@ -137,17 +121,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite, print a markdown table, write JSON/CSV/MD under the results folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="the tiny config, also on a GPU")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="folder for the result files")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    rows, meta, paths = run_suite(args.device, args.quick, args.out)
-    print(common.markdown_table(rows, meta, COLUMNS))
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return common.suite_main(argv, __doc__, run_suite, COLUMNS, CPU_NOTE)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ timings compare CPU code paths, not GPU kernels; peak memory is measured on GPU 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -65,21 +64,6 @@ def build(provider: str, dense: nn.Linear, device: str) -> nn.Module:
         if "lora_B" in name:
             nn.init.normal_(p, std=0.01)
     return model
-
-
-def providers() -> list[str]:
-    """qft first, then the peers that are installed."""
-    names = ["qft"]
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return names
-    names.append("peft-bf16")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return names
-    return [*names, "peft-bnb"]
 
 
 def _peak_mb(fn, device: str) -> float | None:
@@ -142,7 +126,7 @@ def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted, rate
     x = torch.randn(m, k, dtype=dtype, device=device)
     grad = torch.randn(m, n, dtype=dtype, device=device)
     rows = []
-    for provider in providers():
+    for provider in common.peer_providers():
         rows += _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates)
     for row in rows:
         for peer in ("peft-bf16", "peft-bnb"):
@@ -176,20 +160,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite, print a markdown table, write JSON/CSV/MD under the results folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="one shape, fewer M")
-    parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="folder for the result files")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.device == "cpu":
-        print(CPU_NOTE, file=sys.stderr)
-    rows, meta, paths = run_suite(args.device, args.quick, args.out, repeats=args.repeats)
-    print(common.markdown_table(rows, meta, COLUMNS))
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return common.suite_main(argv, __doc__, run_suite, COLUMNS, CPU_NOTE)
 
 
 if __name__ == "__main__":

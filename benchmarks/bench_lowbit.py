@@ -9,7 +9,6 @@ Goals on a GPU at M = 1, 8192x28672: 3-bit >= 3.5x and 2-bit >= 5x faster than b
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -63,17 +62,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite, print a markdown table, write JSON/CSV/MD under the results folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small shape, also on a GPU")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="folder for the result files")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    rows, meta, paths = run_suite(args.device, args.quick, args.out)
-    print(common.markdown_table(rows, meta, COLUMNS))
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return common.suite_main(argv, __doc__, run_suite, COLUMNS, CPU_NOTE)
 
 
 if __name__ == "__main__":

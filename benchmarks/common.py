@@ -62,6 +62,44 @@ def device_rates(device: str) -> dict[str, float]:
     return {"copy_bandwidth_gbps": copy_bandwidth_gbs(device), "matmul_tflops": matmul_tflops(device)}
 
 
+def peer_providers() -> list[str]:
+    """qft first, then PEFT over bf16 and PEFT over bitsandbytes where those are installed."""
+    names = ["qft"]
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return names
+    names.append("peft-bf16")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return names
+    return [*names, "peft-bnb"]
+
+
+def suite_main(argv, doc: str, run_suite, columns, cpu_note: str = "", repeats: bool = True) -> int:
+    """The command line every suite shares: --device, --quick, (--repeats), --out; prints the table."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="the small configuration, also on a GPU")
+    if repeats:
+        parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the result files")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cpu" and cpu_note:
+        print(cpu_note, file=sys.stderr)
+    extra = {"repeats": args.repeats} if repeats else {}
+    rows, meta, paths = run_suite(args.device, args.quick, args.out, **extra)
+    print(markdown_table(rows, meta, columns))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def device_name(device: str) -> str:
     """Human name of the device: the GPU's name, or the CPU's model."""
     if device == "cuda":

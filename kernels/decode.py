@@ -55,3 +55,15 @@ def decode_values(packed_ptr, scale_ptr, nested_absmax_ptr, offset_ptr, dynamic_
     else:
         values = tl.load(code_ptr + q) * scale
     return values
+
+
+@triton.jit
+def store_rounded(out_ptr, idx, values, ok, ROUND_BF16_BY_HAND: tl.constexpr):
+    """Store fp32 ``values`` rounded to nearest even in the output dtype. The interpreter truncates
+    fp32 -> bf16, so there ``out_ptr`` is an int16 view and the rounding is done on the bits."""
+    if ROUND_BF16_BY_HAND:
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(out_ptr + idx, (bits >> 16).to(tl.int16), mask=ok)
+    else:
+        tl.store(out_ptr + idx, values.to(out_ptr.dtype.element_ty), mask=ok)

@@ -15,6 +15,7 @@ import triton.language as tl
 from qft import formats
 
 from . import interpreting
+from .decode import load_scales, store_rounded
 
 BYTES_PER_PROGRAM = 1024  # 2048 outputs per program
 
@@ -41,22 +42,13 @@ def _dequantize_4bit_kernel(
     in_range = j < n_packed
     byte = tl.load(packed_ptr + j, mask=in_range, other=0).to(tl.int32)
     block = (2 * j) // BLOCK_SIZE  # both nibbles of a byte share a block (BLOCK_SIZE is even)
-    if NESTED:
-        q8 = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCK_SIZE, mask=in_range, other=0.0)
-        absmax = tl.load(dynamic_map_ptr + q8) * scale2 + tl.load(offset_ptr)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+    absmax = load_scales(absmax_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, block, in_range, NESTED,
+                         NESTED_BLOCK_SIZE)  # fmt: skip
     high = tl.load(code_ptr + (byte >> 4)) * absmax
     low = tl.load(code_ptr + (byte & 0xF)) * absmax
     values = tl.interleave(high, low)
     index = 2 * pid * BYTES + tl.arange(0, 2 * BYTES)
-    if ROUND_BF16_BY_HAND:
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round to nearest even on the dropped half
-        tl.store(out_ptr + index, (bits >> 16).to(tl.int16), mask=index < numel)
-    else:
-        tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < numel)
+    store_rounded(out_ptr, index, values, index < numel, ROUND_BF16_BY_HAND)
 
 
 def dequantize_4bit(

@@ -13,7 +13,7 @@ import triton.language as tl
 from qft import formats
 
 from . import interpreting
-from .decode import decode_values
+from .decode import decode_values, store_rounded
 
 VALUES_PER_PROGRAM = 2048
 
@@ -41,12 +41,7 @@ def _dequantize_lowbit_kernel(
     ok = idx < numel
     values = decode_values(packed_ptr, scale_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, code_ptr, zero_ptr,
                            idx, ok, BITS, AFFINE, BLOCK_SIZE, NESTED, NESTED_BLOCK_SIZE)  # fmt: skip
-    if ROUND_BF16_BY_HAND:
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(out_ptr + idx, (bits >> 16).to(tl.int16), mask=ok)
-    else:
-        tl.store(out_ptr + idx, values.to(out_ptr.dtype.element_ty), mask=ok)
+    store_rounded(out_ptr, idx, values, ok, ROUND_BF16_BY_HAND)
 
 
 def dequantize_lowbit(
