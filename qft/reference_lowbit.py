@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from qft import formats
-from qft.reference import _blocks, blockwise_absmax
+from qft.reference import _blocks
 
 # HQQ's half-quadratic solver settings (Badri & Shaji 2023, "Half-Quadratic Quantization of Large
 # Machine Learning Models"): lp-norm p, initial penalty beta growing by kappa, fixed iterations.
@@ -58,20 +58,32 @@ def _encode_codebook(scaled: torch.Tensor, fmt: str) -> torch.Tensor:
 def quantize_codebook(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """lloyd3/lloyd2: ``(codes uint8 [n], scale fp32 [blocks])``, each block's scale searched."""
     x = _blocks(w.reshape(-1).float(), block_size)
-    absmax = blockwise_absmax(w, block_size).clamp(min=formats.ABSMAX_FLOOR)
-    table = formats.code(fmt, w.device)
+    scale = search_codebook_scale(x, fmt)
+    return codebook_codes(x, scale, fmt, w.numel()), scale
+
+
+def search_codebook_scale(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per block of ``x`` [blocks, size] (zero-padded), the ``absmax * f``, f in ``SCALE_SEARCH``, with
+    the least squared error (summed in fp64; the first f wins ties)."""
+    absmax = x.abs().amax(1).clamp(min=formats.ABSMAX_FLOOR)
+    table = formats.code(fmt, x.device)
     best_err = best_scale = None
     for f in formats.SCALE_SEARCH:
         scale = absmax * f
         q = _encode_codebook((x / scale.unsqueeze(1)).clamp(-1, 1), fmt)
-        err = ((table[q] * scale.unsqueeze(1) - x) ** 2).sum(1)
+        err = ((table[q] * scale.unsqueeze(1) - x).double() ** 2).sum(1)
         if best_err is None:
             best_err, best_scale = err, scale
         else:
             better = err < best_err
             best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
-    codes = _encode_codebook((x / best_scale.unsqueeze(1)).clamp(-1, 1), fmt)
-    return codes.reshape(-1)[: w.numel()].to(torch.uint8), best_scale
+    return best_scale
+
+
+def codebook_codes(x: torch.Tensor, scale: torch.Tensor, fmt: str, numel: int) -> torch.Tensor:
+    """Codes of ``x`` [blocks, size] under per-block ``scale``: flat uint8, first ``numel``."""
+    codes = _encode_codebook((x / scale.unsqueeze(1)).clamp(-1, 1), fmt)
+    return codes.reshape(-1)[:numel].to(torch.uint8)
 
 
 def _affine_codes(x, scale, zero, max_code):
@@ -95,29 +107,46 @@ def quantize_affine(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     max_code = formats.get_format(fmt).max_code
+    x, valid = affine_blocks(w, group_size)
+    scale, zero = affine_range(x, valid, max_code, search=method != "rtn")
+    return finish_affine(x, valid, scale, zero, max_code, method, w.numel())
+
+
+def affine_blocks(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [groups, size] fp32 zero-padded, valid mask)``: padding must not set a group's range."""
     n = w.numel()
     x = _blocks(w.reshape(-1).float(), group_size)
-    valid = _blocks(torch.ones(n, device=w.device), group_size) > 0  # padding must not set the range
+    return x, _blocks(torch.ones(n, device=w.device), group_size) > 0
+
+
+def affine_range(x, valid, max_code: int, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per group from min-max, or from the least-error (fp64 sums) shrunken range."""
     lo = torch.where(valid, x, torch.inf).amin(1)
     hi = torch.where(valid, x, -torch.inf).amax(1)
     scale, zero = _affine_from_range(lo, hi, max_code)
-    if method in ("clip", "hqq"):
-        best = None
-        for f in CLIP_GRID:
-            s, z = _affine_from_range(lo * f, hi * f, max_code)
-            q = _affine_codes(x, s.unsqueeze(1), z.unsqueeze(1), max_code)
-            err = (((q - z.unsqueeze(1)) * s.unsqueeze(1) - x) ** 2 * valid).sum(1)
-            if best is None:
-                best, scale, zero = err, s, z
-            else:
-                better = err < best
-                best = torch.where(better, err, best)
-                scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    if not search:
+        return scale, zero
+    best = None
+    for f in CLIP_GRID:
+        s, z = _affine_from_range(lo * f, hi * f, max_code)
+        q = _affine_codes(x, s.unsqueeze(1), z.unsqueeze(1), max_code)
+        err = (((q - z.unsqueeze(1)) * s.unsqueeze(1) - x).double() ** 2 * valid).sum(1)
+        if best is None:
+            best, scale, zero = err, s, z
+        else:
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def finish_affine(x, valid, scale, zero, max_code: int, method: str, numel: int):
+    """HQQ refinement (method "hqq"), the fp16 rounding of the zero, and the codes."""
     if method == "hqq":
         zero = _hqq_refine_zero(x, valid, scale, zero, max_code)
     zero = zero.to(torch.float16).float()  # stored in fp16: quantize against what decodes
     codes = _affine_codes(x, scale.unsqueeze(1), zero.unsqueeze(1), max_code)
-    return codes.reshape(-1)[:n].to(torch.uint8), scale, zero
+    return codes.reshape(-1)[:numel].to(torch.uint8), scale, zero
 
 
 def _hqq_refine_zero(x, valid, scale, zero, max_code):

@@ -267,15 +267,31 @@ def quantize(
 
 
 def _quantize_lowbit(w, spec, block_size: int, method: str):
-    """Codes packed per ``formats``, fp32 scales, fp16 zeros (affine): torch code on every device."""
+    """Codes packed per ``formats``, fp32 scales, fp16 zeros (affine). The scale search runs in
+    Triton off the reference backend; the elementwise rest is torch code on every device."""
     from qft import reference, reference_lowbit
 
+    triton_search = ops.backend_for(w.device) != "reference"
     zero = None
     if spec.affine:
-        codes, scale, zero = reference_lowbit.quantize_affine(w, spec.name, block_size, method)
+        x, valid = reference_lowbit.affine_blocks(w, block_size)
+        if triton_search:
+            from qft.kernels.quantize_lowbit import search_scales
+
+            scale, zero = search_scales(w, spec.name, block_size, method)
+        else:
+            scale, zero = reference_lowbit.affine_range(x, valid, spec.max_code, search=method != "rtn")
+        codes, scale, zero = reference_lowbit.finish_affine(x, valid, scale, zero, spec.max_code, method, w.numel())
         zero = zero.to(torch.float16)
     else:
-        codes, scale = reference_lowbit.quantize_codebook(w, spec.name, block_size)
+        x = reference._blocks(w.reshape(-1).float(), block_size)
+        if triton_search:
+            from qft.kernels.quantize_lowbit import search_scales
+
+            scale, _ = search_scales(w, spec.name, block_size)
+        else:
+            scale = reference_lowbit.search_codebook_scale(x, spec.name)
+        codes = reference_lowbit.codebook_codes(x, scale, spec.name, w.numel())
     packed = reference.pack_4bit(codes, spec.name) if spec.bits == 4 else reference_lowbit.pack(codes, spec.bits)
     return packed, scale, zero
 

@@ -201,3 +201,20 @@ def test_gpu_decode_equals_reference(fmt, dtype, backend):
             want = qt.dequantize(dtype)
         with qft.ops.use_backend(backend):
             assert torch.equal(qt.dequantize(dtype), want), shape
+
+
+@pytest.mark.parametrize("fmt", LOWBIT)
+@pytest.mark.parametrize("method", ["rtn", "clip", "hqq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_quantize_equals_reference(fmt, method, dtype):
+    if method != "hqq" and not fmt.startswith("int"):
+        pytest.skip("methods apply to affine formats")
+    w = (torch.randn(9, 70) * 2).to(dtype)  # 630 values: partial last group
+    w.view(-1)[64:128] = 0  # a constant group
+    want = qft.quantize(w, fmt, 64, method=method)
+    with qft.ops.use_backend("triton"):
+        got = qft.quantize(w, fmt, 64, method=method)
+    assert torch.equal(got.packed, want.packed)
+    assert torch.equal(got.absmax, want.absmax) and torch.equal(got.nested_absmax, want.nested_absmax)
+    if want.zero is not None:
+        assert torch.equal(got.zero, want.zero)
