@@ -71,17 +71,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "quant_gemv",
-      [](uintptr_t x, int dtype, uintptr_t packed, uintptr_t absmax, uintptr_t nested_absmax, uintptr_t offset,
-         uintptr_t dynamic_map, uintptr_t code, int block_size, int nested_block_size, uintptr_t bias,
-         uintptr_t lora_xa, uintptr_t lora_b, float scaling, int rank, uintptr_t y, int rows, int64_t n_out,
-         int64_t k_in, uintptr_t stream) {
-        check(qft::quant_gemv(ptr<const void>(x), static_cast<qft::DType>(dtype), ptr<const uint8_t>(packed),
-                              ptr<const void>(absmax), ptr<const float>(nested_absmax), ptr<const float>(offset),
-                              ptr<const float>(dynamic_map), ptr<const float>(code), block_size, nested_block_size,
-                              ptr<const void>(bias), ptr<const float>(lora_xa), ptr<const float>(lora_b), scaling,
-                              rank, ptr<void>(y), rows, n_out, k_in, ptr<void>(stream)));
+      [](uintptr_t x, int dtype, uintptr_t packed, int bits, uintptr_t zero, uintptr_t absmax,
+         uintptr_t nested_absmax, uintptr_t offset, uintptr_t dynamic_map, uintptr_t code, int block_size,
+         int nested_block_size, uintptr_t bias, uintptr_t lora_xa, uintptr_t lora_b, float scaling, int rank,
+         uintptr_t y, int rows, int64_t n_out, int64_t k_in, uintptr_t stream) {
+        check(qft::quant_gemv(ptr<const void>(x), static_cast<qft::DType>(dtype), ptr<const void>(packed), bits,
+                              ptr<const void>(zero), ptr<const void>(absmax), ptr<const float>(nested_absmax),
+                              ptr<const float>(offset), ptr<const float>(dynamic_map), ptr<const float>(code),
+                              block_size, nested_block_size, ptr<const void>(bias), ptr<const float>(lora_xa),
+                              ptr<const float>(lora_b), scaling, rank, ptr<void>(y), rows, n_out, k_in,
+                              ptr<void>(stream)));
       },
-      py::arg("x"), py::arg("dtype"), py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
+      py::arg("x"), py::arg("dtype"), py::arg("packed"), py::arg("bits"), py::arg("zero"), py::arg("absmax"),
+      py::arg("nested_absmax"),
       py::arg("offset"), py::arg("dynamic_map"), py::arg("code"), py::arg("block_size"),
       py::arg("nested_block_size"), py::arg("bias"), py::arg("lora_xa"), py::arg("lora_b"), py::arg("scaling"),
       py::arg("rank"), py::arg("y"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("stream"),

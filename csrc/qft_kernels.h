@@ -34,12 +34,14 @@ int dequantize_lowbit(const void* packed, int bits, bool affine, const void* sca
 constexpr int kMaxGemvRows = 4;
 
 // y [rows, n_out] = x [rows, k_in] @ W^T (+ bias) (+ scaling * lora_xa [rows, rank] @ lora_b [n_out, rank]^T)
-// with W [n_out, k_in] 4-bit as in dequantize_4bit (decoded values rounded to x's dtype). x, bias and
-// y have `dtype`; lora_xa and lora_b are fp32; bias and lora_xa may be nullptr. rows <= kMaxGemvRows.
-int quant_gemv(const void* x, DType dtype, const uint8_t* packed, const void* absmax, const float* nested_absmax,
-               const float* offset, const float* dynamic_map, const float* code, int block_size,
-               int nested_block_size, const void* bias, const float* lora_xa, const float* lora_b, float scaling,
-               int rank, void* y, int rows, int64_t n_out, int64_t k_in, void* stream);
+// with W [n_out, k_in] in any qft format (`bits` 4/3/2; `zero` fp16 per block for affine formats, else
+// `code` the code book), decoded as dequantize_4bit / dequantize_lowbit do and rounded to x's dtype. x,
+// bias and y have `dtype`; lora_xa and lora_b are fp32; bias and lora_xa may be nullptr.
+// rows <= kMaxGemvRows; block_size % 32 == 0.
+int quant_gemv(const void* x, DType dtype, const void* packed, int bits, const void* zero, const void* absmax,
+               const float* nested_absmax, const float* offset, const float* dynamic_map, const float* code,
+               int block_size, int nested_block_size, const void* bias, const float* lora_xa, const float* lora_b,
+               float scaling, int rank, void* y, int rows, int64_t n_out, int64_t k_in, void* stream);
 
 // Number of visible CUDA devices, 0 when there is no GPU or no usable driver (never throws).
 int device_count();

@@ -81,9 +81,9 @@ def quant_linear(
     if backend == "reference" or x.dtype == torch.float64:
         weight = _decode("reference", *parts, zero, block_size, fmt, (out_features, k), x.dtype, nested_block_size)
         return reference.quant_linear(x, weight, bias, lora_xa, lora_B, scaling)
-    # The CUDA GEMV decodes nf4/fp4 only so far; the fused Triton kernel decodes every format.
-    if _is_4bit_codebook(fmt) and backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
-        return _gemv_cuda(x, *parts, block_size, fmt, out_features, nested_block_size, bias, lora_xa, lora_B, scaling)
+    if backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
+        return _gemv_cuda(x, *parts, zero, block_size, fmt, out_features, nested_block_size, bias, lora_xa, lora_B,
+                          scaling)  # fmt: skip
     if m <= thresholds.fused_max_m(x.device):
         from qft.kernels.quant_matmul import quant_matmul as fused
 
@@ -101,7 +101,8 @@ def quant_linear(
     return torch.addmm(epilogue, x, weight.t())
 
 
-def _gemv_cuda(x, packed, absmax, nested_absmax, offset, block_size, fmt, n, nested_block_size, bias, xa, lora_b, s):
+def _gemv_cuda(x, packed, absmax, nested_absmax, offset, zero, block_size, fmt, n, nested_block_size, bias, xa, lora_b,
+               s):  # fmt: skip
     ext = extension().module
     m, k = x.shape
     if m > ext.max_gemv_rows:

@@ -12,7 +12,7 @@ import torch
 # Largest M (rows of x) that runs the fused decode-in-matmul Triton kernel; above it the weight is
 # dequantized into a scratch buffer and multiplied by cuBLAS. Keyed by compute capability.
 FUSED_MAX_M: dict[str, int] = {"default": 16}
-# Largest M that runs the CUDA decode GEMV (qft._C.quant_gemv, at most qft._C.max_gemv_rows).
+# Largest M that runs the CUDA decode GEMV (qft._C.quant_gemv, every format; at most qft._C.max_gemv_rows).
 GEMV_MAX_M: dict[str, int] = {"default": 4}
 
 
