@@ -83,26 +83,36 @@ def from_gptq(
     group_size: int,
     g_idx: torch.Tensor | None = None,
     zero_offset: int = 1,
-) -> QuantizedTensor:
+) -> tuple[QuantizedTensor, torch.Tensor | None]:
     """GPTQ tensors (``qweight`` int32 [in*bits/32, out], ``qzeros`` int32 [groups, out*bits/32],
-    ``scales`` fp16 [groups, out]) as a qft int4/3/2 weight [out, in].
+    ``scales`` fp16 [groups, out]) as a qft int4/3/2 weight: ``(qt [out, in], input_perm)``.
 
     ``zero_offset``: GPTQ's original checkpoints store zero - 1 (decode adds 1); ``gptq_v2`` ones
-    store the zero itself (pass 0). ``g_idx`` must be the plain ``k // group_size`` order: act-order
-    checkpoints permute the input channels, which qft's layers do not support yet.
+    store the zero itself (pass 0). With an act-order ``g_idx`` (input channels of one group spread
+    over the row) the stored columns are sorted by group and ``input_perm`` (their original indices)
+    is returned: build the layer with ``QuantLinear(qt, bias, input_perm=input_perm)``. Otherwise
+    ``input_perm`` is None.
     """
     fmt = _check_affine(bits, group_size)
     groups, out_features = scales.shape
     in_features = groups * group_size
-    if g_idx is not None:
-        plain = torch.arange(in_features, device=g_idx.device) // group_size
-        if g_idx.numel() != in_features or not torch.equal(g_idx.to(plain.dtype), plain):
-            raise ValueError("act-order g_idx (permuted input channels) is not supported yet")
     codes = unpack_gptq_columns(qweight, bits, in_features)  # [in, out]
+    perm = None
+    if g_idx is not None:
+        if g_idx.numel() != in_features:
+            raise ValueError(f"g_idx must have {in_features} entries, got {g_idx.numel()}")
+        g_idx = g_idx.to(torch.int64)
+        if not torch.equal(g_idx, torch.arange(in_features, device=g_idx.device) // group_size):
+            perm = torch.argsort(g_idx, stable=True)
+            counts = torch.bincount(g_idx, minlength=groups)
+            if counts.numel() != groups or not bool((counts == group_size).all()):
+                raise ValueError(f"every group of g_idx must hold {group_size} input channels")
+            codes = codes.index_select(0, perm)  # columns sorted by group: groups become contiguous
     zeros = unpack_gptq_columns(qzeros.t().contiguous(), bits, out_features).t() + zero_offset  # [groups, out]
     # qft groups run along each output row: group (n, k // group_size) -> n * groups + k // group_size.
-    return QuantizedTensor(
+    qt = QuantizedTensor(
         packed=_pack(codes.t().contiguous(), bits, fmt), absmax=scales.t().float().reshape(-1),
         nested_absmax=None, offset=None, shape=torch.Size((out_features, in_features)), dtype=scales.dtype,
         format=fmt, block_size=group_size, zero=zeros.t().to(torch.float16).reshape(-1),
     )  # fmt: skip
+    return qt, perm

@@ -35,18 +35,46 @@ def test_gptq_import_decodes_gptq_formula(bits, group_size):
     qweight = _pack_gptq_rows(q, bits)
     qzeros = _pack_gptq_rows(zeros_minus_one.t().contiguous(), bits).t().contiguous()
     g_idx = torch.arange(k) // group_size
-    qt = importers.from_gptq(qweight, qzeros, scales, bits, group_size, g_idx)
-    assert qt.shape == (n, k) and qt.format == f"int{bits}"
+    qt, perm = importers.from_gptq(qweight, qzeros, scales, bits, group_size, g_idx)
+    assert perm is None and qt.shape == (n, k) and qt.format == f"int{bits}"
     g = torch.arange(k) // group_size
     want = ((q - (zeros_minus_one[g] + 1)) * scales[g].float()).t().half()  # W[n, k]
     assert torch.equal(qt.dequantize(torch.float16), want)
 
 
-def test_gptq_act_order_is_refused():
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_act_order_import_computes_the_gptq_layer(bits):
+    import qft
+
+    torch.manual_seed(0)
+    k, n, group_size = 128, 64, 32
+    groups = k // group_size
+    g_idx = torch.randperm(k) // group_size  # act-order: each group's channels spread over the row
+    q = torch.randint(0, 2**bits, (k, n))
+    zeros_minus_one = torch.randint(0, 2**bits - 1, (groups, n))
+    scales = (torch.rand(groups, n) * 0.1 + 0.01).half()
+    qzeros = _pack_gptq_rows(zeros_minus_one.t().contiguous(), bits).t().contiguous()
+    qt, perm = importers.from_gptq(_pack_gptq_rows(q, bits), qzeros, scales, bits, group_size, g_idx)
+    assert perm is not None
+    want = ((q - (zeros_minus_one[g_idx] + 1)) * scales[g_idx].float()).t()  # W[n, k], GPTQ's formula, fp32
+    layer = qft.nn.QuantLinear(qt, input_perm=perm)
+    assert torch.equal(layer.dequantize(torch.float16), want.half())
+    x = torch.randn(3, k)
+    torch.testing.assert_close(layer(x), x @ want.t(), rtol=1e-5, atol=1e-4)
+    qft_model = torch.nn.Sequential(layer)
+    qft.add_adapters(qft_model, qft.LoRAConfig(r=4, target_modules=("0",)))
+    torch.nn.init.normal_(qft_model[0].lora_B.weight)
+    a, b = qft_model[0].lora_A.weight, qft_model[0].lora_B.weight
+    want_y = x @ want.t() + qft_model[0].scaling * (x @ a.t()) @ b.t()
+    torch.testing.assert_close(qft_model(x), want_y, rtol=1e-5, atol=1e-4)
+
+
+def test_gptq_g_idx_with_uneven_groups_is_refused():
     qweight = _pack_gptq_rows(torch.zeros(64, 32, dtype=torch.int64), 4)
     qzeros = torch.zeros(2, 4, dtype=torch.int32)
-    g_idx = torch.arange(64).flip(0) // 32
-    with pytest.raises(ValueError, match="act-order"):
+    g_idx = torch.zeros(64, dtype=torch.int64)
+    g_idx[0] = 1
+    with pytest.raises(ValueError, match="must hold 32 input channels"):
         importers.from_gptq(qweight, qzeros, torch.ones(2, 32).half(), 4, 32, g_idx)
 
 

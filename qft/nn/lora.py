@@ -65,8 +65,11 @@ class LoRALinear(nn.Module):
         dropout = self.config.dropout if self.training else 0.0
         base = self.base_layer
         if isinstance(base, QuantLinear):
+            lora_a = self.lora_A.weight
+            if base.input_perm is not None:  # x @ A^T == x[:, perm] @ A[:, perm]^T
+                lora_a = lora_a.index_select(1, base.input_perm)
             return functional.lora_linear(
-                x, base.quantized, self.lora_A.weight, self.lora_B.weight, self.scaling, base.bias, dropout
+                base.permute_input(x), base.quantized, lora_a, self.lora_B.weight, self.scaling, base.bias, dropout
             )
         y = base(x)
         x_lora = nn.functional.dropout(x, dropout, self.training).to(self.lora_A.weight.dtype)
@@ -98,6 +101,8 @@ class LoRALinear(nn.Module):
                 stacklevel=3,
             )
             qt = base.quantized
+            if base.input_perm is not None:  # the stored weight's columns are in input_perm order
+                delta = delta.index_select(1, base.input_perm)
             new = quantize(qt.dequantize(torch.float32) + delta, qt.format, qt.block_size, qt.double_quant)
             base._set_quantized(dataclasses.replace(new, dtype=qt.dtype))  # keep the original dtype tag
         else:

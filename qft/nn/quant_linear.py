@@ -32,7 +32,11 @@ class QuantLinear(nn.Module):
     module's dtype casts the bias only, never the codes or scales.
     """
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, qt: QuantizedTensor, bias: torch.Tensor | None = None, input_perm: torch.Tensor | None = None
+    ) -> None:
+        """``qt`` holds the weight [out, in]; with ``input_perm`` (an act-order GPTQ import) it holds
+        the weight's columns in that order, and inputs are gathered by it before the matmul."""
         super().__init__()
         if not isinstance(qt, QuantizedTensor) or len(qt.shape) != 2:
             raise ValueError(f"qt must be a QuantizedTensor of a 2-D [out, in] weight, got {qt!r}")
@@ -41,6 +45,12 @@ class QuantLinear(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self._set_quantized(qt)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(qt.device), requires_grad=False)
+        if input_perm is not None:
+            perm = torch.as_tensor(input_perm, dtype=torch.int64, device=qt.device)
+            if not torch.equal(perm.sort().values, torch.arange(self.in_features, device=qt.device)):
+                raise ValueError(f"input_perm must be a permutation of range({self.in_features})")
+            input_perm = perm
+        self.register_buffer("input_perm", input_perm)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig | None = None) -> QuantLinear:
@@ -69,11 +79,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [..., out]`` in x's dtype; see ``qft.functional.quant_linear``."""
-        return functional.quant_linear(x, self.quantized, self.bias)
+        return functional.quant_linear(self.permute_input(x), self.quantized, self.bias)
+
+    def permute_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its features in the stored weight's column order (identity without a perm)."""
+        return x if self.input_perm is None else x.index_select(-1, self.input_perm)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense ``[out, in]`` weight (default: the dtype it was quantized from)."""
-        return self.quantized.dequantize(dtype)
+        """The dense ``[out, in]`` weight in its original column order (default dtype: the original)."""
+        weight = self.quantized.dequantize(dtype)
+        if self.input_perm is None:
+            return weight
+        return weight.index_select(1, torch.argsort(self.input_perm))
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.weight_nested_absmax is not None else ""
