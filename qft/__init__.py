@@ -9,6 +9,7 @@ model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``, ``save_adapters
 from qft import formats, functional, nn, ops
 from qft.nn import (
     LoRAConfig,
+    OFTConfig,
     QuantConfig,
     add_adapters,
     load_adapters,
@@ -22,6 +23,7 @@ from qft.tensor import QuantizedTensor, dequantize, quantize
 __version__ = "0.1.0"
 __all__ = [
     "LoRAConfig",
+    "OFTConfig",
     "QuantConfig",
     "QuantizedTensor",
     "__version__",

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from qft import ops
+from qft import ops, reference_oft
 from qft.tensor import QuantizedTensor
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -174,3 +174,78 @@ def lora_linear(
     lead = x.shape[:-1]
     y = _LoRALinear.apply(x.reshape(-1, in_features), lora_A, lora_B, bias, qt, float(scaling), float(dropout))
     return y.view(*lead, out_features)
+
+
+class _OFTLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, rot, bias, qt):
+        rotated = ops.oft_rotate(x2d, rot, False)
+        out_features, _ = qt.shape
+        y = ops.quant_linear(rotated, *_weight_args(qt), out_features, qt.nested_block_size, bias, None, None, 0.0)
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, rot)
+        ctx.qt = qt
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2d, rot = ctx.saved_tensors
+        qt = ctx.qt
+        needs_x, needs_rot, needs_bias = ctx.needs_input_grad[:3]
+        grad_x = grad_rot = grad_bias = None
+        if needs_x or needs_rot:
+            grad_rotated = ops.quant_linear_grad_input(
+                grad, *_weight_args(qt), qt.shape[1], qt.nested_block_size, None, None, None, 1.0
+            )  # fmt: skip
+            if needs_x:
+                grad_x = ops.oft_rotate(grad_rotated, rot, True)
+            if needs_rot:
+                grad_rot = reference_oft.rotation_grad(x2d, grad_rotated, rot.shape[0], rot.shape[1]).to(rot.dtype)
+        if needs_bias:
+            grad_bias = grad.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_rot, grad_bias, None
+
+
+def oft_linear(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    oft_weight: torch.Tensor,
+    block_size: int,
+    bias: torch.Tensor | None = None,
+    cayley_neumann_terms: int = 5,
+    use_cayley_neumann: bool = True,
+) -> torch.Tensor:
+    """QOFT linear: ``rotate(x) @ W^T + bias``, x rotated per block by R (PEFT >= 0.18's OFT).
+
+    Args:
+        x: ``[..., in]`` fp32/fp16/bf16; the output follows its dtype.
+        qt: frozen quantized weight ``[out, in]``.
+        oft_weight: ``[in / block_size, b(b-1)/2]`` skew parameters (strict upper triangles), or
+            ``[1, b(b-1)/2]`` shared by every block (block_share); fp32 by default.
+        block_size: b; must divide in_features (qft refuses what PEFT would silently adjust).
+        cayley_neumann_terms / use_cayley_neumann: R's parametrization (see ``qft.reference_oft``).
+
+    Returns ``[..., out]``. Saved for backward: x (its own dtype, only if the OFT parameters need a
+    gradient) and R (``[in / b, b, b]``); never an fp32 copy of x or a decoded weight.
+    """
+    _check_x(x, qt)
+    _check_bias(bias, qt)
+    in_features = qt.shape[1]
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+    if in_features % block_size:
+        raise ValueError(f"block_size {block_size} does not divide in_features {in_features}")
+    blocks = in_features // block_size
+    row = block_size * (block_size - 1) // 2
+    if not isinstance(oft_weight, torch.Tensor) or oft_weight.dim() != 2 or oft_weight.shape[1] != row:
+        raise ValueError(f"oft_weight must be [{blocks} or 1, {row}] for block_size {block_size}, "
+                         f"got {tuple(getattr(oft_weight, 'shape', ()))}")  # fmt: skip
+    if oft_weight.shape[0] not in (1, blocks):
+        raise ValueError(f"oft_weight must have {blocks} rows (or 1 when shared), got {oft_weight.shape[0]}")
+    if isinstance(cayley_neumann_terms, bool) or not isinstance(cayley_neumann_terms, int) or cayley_neumann_terms < 1:
+        raise ValueError(f"cayley_neumann_terms must be a positive int, got {cayley_neumann_terms!r}")
+    rot = reference_oft.rotation(oft_weight, block_size, cayley_neumann_terms, use_cayley_neumann)
+    rot = rot.expand(blocks, block_size, block_size)  # block_share: one R for every block
+    lead = x.shape[:-1]
+    y = _OFTLinear.apply(x.reshape(-1, in_features), rot, bias, qt)
+    return y.view(*lead, qt.shape[0])

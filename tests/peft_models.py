@@ -65,3 +65,38 @@ def randomize_lora_B(peft_model, std=0.05):
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, std)
+
+
+def oft_twins(dense: TwoLayer, dtype, block_size, terms=5, neumann=True, share=False, coft=False):
+    """(PEFT OFT over bitsandbytes nf4, qft OFT over the same bytes), with the same random R params."""
+    import bitsandbytes as bnb
+    from peft import OFTConfig, get_peft_model
+
+    model = TwoLayer(dense.fc1.in_features, dense.fc1.out_features, dense.fc2.out_features, dtype)
+    for name in ("fc1", "fc2"):
+        src = getattr(dense, name)
+        layer = bnb.nn.Linear4bit(
+            src.in_features, src.out_features, compute_dtype=dtype, quant_type="nf4", compress_statistics=True
+        )
+        layer.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+        setattr(model, name, layer.to("cpu"))
+    config = OFTConfig(
+        r=0, oft_block_size=block_size, target_modules=["fc1", "fc2"], use_cayley_neumann=neumann,
+        num_cayley_neumann_terms=terms, block_share=share, coft=coft, eps=6e-5,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "oft_R" in name:
+                p.normal_(0, 0.05)
+    base = peft_model.base_model.model
+    ours = TwoLayer(base.fc1.in_features, base.fc1.out_features, base.fc2.out_features, dtype)
+    qft.quantize_(ours)
+    for name in ("fc1", "fc2"):
+        getattr(ours, name).load_state_dict(getattr(base, name).base_layer.state_dict())
+        getattr(ours, name).bias.data = getattr(ours, name).bias.data.to(dtype)
+    qft.add_adapters(ours, qft.OFTConfig(block_size, terms, neumann, share, coft, target_modules=("fc1", "fc2")))
+    with torch.no_grad():
+        for name in ("fc1", "fc2"):
+            getattr(ours, name).oft_R.weight.copy_(getattr(base, name).oft_R["default"].weight)
+    return peft_model, ours

@@ -139,7 +139,7 @@ def test_add_adapters_errors_leave_model_unchanged():
         qft.add_adapters(model, qft.LoRAConfig(target_modules=("0", "1")))
     assert type(model[0]) is nn.Linear and all(p.requires_grad for p in model.parameters())
     qft.add_adapters(model, qft.LoRAConfig(target_modules=("0",)))
-    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+    with pytest.raises(ValueError, match="already has an adapter"):
         qft.add_adapters(model, qft.LoRAConfig(target_modules=("0",)))
 
 

@@ -3,18 +3,22 @@
 from qft.nn.adapters_io import load_adapters, save_adapters
 from qft.nn.config import LoRAConfig, QuantConfig
 from qft.nn.lora import LoRALinear
-from qft.nn.model import add_adapters, lora_layers, merge_adapters, quantize_, unmerge_adapters
+from qft.nn.model import add_adapters, lora_layers, merge_adapters, oft_layers, quantize_, unmerge_adapters
+from qft.nn.oft import OFTConfig, OFTLinear
 from qft.nn.quant_linear import QuantLinear
 
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "OFTConfig",
+    "OFTLinear",
     "QuantConfig",
     "QuantLinear",
     "add_adapters",
     "load_adapters",
     "lora_layers",
     "merge_adapters",
+    "oft_layers",
     "quantize_",
     "save_adapters",
     "unmerge_adapters",

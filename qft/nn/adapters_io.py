@@ -1,8 +1,9 @@
-"""Saving and loading LoRA adapters in PEFT's on-disk format.
+"""Saving and loading LoRA and OFT adapters in PEFT's on-disk format.
 
 A folder with ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` /
-``lora_B.weight``) and ``adapter_config.json`` (a PEFT ``LoraConfig``), so
-``PeftModel.from_pretrained`` reads what qft saves, and qft reads what PEFT saves.
+``lora_B.weight``, or ``<module>.oft_R.weight``) and ``adapter_config.json`` (a PEFT ``LoraConfig``
+or ``OFTConfig``), so ``PeftModel.from_pretrained`` reads what qft saves, and qft reads what PEFT
+saves.
 """
 
 from __future__ import annotations
@@ -16,49 +17,80 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qft.nn.config import LoRAConfig
-from qft.nn.model import add_adapters, lora_layers
+from qft.nn.model import add_adapters, lora_layers, oft_layers
+from qft.nn.oft import OFTConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 # PEFT's in-memory keys carry the adapter name (lora_A.default.weight); saved files drop it.
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_[AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_[AB]|oft_R)(?:\.[^.]+)?\.weight$")
 
 
-def _shared_config(model: nn.Module) -> LoRAConfig:
-    layers = lora_layers(model)
+def _adapter_layers(model: nn.Module) -> tuple[dict, tuple[str, ...]]:
+    """(layers by name, their parameter parts): the model's LoRA or OFT adapters (not both)."""
+    lora, oft = lora_layers(model), oft_layers(model)
+    if lora and oft:
+        raise ValueError("the model mixes LoRA and OFT adapters: PEFT saves one kind per adapter")
+    return (lora, ("lora_A", "lora_B")) if lora else (oft, ("oft_R",))
+
+
+def _shared_config(model: nn.Module):
+    layers, _ = _adapter_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRA adapters (add_adapters first)")
+        raise ValueError("the model has no adapters (add_adapters first)")
     configs = {layer.config for layer in layers.values()}
     if len(configs) != 1:
-        raise ValueError("adapters with different LoRAConfigs cannot be saved as one PEFT adapter")
+        raise ValueError("adapters with different configs cannot be saved as one PEFT adapter")
     return configs.pop()
+
+
+def _peft_config(config) -> dict:
+    common = {"task_type": None, "base_model_name_or_path": None, "inference_mode": True, "bias": "none",
+              "target_modules": list(config.target_modules), "modules_to_save": None}  # fmt: skip
+    if isinstance(config, OFTConfig):
+        return {
+            "peft_type": "OFT", **common, "r": 0, "oft_block_size": config.block_size, "module_dropout": 0.0,
+            "init_weights": True, "coft": config.coft, "eps": config.eps, "block_share": config.block_share,
+            "use_cayley_neumann": config.use_cayley_neumann, "num_cayley_neumann_terms": config.cayley_neumann_terms,
+            "fan_in_fan_out": False,
+        }  # fmt: skip
+    return {
+        "peft_type": "LORA", **common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora, "fan_in_fan_out": False, "init_lora_weights": True,
+    }  # fmt: skip
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's adapters to folder ``path`` in PEFT's format (created if needed)."""
     config = _shared_config(model)
-    tensors = {}
-    for name, layer in lora_layers(model).items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
-    peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-        "target_modules": list(config.target_modules), "use_rslora": config.use_rslora, "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
-    }  # fmt: skip
+    layers, parts = _adapter_layers(model)
+    tensors = {
+        f"{_PREFIX}{name}.{part}.weight": getattr(layer, part).weight.detach().cpu().contiguous()
+        for name, layer in layers.items()
+        for part in parts
+    }
+    peft_config = _peft_config(config)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME))
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(peft_config, f, indent=2)
 
 
-def _read_config(path) -> LoRAConfig:
+def _read_config(path) -> LoRAConfig | OFTConfig:
     with open(os.path.join(path, CONFIG_NAME)) as f:
         raw = json.load(f)
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path} holds a {raw.get('peft_type')} adapter, not LoRA")
+    kind = raw.get("peft_type", "LORA")
+    if kind == "OFT":
+        if not raw.get("oft_block_size"):
+            raise ValueError(f"{path}: OFT adapters given by r instead of oft_block_size are not supported")
+        return OFTConfig(
+            block_size=raw["oft_block_size"], cayley_neumann_terms=raw.get("num_cayley_neumann_terms", 5),
+            use_cayley_neumann=raw.get("use_cayley_neumann", True), block_share=raw.get("block_share", False),
+            coft=raw.get("coft", False), eps=raw.get("eps", 6e-5), target_modules=tuple(raw["target_modules"]),
+        )  # fmt: skip
+    if kind != "LORA":
+        raise ValueError(f"{path} holds a {kind} adapter; qft reads LoRA and OFT")
     return LoRAConfig(
         r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=raw.get("lora_dropout", 0.0),
         target_modules=tuple(raw["target_modules"]), use_rslora=raw.get("use_rslora", False),
@@ -72,7 +104,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     and shape is checked before anything is copied: an adapter for another model raises ValueError
     and leaves the model unchanged.
     """
-    if not lora_layers(model):
+    if not lora_layers(model) and not oft_layers(model):
         add_adapters(model, _read_config(path))
     weights_file = path if os.path.isfile(path) else os.path.join(path, WEIGHTS_NAME)
     loaded = {}
@@ -81,8 +113,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if match is None:
             raise ValueError(f"{weights_file}: {key!r} is not a LoRA weight key")
         loaded[(match["module"], match["part"])] = tensor
-    layers = lora_layers(model)
-    expected = {(name, part) for name in layers for part in ("lora_A", "lora_B")}
+    layers, parts = _adapter_layers(model)
+    expected = {(name, part) for name in layers for part in parts}
     missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"adapter does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")

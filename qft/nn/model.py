@@ -12,13 +12,16 @@ from torch import nn
 
 from qft.nn.config import LoRAConfig, QuantConfig
 from qft.nn.lora import LoRALinear
+from qft.nn.oft import OFTConfig, OFTLinear
 from qft.nn.quant_linear import QuantLinear
+
+ADAPTER_LAYERS = (LoRALinear, OFTLinear)
 
 
 def _is_adapter_part(model: nn.Module, name: str) -> bool:
-    """True for modules inside a LoRALinear's adapters (lora_A / lora_B), which are never targets."""
+    """True for modules inside an adapter layer (lora_A / lora_B / oft_R), which are never targets."""
     parent, _, leaf = name.rpartition(".")
-    return leaf in ("lora_A", "lora_B") and isinstance(model.get_submodule(parent), LoRALinear)
+    return leaf in ("lora_A", "lora_B", "oft_R") and isinstance(model.get_submodule(parent), ADAPTER_LAYERS)
 
 
 def _swap(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
@@ -58,53 +61,68 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_adapters(model: nn.Module, config: LoRAConfig, quant_config: QuantConfig | None = None) -> nn.Module:
-    """Wrap each target Linear/QuantLinear of ``model`` in a LoRALinear, in place; returns ``model``.
+def oft_layers(model: nn.Module) -> dict[str, OFTLinear]:
+    """The model's OFTLinear layers by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, OFTLinear)}
+
+
+def add_adapters(
+    model: nn.Module, config: LoRAConfig | OFTConfig, quant_config: QuantConfig | None = None
+) -> nn.Module:
+    """Wrap each target Linear/QuantLinear of ``model`` in a LoRALinear (LoRAConfig) or an OFTLinear
+    (OFTConfig), in place; returns ``model``.
 
     Targets follow PEFT: a module whose name equals, or ends in ``"." + t`` for, some ``t`` in
     ``config.target_modules``. Afterwards only adapter parameters require grad (PEFT's freezing).
     With ``config.init == "loftq"`` the targets must still be full-precision ``nn.Linear``: each is
     quantized with ``quant_config`` and gets LoftQ-initialised adapters.
     """
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    if config.init == "loftq" and not isinstance(quant_config, QuantConfig):
+    if not isinstance(config, (LoRAConfig, OFTConfig)):
+        raise TypeError(f"config must be a LoRAConfig or OFTConfig, got {type(config).__name__}")
+    loftq = isinstance(config, LoRAConfig) and config.init == "loftq"
+    if loftq and not isinstance(quant_config, QuantConfig):
         raise ValueError("init='loftq' quantizes the targets itself: pass quant_config=QuantConfig(...)")
     targets = {}
     for name, module in model.named_modules():
         if not name or not config.matches(name) or _is_adapter_part(model, name):
             continue
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"{name} already has a LoRA adapter")
+        if isinstance(module, ADAPTER_LAYERS):
+            raise ValueError(f"{name} already has an adapter")
         if not isinstance(module, (QuantLinear, nn.Linear)):
             raise TypeError(f"target {name} is a {type(module).__name__}, not a Linear or QuantLinear")
-        if config.init == "loftq" and type(module) is not nn.Linear:
+        if loftq and type(module) is not nn.Linear:
             raise ValueError(f"init='loftq' needs the full-precision weight, but {name} is already quantized")
         targets[name] = module
     if not targets:
         raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
-    if config.init == "loftq":
+    if loftq:
         replacements = {name: LoRALinear.with_loftq(module, config, quant_config) for name, module in targets.items()}
+    elif isinstance(config, OFTConfig):
+        replacements = {name: OFTLinear(module, config) for name, module in targets.items()}
     else:
         replacements = {name: LoRALinear(module, config) for name, module in targets.items()}
     _swap(model, replacements)
     for param in model.parameters():
         param.requires_grad = False
     for layer in replacements.values():
-        layer.lora_A.weight.requires_grad = True
-        layer.lora_B.weight.requires_grad = True
+        for name, param in layer.named_parameters():
+            param.requires_grad = name.startswith(("lora_A.", "lora_B.", "oft_R."))
     return model
 
 
+def _adapter_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, ADAPTER_LAYERS)]
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (4-bit bases are re-quantized); returns ``model``."""
-    for layer in lora_layers(model).values():
+    """Fold every adapter into its base weight (quantized bases are re-quantized); returns ``model``."""
+    for layer in _adapter_layers(model):
         layer.merge()
     return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Undo ``merge_adapters``; returns ``model``."""
-    for layer in lora_layers(model).values():
+    for layer in _adapter_layers(model):
         layer.unmerge()
     return model

@@ -1,0 +1,139 @@
+"""OFTLinear: a frozen base layer (QuantLinear or nn.Linear) whose input is rotated by a trainable
+block-diagonal orthogonal matrix, PEFT's OFT (>= 0.18, input-centric, Cayley-Neumann)."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qft import functional, reference_oft
+from qft.nn.quant_linear import QuantLinear
+from qft.tensor import quantize
+
+
+@dataclass(frozen=True)
+class OFTConfig:
+    """OFT adapters as PEFT defines them (``oft_R.weight`` [in/b, b(b-1)/2], zero init = identity).
+
+    Attributes:
+        block_size: b; must divide every target's in_features (PEFT would silently pick another b;
+            qft refuses, naming the layer). cayley_neumann_terms / use_cayley_neumann: R's
+            parametrization. block_share: one R for all blocks. coft / eps: project each block's Q onto
+            the ball of radius eps / sqrt(r) before every forward. target_modules: PEFT's name matching.
+    """
+
+    block_size: int = 32
+    cayley_neumann_terms: int = 5
+    use_cayley_neumann: bool = True
+    block_share: bool = False
+    coft: bool = False
+    eps: float = 6e-5
+    target_modules: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"block_size must be an int >= 2, got {self.block_size!r}")
+        n = self.cayley_neumann_terms
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"cayley_neumann_terms must be a positive int, got {n!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or self.eps <= 0:
+            raise ValueError(f"eps must be a positive number, got {self.eps!r}")
+        targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must name at least one module, got {self.target_modules!r}")
+        object.__setattr__(self, "target_modules", targets)
+
+    def matches(self, name: str) -> bool:
+        """True when module ``name`` is one of the targets (PEFT's suffix rule)."""
+        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+
+
+class _Rotation(nn.Module):
+    """Holds ``weight`` so the state-dict key is PEFT's ``oft_R.weight``."""
+
+    def __init__(self, rows: int, block_size: int, device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, block_size * (block_size - 1) // 2, device=device))
+
+
+class OFTLinear(nn.Module):
+    """``base_layer(rotate(x))`` with R block-diagonal and orthogonal; a fresh adapter is the identity."""
+
+    def __init__(self, base_layer: nn.Module, config: OFTConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (QuantLinear, nn.Linear)):
+            raise TypeError(f"base_layer must be a QuantLinear or nn.Linear, got {type(base_layer).__name__}")
+        if base_layer.in_features % config.block_size:
+            raise ValueError(
+                f"OFT block_size {config.block_size} does not divide in_features {base_layer.in_features} "
+                "(PEFT would silently change it; qft refuses: pick a divisor)"
+            )
+        self.base_layer = base_layer
+        self.config = config
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.blocks = self.in_features // config.block_size
+        device = base_layer.weight_packed.device if isinstance(base_layer, QuantLinear) else base_layer.weight.device
+        self.oft_R = _Rotation(1 if config.block_share else self.blocks, config.block_size, device)
+        self.merged = False
+
+    def rotation(self) -> torch.Tensor:
+        """R for every block ``[in/b, b, b]`` (fp32, differentiable)."""
+        c = self.config
+        rot = reference_oft.rotation(self.oft_R.weight, c.block_size, c.cayley_neumann_terms, c.use_cayley_neumann)
+        return rot.expand(self.blocks, c.block_size, c.block_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in] -> [..., out]`` in x's dtype."""
+        if self.merged:
+            return self.base_layer(x)
+        c = self.config
+        if c.coft:
+            with torch.no_grad():
+                self.oft_R.weight.copy_(reference_oft.coft_project(self.oft_R.weight, c.block_size, c.eps))
+        base = self.base_layer
+        if isinstance(base, QuantLinear):
+            if base.input_perm is not None:
+                raise ValueError("OFT over an act-order (input-permuted) layer is not supported")
+            return functional.oft_linear(
+                x, base.quantized, self.oft_R.weight, c.block_size, base.bias, c.cayley_neumann_terms,
+                c.use_cayley_neumann,
+            )  # fmt: skip
+        rotated = reference_oft.rotate(x.reshape(-1, self.in_features), self.rotation()).view(x.shape)
+        return base(rotated)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold R into the base weight, W' = W R_bd^T (a 4-bit base is re-quantized: lossy)."""
+        if self.merged:
+            return
+        rot = torch.block_diag(*self.rotation())
+        self._set_base_weight(lambda w: w @ rot.t())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` with R's inverse (R^T for an orthogonal R)."""
+        if not self.merged:
+            return
+        rot = torch.block_diag(*self.rotation())
+        self._set_base_weight(lambda w: w @ torch.linalg.inv(rot.t()))
+        self.merged = False
+
+    def _set_base_weight(self, transform) -> None:
+        base = self.base_layer
+        if isinstance(base, QuantLinear):
+            warnings.warn("merging into a quantized weight re-quantizes it", UserWarning, stacklevel=3)
+            qt = base.quantized
+            new = quantize(transform(qt.dequantize(torch.float32)), qt.format, qt.block_size, qt.double_quant)
+            base._set_quantized(dataclasses.replace(new, dtype=qt.dtype))
+        else:
+            base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"block_size={c.block_size}, blocks={self.blocks}, n={c.cayley_neumann_terms}, merged={self.merged}"

@@ -1,0 +1,135 @@
+"""QOFT: PEFT-exact OFT over quantized bases (against PEFT OFT over bitsandbytes Linear4bit, CPU)."""
+
+import pytest
+import torch
+from peft_models import TwoLayer, oft_twins
+
+import qft
+from qft import functional as F
+from qft import ops, reference_oft
+
+CASES = [  # (block_size, Cayley-Neumann terms, use Neumann, block_share, coft)
+    (8, 5, True, False, False), (16, 1, True, False, False), (32, 2, True, False, False),
+    (32, 3, True, False, False), (32, 4, True, False, False), (64, 8, True, False, False),
+    (16, 5, False, False, False), (16, 5, True, True, False), (16, 5, True, False, True),
+]  # fmt: skip
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_grads_equal_peft_oft_over_bitsandbytes(dtype, case):
+    peft_model, ours = oft_twins(TwoLayer(dtype=dtype), dtype, *case)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_peft, y_ours = peft_model(x_peft), ours(x_ours)
+    # Same rotated input, same decoded weight: one bf16 ulp at most (here: equal).
+    assert _rel(y_ours, y_peft) <= (2**-8 if dtype == torch.bfloat16 else 1e-6)
+    grad = torch.randn_like(y_peft)
+    y_peft.backward(grad)
+    y_ours.backward(grad)
+    assert _rel(x_ours.grad, x_peft.grad) <= (2**-8 if dtype == torch.bfloat16 else 1e-6)
+    base = peft_model.base_model.model
+    for name in ("fc1", "fc2"):
+        theirs, mine = getattr(base, name).oft_R["default"].weight.grad, getattr(ours, name).oft_R.weight.grad
+        if theirs is None:  # n = 1: R = I does not depend on the parameters
+            assert mine is None
+            continue
+        assert mine.dtype == torch.float32 and _rel(mine, theirs) <= 1e-4
+
+
+def test_adapters_move_between_qft_and_peft(tmp_path):
+    from peft import PeftModel
+
+    peft_model, ours = oft_twins(TwoLayer(), torch.float32, 16)
+    x = torch.randn(4, 64)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    _, fresh = oft_twins(TwoLayer(), torch.float32, 16)
+    for layer in qft.nn.oft_layers(fresh).values():
+        torch.nn.init.zeros_(layer.oft_R.weight)
+    fresh_base = TwoLayer()
+    qft.quantize_(fresh_base)
+    for name in ("fc1", "fc2"):
+        getattr(fresh_base, name).load_state_dict(getattr(ours, name).base_layer.state_dict())
+    qft.load_adapters(fresh_base, tmp_path / "from_peft")  # builds OFT layers from adapter_config.json
+    torch.testing.assert_close(fresh_base(x), ours(x))
+
+    with torch.no_grad():
+        ours.fc2.oft_R.weight.mul_(2)
+    qft.save_adapters(ours, tmp_path / "from_qft")
+    plain = peft_model.base_model.model
+    for name in ("fc1", "fc2"):
+        setattr(plain, name, getattr(plain, name).base_layer)
+    loaded = PeftModel.from_pretrained(plain, tmp_path / "from_qft", is_trainable=True)
+    torch.testing.assert_close(loaded(x), ours(x))
+
+
+def test_gradcheck_float64():
+    qt = qft.quantize(torch.randn(24, 32), "nf4", 32)
+    x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
+    w = (0.1 * torch.randn(4, 28, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: F.oft_linear(x, qt, w, 8), (x, w))
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_triton_rotation_matches_reference(block_size, transpose):
+    x = torch.randn(19, 4 * block_size)
+    rot = reference_oft.rotation(0.05 * torch.randn(4, block_size * (block_size - 1) // 2), block_size)
+    with ops.use_backend("triton"):
+        got = ops.oft_rotate(x, rot, transpose)
+    torch.testing.assert_close(got, reference_oft.rotate(x, rot, transpose), rtol=1e-6, atol=1e-6)
+
+
+def test_saved_for_backward_has_no_fp32_copy_of_x():
+    qt = qft.quantize(torch.randn(96, 128, dtype=torch.bfloat16))
+    x = torch.randn(32, 128, dtype=torch.bfloat16, requires_grad=True)
+    w = (0.05 * torch.randn(4, 496)).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F.oft_linear(x, qt, w, 32)
+    # Building R saves parameter-sized [4, 32, 32] tensors; of the M x K ones only x, in bf16.
+    per_row = [t for t in saved if t.dim() == 2 and t.shape[0] == 32]
+    assert [(t.dtype, tuple(t.shape)) for t in per_row] == [(torch.bfloat16, (32, 128))], "x once, in bf16"
+    assert not any(t.numel() >= 96 * 128 for t in saved), "nothing of size out x in"
+
+
+def test_block_size_that_does_not_divide_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(48, 16))
+    with pytest.raises(ValueError, match="does not divide in_features 48"):
+        qft.add_adapters(model, qft.OFTConfig(block_size=32, target_modules=("0",)))
+    assert type(model[0]) is torch.nn.Linear
+    qt = qft.quantize(torch.randn(16, 48))
+    with pytest.raises(ValueError, match="does not divide"):
+        F.oft_linear(torch.randn(2, 48), qt, torch.zeros(1, 496), 32)
+    with pytest.raises(ValueError, match="oft_weight must be"):
+        F.oft_linear(torch.randn(2, 48), qt, torch.zeros(3, 10), 16)
+
+
+def test_fresh_adapter_is_identity_and_merge_round_trips():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    x = torch.randn(3, 64)
+    want = model(x)
+    qft.add_adapters(model, qft.OFTConfig(block_size=16, target_modules=("0",)))
+    torch.testing.assert_close(model(x), want)
+    torch.nn.init.normal_(model[0].oft_R.weight, std=0.05)
+    rotated = model(x)
+    qft.merge_adapters(model)
+    torch.testing.assert_close(model(x), rotated, rtol=1e-5, atol=1e-5)
+    qft.unmerge_adapters(model)
+    torch.testing.assert_close(model(x), rotated, rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.oft_R.weight"}
+
+
+def test_adapter_for_another_shape_is_refused(tmp_path):
+    a = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    qft.add_adapters(a, qft.OFTConfig(block_size=16, target_modules=("0",)))
+    qft.save_adapters(a, tmp_path / "a")
+    b = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    qft.add_adapters(b, qft.OFTConfig(block_size=32, target_modules=("0",)))
+    with pytest.raises(ValueError, match="oft_R: adapter has shape"):
+        qft.load_adapters(b, tmp_path / "a")
