@@ -5,7 +5,8 @@ Linear4bit, side by side in one run; forward and forward+backward, time and peak
     python benchmarks/bench_linear.py --device cpu --quick
 
 Providers: qft (QuantLinear + LoRALinear, nf4 + double quant), peft-bf16 (nn.Linear + PEFT LoRA),
-peft-bnb (bitsandbytes Linear4bit nf4 + double quant + PEFT LoRA). On CPU the shapes are small and
+peft-bnb (bitsandbytes Linear4bit nf4 + double quant + PEFT LoRA), and OFT with b = 32: qft-oft
+(QuantLinear + OFTLinear) and peft-oft-bnb (Linear4bit + PEFT OFT). On CPU the shapes are small and
 timings compare CPU code paths, not GPU kernels; peak memory is measured on GPU only.
 """
 
@@ -25,8 +26,9 @@ GPU_MS = [1, 16, 64, 512, 4096, 8192]
 DECODE_SHAPE, DECODE_MS = (28672, 8192), [1, 4, 16]  # the GEMV goal: forward only
 CPU_SHAPES, CPU_MS = [(512, 512), (1024, 256)], [1, 16, 128]
 RANK = 16
+OFT_BLOCK = 32
 COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "pct_of_floor",
-           "peak_mem_mb", "vs_peft_bf16", "vs_peft_bnb"]  # fmt: skip
+           "peak_mem_mb", "vs_peft_bf16", "vs_peft_bnb", "vs_peft_oft_bnb"]  # fmt: skip
 CPU_NOTE = "CPU run: small shapes, CPU code paths of every provider; these are not GPU kernel results."
 
 
@@ -39,31 +41,48 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
-def build(provider: str, dense: nn.Linear, device: str) -> nn.Module:
-    """One linear layer with a rank-16 LoRA adapter (B nonzero so the adapter path is real work)."""
-    if provider == "qft":
-        model = _Holder(qft.nn.QuantLinear.from_linear(dense))
-        qft.add_adapters(model, qft.LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=("proj",)))
-    else:
-        from peft import LoraConfig, get_peft_model
+def _bnb_layer(dense: nn.Linear, device: str) -> nn.Module:
+    import bitsandbytes as bnb
 
+    layer = bnb.nn.Linear4bit(
+        dense.in_features, dense.out_features, compute_dtype=dense.weight.dtype, quant_type="nf4",
+        compress_statistics=True,
+    )  # fmt: skip
+    layer.load_state_dict({k: v.float().cpu() for k, v in dense.state_dict().items()})
+    return layer.to(device)
+
+
+def build(provider: str, dense: nn.Linear, device: str) -> nn.Module:
+    """One linear layer with its adapter: LoRA r = 16 (B nonzero so the adapter path is real work) or
+    OFT b = 32 (``*-oft`` providers)."""
+    from peft import LoraConfig, get_peft_model
+    from peft import OFTConfig as PeftOFTConfig
+
+    if provider in ("qft", "qft-oft"):
+        model = _Holder(qft.nn.QuantLinear.from_linear(dense))
+        config = (qft.OFTConfig(block_size=OFT_BLOCK, target_modules=("proj",)) if provider == "qft-oft"
+                  else qft.LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=("proj",)))  # fmt: skip
+        qft.add_adapters(model, config)
+    elif provider == "peft-oft-bnb":
+        config = PeftOFTConfig(r=0, oft_block_size=OFT_BLOCK, target_modules=["proj"])
+        model = get_peft_model(_Holder(_bnb_layer(dense, device)), config)
+    else:
         if provider == "peft-bf16":
             layer = nn.Linear(dense.in_features, dense.out_features, dtype=dense.weight.dtype, device=device)
             layer.load_state_dict(dense.state_dict())
         else:
-            import bitsandbytes as bnb
-
-            layer = bnb.nn.Linear4bit(
-                dense.in_features, dense.out_features, compute_dtype=dense.weight.dtype, quant_type="nf4",
-                compress_statistics=True,
-            )  # fmt: skip
-            layer.load_state_dict({k: v.float().cpu() for k, v in dense.state_dict().items()})
-            layer = layer.to(device)
+            layer = _bnb_layer(dense, device)
         model = get_peft_model(_Holder(layer), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["proj"]))
     for name, p in model.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "oft_R" in name:
             nn.init.normal_(p, std=0.01)
     return model
+
+
+def providers() -> list[str]:
+    """The LoRA providers, then OFT: qft's and PEFT's over bitsandbytes when both are installed."""
+    names = common.peer_providers()
+    return [*names, "qft-oft", "peft-oft-bnb"] if "peft-bnb" in names else [*names, "qft-oft"]
 
 
 def _peak_mb(fn, device: str) -> float | None:
@@ -126,10 +145,10 @@ def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted, rate
     x = torch.randn(m, k, dtype=dtype, device=device)
     grad = torch.randn(m, n, dtype=dtype, device=device)
     rows = []
-    for provider in common.peer_providers():
+    for provider in providers():
         rows += _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates)
     for row in rows:
-        for peer in ("peft-bf16", "peft-bnb"):
+        for peer in ("peft-bf16", "peft-bnb", "peft-oft-bnb"):
             match = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
             row[f"vs_{peer.replace('-', '_')}"] = match[0]["p50_ms"] / row["p50_ms"] if match else None
     return rows

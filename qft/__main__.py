@@ -22,12 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     defaults = DemoConfig()
     demo.add_argument("--model", help="local Hugging Face BERT/Llama-style model folder (default: MiniLM-L6)")
     demo.add_argument("--format", default=defaults.format, help="nf4, fp4, lloyd3, lloyd2, int4, int3, int2")
-    demo.add_argument("--adapter", default=defaults.adapter, help="adapter kind: lora")
+    demo.add_argument("--adapter", default=defaults.adapter, help="adapter kind: lora or oft")
+    demo.add_argument("--oft-block-size", type=int, default=defaults.oft_block_size, help="OFT block size")
     demo.add_argument("--init", default=defaults.init, help="adapter init: default or loftq")
     demo.add_argument("--rank", type=int, default=defaults.rank)
     demo.add_argument("--steps", type=int, default=defaults.steps)
     demo.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    demo.add_argument("--lr", type=float, default=defaults.lr)
+    demo.add_argument("--lr", type=float, help="learning rate (default: 2e-3 for LoRA, 2e-4 for OFT)")
     demo.add_argument("--out", default=defaults.out, help="folder for the trained adapters (PEFT format)")
     demo.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     demo.add_argument("--seed", type=int, default=defaults.seed)
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = demo.DemoConfig(
         model=args.model, format=args.format, adapter=args.adapter, init=args.init, rank=args.rank, steps=args.steps,
+        oft_block_size=args.oft_block_size,
         batch_size=args.batch_size, lr=args.lr, out=args.out, seed=args.seed, device=args.device,
         progress=not args.no_progress,
     )  # fmt: skip

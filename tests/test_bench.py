@@ -37,7 +37,7 @@ def test_bench_linear_runs_every_provider_on_cpu(tmp_path):
     assert bench_linear.main(["--device", "cpu", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("linear-*.json")
     rows = json.loads(result.read_text())["rows"]
-    assert {r["provider"] for r in rows} == {"qft", "peft-bf16", "peft-bnb"}
+    assert {r["provider"] for r in rows} == {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"}
     assert {r["op"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(r["p50_ms"] > 0 and r["vs_peft_bnb"] > 0 for r in rows)
 
@@ -50,7 +50,7 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
     assert "not GPU kernel results" in printed and "TFLOP/s (measured)" in printed
     expected = {
         "quant": {"qft-reference", "bitsandbytes"},
-        "linear": {"qft", "peft-bf16", "peft-bnb"},
+        "linear": {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"},
         "lowbit": {"bf16 torch", *(f"qft {f}" for f in ("nf4", "lloyd3", "int3", "lloyd2", "int2"))},
         "e2e": {"qft", "peft-bf16", "peft-bnb"},
     }

@@ -19,12 +19,19 @@ def test_demo_improves_held_out_cosine(tmp_path):
     assert "held-out cosine after" in demo.report(result)
 
 
+def test_demo_trains_oft_adapters_at_two_bits(tmp_path):
+    config = demo.DemoConfig(format="int2", adapter="oft", steps=15, out=str(tmp_path / "oft"), progress=False)
+    result = demo.run(config)
+    assert result["held-out cosine after"] > result["held-out cosine before"] + 0.01
+    assert (tmp_path / "oft" / "adapter_config.json").read_text().count('"OFT"') == 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--model", "/nonexistent"], "is not a model folder"),
         (["--format", "int9"], "--format must be one of"),
-        (["--adapter", "dora"], "--adapter must be 'lora'"),
+        (["--adapter", "dora"], "--adapter must be 'lora' or 'oft'"),
         (["--steps", "0"], "--steps must be positive"),
         (["--steps", "many"], "invalid int value"),
     ],

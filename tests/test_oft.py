@@ -133,3 +133,22 @@ def test_adapter_for_another_shape_is_refused(tmp_path):
     qft.add_adapters(b, qft.OFTConfig(block_size=32, target_modules=("0",)))
     with pytest.raises(ValueError, match="oft_R: adapter has shape"):
         qft.load_adapters(b, tmp_path / "a")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_oft_linear_matches_cpu_reference(dtype):
+    torch.manual_seed(0)
+    qt = qft.quantize(torch.randn(256, 512, dtype=dtype), "nf4")
+    w = (0.05 * torch.randn(16, 496)).requires_grad_()
+    x = torch.randn(40, 512, dtype=dtype, requires_grad=True)
+    y = F.oft_linear(x, qt, w, 32)
+    y.float().sum().backward()
+    w_gpu = w.detach().cuda().requires_grad_()
+    x_gpu = x.detach().cuda().requires_grad_()
+    y_gpu = F.oft_linear(x_gpu, qt.to("cuda"), w_gpu, 32)
+    y_gpu.float().sum().backward()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(x_gpu.grad.cpu().float(), x.grad.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(w_gpu.grad.cpu(), w.grad, rtol=tol, atol=tol)
