@@ -252,6 +252,25 @@ def encode_order(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 @functools.cache
+def _unsigned_dynamic_map_cpu(_name: str = "dynamic_unsigned") -> torch.Tensor:
+    # The unsigned 8-bit dynamic map (bitsandbytes' create_dynamic_map(signed=False)): the signed
+    # construction without its negative half, one more fraction bit per decade: 7 decades holding
+    # the 2**(i+1) midpoints of linspace(0.1, 1, 2**(i+1) + 1) scaled by 10**(i-6), plus 0 and 1.
+    values: list[float] = []
+    for decade in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** (decade + 1) + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        values += (10 ** (decade - 6) * mids).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def unsigned_dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The unsigned 8-bit dynamic map (8-bit optimizers' second moment), ``fp32 [256]`` ascending."""
+    return _on_device(_unsigned_dynamic_map_cpu, "dynamic_unsigned", torch.device(device))
+
+
 def _dynamic_map_cpu(_name: str = "dynamic") -> torch.Tensor:
     # Signed 8-bit dynamic map (Dettmers 2015, "8-Bit Approximations for Parallelism in Deep
     # Learning"): 7 decades 1e-6..1; decade i holds the 2**i midpoints of linspace(0.1, 1, 2**i + 1)

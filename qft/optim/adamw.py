@@ -1,0 +1,194 @@
+"""AdamW with 32-bit or 8-bit state, optionally paged: ``PagedAdamW``, ``AdamW8bit``, ``PagedAdamW8bit``.
+
+The update follows ``torch.optim.AdamW`` op for op (decoupled weight decay, bias-corrected moments,
+``maximize``, a tensor ``lr``), so 32-bit state reproduces torch's results on fp32 parameters. With
+8-bit state each moment is kept blockwise-quantized (``qft.optim.quant_state``); tensors smaller than
+``min_8bit_size`` keep fp32 state. Paging moves the whole state to host memory (``page_out``) and back
+(``page_in``, also done by ``step``); on CPU it is a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from qft.optim import quant_state
+
+_CPU_PAGING_WARNED = False
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    value = float(lr) if isinstance(lr, torch.Tensor) else lr
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW (torch's semantics and arguments) with ``optim_bits`` 32 or 8 state, paged by default.
+
+    Args:
+        params: iterable of parameters or parameter groups.
+        lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (``lr`` may be a tensor).
+        optim_bits: 32 (fp32 moments) or 8 (blockwise 8-bit moments).
+        paged: keep the state pageable (``page_out``/``page_in``); a no-op on CPU.
+        min_8bit_size: tensors with fewer elements keep fp32 state even when ``optim_bits`` is 8.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
+                 optim_bits=32, paged=True, min_8bit_size=4096):  # fmt: skip
+        _check_hyper(lr, betas, eps, weight_decay)
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
+        super().__init__(params, defaults)
+        self.optim_bits, self.paged, self.min_8bit_size = optim_bits, paged, min_8bit_size
+        self._paged_out = False
+
+    def _eight_bit(self, p: torch.Tensor) -> bool:
+        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = {"step": torch.tensor(0.0)}
+        zeros = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        if self._eight_bit(p):
+            for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                state[name], state[f"{name}_absmax"] = quant_state.quantize(zeros, signed)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=torch.float32)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._paged_out:
+            self.page_in()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd, maximize = group["lr"], group["eps"], group["weight_decay"], group["maximize"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PagedAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                self._update(p, state, lr, beta1, beta2, eps, wd, maximize)
+        return loss
+
+    def _update(self, p, state, lr, beta1, beta2, eps, wd, maximize) -> None:
+        grad = -p.grad if maximize else p.grad
+        eight = "exp_avg_absmax" in state
+        if eight:
+            exp_avg = quant_state.dequantize(state["exp_avg"], state["exp_avg_absmax"], True).view_as(p)
+            exp_avg_sq = quant_state.dequantize(state["exp_avg_sq"], state["exp_avg_sq_absmax"], False).view_as(p)
+        else:
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = state["step"].item()
+        # torch.optim.AdamW's single-tensor update, in the state's fp32; the parameter keeps its dtype.
+        p32 = p.float() if p.dtype != torch.float32 else p
+        p32.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad.float(), 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad.float(), grad.float(), value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        p32.addcdiv_(exp_avg, denom, value=-step_size)
+        if p32 is not p:
+            p.copy_(p32)
+        if eight:
+            state["exp_avg"], state["exp_avg_absmax"] = quant_state.quantize(exp_avg, True)
+            state["exp_avg_sq"], state["exp_avg_sq_absmax"] = quant_state.quantize(exp_avg_sq, False)
+
+    def _state_tensors(self):
+        for state in self.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    yield state, key, value
+
+    def page_out(self) -> None:
+        """Move the whole optimizer state to host memory (pinned when a GPU exists); CPU: no-op."""
+        if not self._has_gpu_state():
+            _warn_cpu_paging()
+            return
+        for state, key, value in list(self._state_tensors()):
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            state[key] = host
+            state.setdefault("_device", value.device)
+        self._paged_out = True
+
+    def page_in(self) -> None:
+        """Bring paged-out state back to its parameters' device (``step`` does this by itself)."""
+        for state, key, value in list(self._state_tensors()):
+            device = state.get("_device")
+            if device is not None and value.device != device:
+                state[key] = value.to(device, non_blocking=True)
+        self._paged_out = False
+
+    def _has_gpu_state(self) -> bool:
+        return any(p.is_cuda for group in self.param_groups for p in group["params"])
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch's ``load_state_dict`` after checking every state entry fits this optimizer; on a
+        mismatch nothing is loaded (ValueError naming the parameter)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or "state" not in state_dict:
+            raise ValueError("state_dict must come from Optimizer.state_dict() (param_groups and state)")
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [i for group in groups for i in group.get("params", [])]
+        if len(ids) != len(params):
+            raise ValueError(f"loaded state_dict has {len(ids)} parameters, this optimizer has {len(params)}")
+        by_id = dict(zip(ids, params, strict=True))
+        for key, state in state_dict["state"].items():
+            p = by_id.get(key)
+            if p is None:
+                raise ValueError(f"state for parameter {key} has no parameter here")
+            expected = self._init_state(p)
+            if set(state) - {"_device"} != set(expected):
+                raise ValueError(f"state of parameter {key} has entries {sorted(state)}, expected {sorted(expected)}")
+            for name, want in expected.items():
+                got = state[name]
+                if name != "step" and (got.shape != want.shape or got.dtype != want.dtype):
+                    raise ValueError(f"state {name!r} of parameter {key} is {tuple(got.shape)} {got.dtype}, "
+                                     f"expected {tuple(want.shape)} {want.dtype}")  # fmt: skip
+        super().load_state_dict(state_dict)
+
+
+def _warn_cpu_paging() -> None:
+    global _CPU_PAGING_WARNED
+    if not _CPU_PAGING_WARNED:
+        warnings.warn("paging is a no-op for CPU parameters: their state already lives in host memory", stacklevel=3)
+        _CPU_PAGING_WARNED = True
+
+
+class AdamW8bit(PagedAdamW):
+    """AdamW with blockwise 8-bit state, not paged."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
+                 min_8bit_size=4096):  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, maximize, 8, False, min_8bit_size)
+
+
+class PagedAdamW8bit(PagedAdamW):
+    """AdamW with blockwise 8-bit state, paged."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
+                 min_8bit_size=4096):  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, maximize, 8, True, min_8bit_size)

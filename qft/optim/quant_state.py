@@ -1,0 +1,34 @@
+"""8-bit optimizer state: blockwise (256) dynamic quantization of Adam's moments.
+
+The first moment uses the signed dynamic map, the second the unsigned one (bitsandbytes' scheme);
+each block of 256 values keeps its fp32 absmax. Codes are the nearest map entry (in fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats
+from qft.reference import _blocks
+
+BLOCK = 256
+
+
+def _map(signed: bool, device) -> torch.Tensor:
+    return formats.dynamic_map(device) if signed else formats.unsigned_dynamic_map(device)
+
+
+def quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes uint8 [n], absmax fp32 [blocks])`` of a flat fp32 tensor."""
+    blocks = _blocks(values.reshape(-1).float(), BLOCK)
+    absmax = blocks.abs().amax(1)
+    scaled = blocks.double() / absmax.double().clamp(min=formats.ABSMAX_FLOOR).unsqueeze(1)
+    table = _map(signed, values.device).double()
+    codes = torch.bucketize(scaled, (table[:-1] + table[1:]) / 2)
+    return codes.reshape(-1)[: values.numel()].to(torch.uint8), absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """fp32 values (flat) of ``quantize``'s output: ``map[code] * absmax``."""
+    values = _blocks(_map(signed, codes.device)[codes.long()], BLOCK) * absmax.unsqueeze(1)
+    return values.reshape(-1)[: codes.numel()]

@@ -1,0 +1,142 @@
+"""qft.optim: PagedAdamW (32-bit), AdamW8bit, PagedAdamW8bit on CPU."""
+
+import copy
+
+import pytest
+import torch
+
+from qft.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
+
+
+def _params(dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.randn(64, 96).to(dtype), torch.randn(5000).to(dtype), torch.randn(7, 3, 5).to(dtype)]
+
+
+def _run(optimizer_cls, params, steps=50, **kwargs):
+    params = [p.clone().requires_grad_() for p in params]
+    opt = optimizer_cls(params, lr=1e-2, weight_decay=0.1, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.step()
+    return params, opt
+
+
+def test_32bit_equals_torch_adamw_on_fp32():
+    ours, _ = _run(PagedAdamW, _params())
+    theirs, _ = _run(torch.optim.AdamW, _params())
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_maximize_and_tensor_lr_follow_torch():
+    params = _params()
+    ours, _ = _run(lambda ps, **kw: PagedAdamW(ps, **{**kw, "lr": torch.tensor(1e-2)}, maximize=True), params, 10)
+    theirs, _ = _run(
+        lambda ps, **kw: torch.optim.AdamW(ps, **{**kw, "lr": torch.tensor(1e-2)}, maximize=True), params, 10
+    )
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_bf16_params_are_closer_to_float64_adamw_than_torch():
+    # torch keeps bf16 moments for bf16 parameters; qft keeps fp32 moments (32-bit state).
+    exact, _ = _run(torch.optim.AdamW, _params(torch.float64))
+    ours, _ = _run(PagedAdamW, _params(torch.bfloat16))
+    theirs, _ = _run(torch.optim.AdamW, _params(torch.bfloat16))
+    for e, o, t in zip(exact, ours, theirs, strict=True):
+        assert o.dtype == torch.bfloat16
+        assert (o.double() - e).norm() <= (t.double() - e).norm()
+
+
+def test_8bit_tracks_32bit():
+    full, _ = _run(PagedAdamW, _params())
+    eight, opt = _run(PagedAdamW8bit, _params())
+    big = opt.state[eight[0]]
+    assert big["exp_avg"].dtype == torch.uint8 and big["exp_avg_sq"].dtype == torch.uint8
+    assert opt.state[eight[2]]["exp_avg"].dtype == torch.float32, "tensors under 4096 elements keep fp32 state"
+    for f, e in zip(full, eight, strict=True):
+        assert ((f - e).norm() / f.norm()) < 0.02
+
+
+def test_8bit_trains_like_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    losses = {}
+    for name, cls in (("qft", AdamW8bit), ("bnb", bnb.optim.AdamW8bit)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8))
+        x, y = torch.randn(256, 64), torch.randn(256, 8)
+        opt = cls(model.parameters(), lr=3e-3)
+        for _ in range(150):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[name] = loss.item()
+    assert losses["qft"] < 0.5
+    assert abs(losses["qft"] - losses["bnb"]) < 0.05 * losses["bnb"] + 0.01
+
+
+@pytest.mark.parametrize("cls", [PagedAdamW, PagedAdamW8bit])
+def test_state_dict_round_trip_continues_bit_identically(cls):
+    params, opt = _run(cls, _params(), steps=10)
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(opt.state_dict())
+    g = torch.Generator().manual_seed(7)
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(5)]
+    for step in grads:
+        for p, grad in zip(params, step, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+    resumed = [p.clone().requires_grad_() for p in saved_params]
+    opt2 = cls(resumed, lr=1e-2, weight_decay=0.1)
+    opt2.load_state_dict(saved_state)
+    for step in grads:
+        for p, grad in zip(resumed, step, strict=True):
+            p.grad = grad.clone()
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed, strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -1.0}, "Invalid learning rate"),
+        ({"betas": (0.9, 1.0)}, "Invalid beta parameter at index 1"),
+        ({"betas": (-0.1, 0.9)}, "Invalid beta parameter at index 0"),
+        ({"eps": -1e-8}, "Invalid epsilon"),
+        ({"weight_decay": -0.1}, "Invalid weight_decay"),
+        ({"optim_bits": 16}, "optim_bits must be 32 or 8"),
+    ],
+)
+def test_bad_arguments_get_torch_style_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PagedAdamW([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+def test_foreign_or_mismatched_state_dict_leaves_optimizer_unchanged():
+    _, opt = _run(PagedAdamW8bit, _params(), steps=3)
+    before = copy.deepcopy(opt.state_dict())
+    sgd = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="has 1 parameters, this optimizer has 3"):
+        opt.load_state_dict(sgd.state_dict())
+    _, other = _run(PagedAdamW8bit, [torch.randn(64, 80), torch.randn(5000), torch.randn(7, 3, 5)], steps=3)
+    with pytest.raises(ValueError, match="state 'exp_avg' of parameter 0"):
+        opt.load_state_dict(other.state_dict())
+    _, fp32 = _run(PagedAdamW, _params(), steps=3)
+    with pytest.raises(ValueError, match="entries"):
+        opt.load_state_dict(fp32.state_dict())
+    after = opt.state_dict()
+    for key, state in before["state"].items():
+        assert all(torch.equal(v, after["state"][key][k]) for k, v in state.items())
+
+
+def test_paging_on_cpu_is_a_no_op_with_one_warning():
+    _, opt = _run(PagedAdamW8bit, _params(), steps=2)
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.warns(UserWarning, match="no-op for CPU"):
+        opt.page_out()
+    opt.page_in()
+    assert all(
+        torch.equal(v, opt.state_dict()["state"][k][name]) for k, s in state["state"].items() for name, v in s.items()
+    )
