@@ -6,7 +6,7 @@ model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``, ``save_adapters
 ``qft.ops`` holds the ``qft::`` custom ops.
 """
 
-from qft import formats, functional, nn, ops
+from qft import formats, functional, nn, ops, optim
 from qft.nn import (
     LoRAConfig,
     OFTConfig,
@@ -35,6 +35,7 @@ __all__ = [
     "merge_adapters",
     "nn",
     "ops",
+    "optim",
     "quantize",
     "quantize_",
     "save_adapters",

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, help="learning rate (default: 2e-3 for LoRA, 2e-4 for OFT)")
     demo.add_argument("--out", default=defaults.out, help="folder for the trained adapters (PEFT format)")
     demo.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    demo.add_argument("--optim", default=defaults.optim, help="paged-adamw8bit (qft) or adamw (torch)")
     demo.add_argument("--seed", type=int, default=defaults.seed)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = demo.DemoConfig(
         model=args.model, format=args.format, adapter=args.adapter, init=args.init, rank=args.rank, steps=args.steps,
-        oft_block_size=args.oft_block_size,
+        oft_block_size=args.oft_block_size, optim=args.optim,
         batch_size=args.batch_size, lr=args.lr, out=args.out, seed=args.seed, device=args.device,
         progress=not args.no_progress,
     )  # fmt: skip

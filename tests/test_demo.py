@@ -33,6 +33,7 @@ def test_demo_trains_oft_adapters_at_two_bits(tmp_path):
         (["--format", "int9"], "--format must be one of"),
         (["--adapter", "dora"], "--adapter must be 'lora' or 'oft'"),
         (["--steps", "0"], "--steps must be positive"),
+        (["--optim", "sgd"], "--optim must be one of"),
         (["--steps", "many"], "invalid int value"),
     ],
 )
