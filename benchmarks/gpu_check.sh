@@ -18,7 +18,7 @@ python3 -m qft env 2>&1 | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/env.txt"
 
 # Only the files with gpu tests: the GPU machine lacks hypothesis, which the property tests need.
-python3 -m pytest -q -m gpu tests/test_triton.py tests/test_ops.py tests/test_functional.py tests/test_lowbit.py tests/test_oft.py 2>&1 | tee "$OUT/pytest-gpu.txt"
+python3 -m pytest -q -m gpu tests/test_triton.py tests/test_ops.py tests/test_functional.py tests/test_lowbit.py tests/test_oft.py tests/test_optim.py 2>&1 | tee "$OUT/pytest-gpu.txt"
 tests_rc=${PIPESTATUS[0]}
 
 python3 benchmarks/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
@@ -26,6 +26,8 @@ bench_rc=${PIPESTATUS[0]}
 python3 benchmarks/bench_linear.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
 bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 python3 benchmarks/bench_lowbit.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
+python3 benchmarks/bench_optim.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
 bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 echo "gpu tests rc=$tests_rc, bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

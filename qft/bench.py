@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("quant", "linear", "lowbit", "e2e")
+SUITES = ("quant", "linear", "lowbit", "optim", "e2e")
 CPU_NOTE = "CPU run: these timings compare CPU code paths; they are not GPU kernel results."
 
 
