@@ -25,10 +25,9 @@ class TwoLayer(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
-def bnb_peft_model(dense: TwoLayer, dtype, r=8, alpha=16, dropout=0.0):
-    """PEFT LoRA over bitsandbytes nf4 (double quant) copies of ``dense``'s layers."""
+def bnb_twin(dense: TwoLayer, dtype) -> TwoLayer:
+    """``dense`` with both layers as bitsandbytes nf4 (double quant) Linear4bit."""
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
 
     model = TwoLayer(dense.fc1.in_features, dense.fc1.out_features, dense.fc2.out_features, dtype)
     for name in ("fc1", "fc2"):
@@ -38,6 +37,14 @@ def bnb_peft_model(dense: TwoLayer, dtype, r=8, alpha=16, dropout=0.0):
         )
         layer.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
         setattr(model, name, layer.to("cpu"))  # bitsandbytes quantizes on .to()
+    return model
+
+
+def bnb_peft_model(dense: TwoLayer, dtype, r=8, alpha=16, dropout=0.0):
+    """PEFT LoRA over bitsandbytes nf4 (double quant) copies of ``dense``'s layers."""
+    from peft import LoraConfig, get_peft_model
+
+    model = bnb_twin(dense, dtype)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["fc1", "fc2"])
     return get_peft_model(model, config)
 
@@ -69,17 +76,9 @@ def randomize_lora_B(peft_model, std=0.05):
 
 def oft_twins(dense: TwoLayer, dtype, block_size, terms=5, neumann=True, share=False, coft=False):
     """(PEFT OFT over bitsandbytes nf4, qft OFT over the same bytes), with the same random R params."""
-    import bitsandbytes as bnb
     from peft import OFTConfig, get_peft_model
 
-    model = TwoLayer(dense.fc1.in_features, dense.fc1.out_features, dense.fc2.out_features, dtype)
-    for name in ("fc1", "fc2"):
-        src = getattr(dense, name)
-        layer = bnb.nn.Linear4bit(
-            src.in_features, src.out_features, compute_dtype=dtype, quant_type="nf4", compress_statistics=True
-        )
-        layer.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
-        setattr(model, name, layer.to("cpu"))
+    model = bnb_twin(dense, dtype)
     config = OFTConfig(
         r=0, oft_block_size=block_size, target_modules=["fc1", "fc2"], use_cayley_neumann=neumann,
         num_cayley_neumann_terms=terms, block_share=share, coft=coft, eps=6e-5,
