@@ -90,6 +90,28 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(), "Decode GEMV for M <= max_gemv_rows (see qft_kernels.h).");
   m.attr("max_gemv_rows") = qft::kMaxGemvRows;
 
+  m.def(
+      "managed_alloc",
+      [](size_t nbytes) {
+        void* p = nullptr;
+        check(qft::managed_alloc(&p, nbytes));
+        return reinterpret_cast<uintptr_t>(p);
+      },
+      py::arg("nbytes"), "cudaMallocManaged; returns the address.");
+  m.def(
+      "managed_free", [](uintptr_t address) { check(qft::managed_free(ptr<void>(address))); }, py::arg("address"),
+      "cudaFree of a managed allocation.");
+  m.def(
+      "managed_prefetch",
+      [](uintptr_t address, size_t nbytes, int device, uintptr_t stream) {
+        int prefetched = 0;
+        check(qft::managed_prefetch(ptr<void>(address), nbytes, device, ptr<void>(stream), &prefetched));
+        return prefetched != 0;
+      },
+      py::arg("address"), py::arg("nbytes"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Prefetch a managed range to GPU `device` (host if < 0); False where the GPU cannot prefetch.");
+
   m.def("device_count", &qft::device_count, "Visible CUDA devices; 0 without a GPU (never raises).");
   m.def("device_status", &qft::device_status, "Why device_count() found no device, or ''.");
   m.def("runtime_version", &qft::runtime_version, "CUDA runtime version the extension was built with.");

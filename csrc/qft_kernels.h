@@ -43,6 +43,13 @@ int quant_gemv(const void* x, DType dtype, const void* packed, int bits, const v
                int block_size, int nested_block_size, const void* bias, const float* lora_xa, const float* lora_b,
                float scaling, int rank, void* y, int rows, int64_t n_out, int64_t k_in, void* stream);
 
+// Managed (unified) memory for paged optimizer state (csrc/managed.cu). managed_prefetch moves a
+// range to GPU `device`, or to the host when device < 0; it sets *prefetched = 0 (and succeeds) on
+// GPUs without concurrent managed access, where pages migrate on demand.
+int managed_alloc(void** ptr, size_t nbytes);
+int managed_free(void* ptr);
+int managed_prefetch(void* ptr, size_t nbytes, int device, void* stream, int* prefetched);
+
 // Number of visible CUDA devices, 0 when there is no GPU or no usable driver (never throws).
 int device_count();
 // Text of the last device_count() failure ("" when a device is present).

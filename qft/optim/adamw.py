@@ -3,8 +3,9 @@
 The update follows ``torch.optim.AdamW`` op for op (decoupled weight decay, bias-corrected moments,
 ``maximize``, a tensor ``lr``), so 32-bit state reproduces torch's results on fp32 parameters. With
 8-bit state each moment is kept blockwise-quantized (``qft.optim.quant_state``); tensors smaller than
-``min_8bit_size`` keep fp32 state. Paging moves the whole state to host memory (``page_out``) and back
-(``page_in``, also done by ``step``); on CPU it is a no-op.
+``min_8bit_size`` keep fp32 state. Paged state on a GPU lives in managed memory when the CUDA
+extension is built (``page_out`` prefetches it to the host, ``page_in`` back), else it is copied to
+pinned host memory and back; ``step`` pages in by itself. On CPU paging is a no-op.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 
 import torch
 
-from qft.optim import quant_state
+from qft.optim import paging, quant_state
 
 _CPU_PAGING_WARNED = False
 
@@ -56,15 +57,25 @@ class PagedAdamW(torch.optim.Optimizer):
     def _eight_bit(self, p: torch.Tensor) -> bool:
         return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
 
+    def _managed(self, p: torch.Tensor) -> bool:
+        return self.paged and p.is_cuda and paging.available()
+
+    def _zeros(self, shape, dtype, p: torch.Tensor) -> torch.Tensor:
+        if self._managed(p):
+            return paging.managed_zeros(shape, dtype, p.device)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
     def _init_state(self, p: torch.Tensor) -> dict:
         state = {"step": torch.tensor(0.0)}
-        zeros = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
         if self._eight_bit(p):
+            zeros = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                state[name], state[f"{name}_absmax"] = quant_state.quantize(zeros, signed)
+                codes, absmax = quant_state.quantize(zeros, signed)
+                state[name] = self._zeros(codes.shape, torch.uint8, p).copy_(codes)
+                state[f"{name}_absmax"] = self._zeros(absmax.shape, torch.float32, p).copy_(absmax)
         else:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=torch.float32)
+            state["exp_avg"] = self._zeros(p.shape, torch.float32, p)
+            state["exp_avg_sq"] = self._zeros(p.shape, torch.float32, p)
         return state
 
     @torch.no_grad()
@@ -112,9 +123,11 @@ class PagedAdamW(torch.optim.Optimizer):
         p32.addcdiv_(exp_avg, denom, value=-step_size)
         if p32 is not p:
             p.copy_(p32)
-        if eight:
-            state["exp_avg"], state["exp_avg_absmax"] = quant_state.quantize(exp_avg, True)
-            state["exp_avg_sq"], state["exp_avg_sq_absmax"] = quant_state.quantize(exp_avg_sq, False)
+        if eight:  # written in place: managed state keeps its memory
+            for name, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
+                codes, absmax = quant_state.quantize(value, signed)
+                state[name].copy_(codes)
+                state[f"{name}_absmax"].copy_(absmax)
 
     def _state_tensors(self):
         for state in self.state.values():
@@ -123,9 +136,15 @@ class PagedAdamW(torch.optim.Optimizer):
                     yield state, key, value
 
     def page_out(self) -> None:
-        """Move the whole optimizer state to host memory (pinned when a GPU exists); CPU: no-op."""
+        """Move the whole optimizer state to host memory (managed pages prefetched to the host, or a
+        pinned copy); a no-op for CPU parameters."""
         if not self._has_gpu_state():
             _warn_cpu_paging()
+            return
+        if self.paged and paging.available():
+            for _, _, value in self._state_tensors():
+                paging.prefetch(value, to_host=True)
+            self._paged_out = True
             return
         for state, key, value in list(self._state_tensors()):
             host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -136,6 +155,12 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def page_in(self) -> None:
         """Bring paged-out state back to its parameters' device (``step`` does this by itself)."""
+        if self.paged and paging.available() and self._has_gpu_state():
+            for _, _, value in self._state_tensors():
+                if value.is_cuda:
+                    paging.prefetch(value, to_host=False)
+            self._paged_out = False
+            return
         for state, key, value in list(self._state_tensors()):
             device = state.get("_device")
             if device is not None and value.device != device:
