@@ -31,6 +31,7 @@ def _quant_matmul_kernel(
     xa_ptr,  # [M, R] (HAS_LORA), row stride R
     lora_b_ptr,  # [N, R] (HAS_LORA), row stride R
     y_ptr,  # [M, N] row stride N
+    rot_ptr,  # [K / BLOCK_K, BLOCK_K, BLOCK_K] fp32 OFT rotation (ROTATE)
     M,
     N,
     K,
@@ -45,6 +46,7 @@ def _quant_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32"/default otherwise
+    ROTATE: tl.constexpr,  # OFT prologue: each K tile is one rotation block
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -61,6 +63,10 @@ def _quant_matmul_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :])
+        if ROTATE:  # x_rot = x @ R_blk in fp32, rounded to x's dtype as the unfused path stores it
+            rb = tl.arange(0, BLOCK_K)
+            r = tl.load(rot_ptr + (k0 // BLOCK_K) * BLOCK_K * BLOCK_K + rb[:, None] * BLOCK_K + rb[None, :])
+            x = tl.dot(x.to(tl.float32), r, input_precision="ieee").to(x_ptr.dtype.element_ty)
         flat = cols[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K] positions in W
         w_ok = col_ok[:, None] & k_ok[None, :]
         w = decode_values(packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, code_ptr, zero_ptr,
@@ -94,11 +100,13 @@ def quant_matmul(
     scaling: float = 0.0,
     nested_block_size: int = formats.NESTED_BLOCK_SIZE,
     zero: torch.Tensor | None = None,
+    rot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused decode + matmul (+ bias, + LoRA epilogue) with Triton; returns y [M, N] in x's dtype.
 
     ``x`` [M, K] fp32/fp16/bf16 with unit stride along K; the weight is [N=out_features, K] in any
     ``qft.formats`` format (``zero`` for affine ones); ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32.
+    ``rot`` [K / b, b, b] (b >= 16, dividing K) rotates x block by block first (OFT), in the prologue.
     Callers check shapes and devices (``qft.ops.linear``).
     """
     m, k = x.shape
@@ -125,6 +133,7 @@ def quant_matmul(
         lora_xa.contiguous() if has_lora else x,
         lora_B.contiguous() if has_lora else x,
         y,
+        rot.float().contiguous() if rot is not None else x,
         m,
         n,
         k,
@@ -139,9 +148,10 @@ def quant_matmul(
         HAS_BIAS=bias is not None,
         HAS_LORA=has_lora,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ROTATE=rot is not None,
         BLOCK_M=block_m,
         BLOCK_N=64,
-        BLOCK_K=64,
+        BLOCK_K=rot.shape[1] if rot is not None else 64,
         BLOCK_R=max(16, triton.next_power_of_2(r)),
         enable_fp_fusion=False,
     )

@@ -179,9 +179,9 @@ def lora_linear(
 class _OFTLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, rot, bias, qt):
-        rotated = ops.oft_rotate(x2d, rot, False)
         out_features, _ = qt.shape
-        y = ops.quant_linear(rotated, *_weight_args(qt), out_features, qt.nested_block_size, bias, None, None, 0.0)
+        # The rotation happens inside qft::quant_linear (fused into the small-M kernel's prologue).
+        y = ops.quant_linear(x2d, *_weight_args(qt), out_features, qt.nested_block_size, bias, None, None, 0.0, rot)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, rot)
         ctx.qt = qt
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -152,3 +152,16 @@ def test_gpu_oft_linear_matches_cpu_reference(dtype):
     torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(x_gpu.grad.cpu().float(), x.grad.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(w_gpu.grad.cpu(), w.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("m", [3, 40])
+def test_triton_rotation_prologue_and_unfused_paths_match_reference(block_size, m):
+    # m = 3: the fused small-M kernel rotates in its prologue; m = 40: rotate, then decode + GEMM.
+    qt = qft.quantize(torch.randn(48, 128), "nf4", 64)
+    w = 0.05 * torch.randn(128 // block_size, block_size * (block_size - 1) // 2)
+    x = torch.randn(m, 128)
+    want = F.oft_linear(x, qt, w, block_size)
+    with ops.use_backend("triton"):
+        got = F.oft_linear(x, qt, w, block_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ from qft import formats, reference
 from qft._extension import extension
 from qft.ops import scratch, thresholds
 from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
+from qft.ops.oft import oft_rotate
 from qft.ops.quant import check_quantized_parts, dequantize_4bit_into, dequantize_lowbit_into
 
 
@@ -68,26 +69,35 @@ def quant_linear(
     lora_xa: torch.Tensor | None,
     lora_B: torch.Tensor | None,
     scaling: float,
+    rot: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x @ W^T + bias + scaling * lora_xa @ lora_B^T``; x [M, K], W [out_features, K] 4-bit.
+    """``y = x' @ W^T + bias + scaling * lora_xa @ lora_B^T``; x [M, K], W [out_features, K] quantized.
 
-    Accumulates in fp32 and returns y [M, out_features] in x's dtype. ``lora_xa`` [M, r] and
-    ``lora_B`` [out_features, r] (both or neither) may be fp32 over a bf16/fp16 x.
+    x' is x, or with ``rot`` [K / b, b, b] (OFT) x rotated block by block in fp32 and rounded back
+    to x's dtype. Accumulates in fp32 and returns y [M, out_features] in x's dtype. ``lora_xa``
+    [M, r] and ``lora_B`` [out_features, r] (both or neither) may be fp32 over a bf16/fp16 x.
     """
     m, k = x.shape
     parts = (packed, absmax, nested_absmax, offset)
     _check(x, "x", *parts, zero, block_size, fmt, out_features * k, nested_block_size)
     backend = backend_for(x.device)
+    # The fused small-M kernel rotates in its prologue (b >= 16, tl.dot); elsewhere rotate first.
+    fused_rotation = rot is not None and rot.shape[1] >= 16 and backend != "reference" and x.dtype != torch.float64
+    if rot is not None and not (fused_rotation and m <= thresholds.fused_max_m(x.device)):
+        x = oft_rotate(x, rot, False)
+        rot = None
     if backend == "reference" or x.dtype == torch.float64:
         weight = _decode("reference", *parts, zero, block_size, fmt, (out_features, k), x.dtype, nested_block_size)
         return reference.quant_linear(x, weight, bias, lora_xa, lora_B, scaling)
-    if backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
+    if rot is None and backend == "cuda" and m <= thresholds.gemv_max_m(x.device):
         return _gemv_cuda(x, *parts, zero, block_size, fmt, out_features, nested_block_size, bias, lora_xa, lora_B,
                           scaling)  # fmt: skip
     if m <= thresholds.fused_max_m(x.device):
         from qft.kernels.quant_matmul import quant_matmul as fused
 
-        return fused(x, *parts, block_size, fmt, out_features, bias, lora_xa, lora_B, scaling, nested_block_size, zero)
+        return fused(
+            x, *parts, block_size, fmt, out_features, bias, lora_xa, lora_B, scaling, nested_block_size, zero, rot
+        )
     weight = _decode(backend, *parts, zero, block_size, fmt, (out_features, k), x.dtype, nested_block_size)
     epilogue = None
     if lora_xa is not None:
