@@ -9,7 +9,8 @@ import torch
 from qft import ops
 from qft._extension import extension
 
-OP_NAMES = ("quantize_4bit", "dequantize_4bit", "quantize_nested", "dequantize_nested")
+OP_NAMES = ("quantize_4bit", "dequantize_4bit", "dequantize_lowbit", "quantize_nested", "dequantize_nested",
+            "quant_linear", "quant_linear_grad_input", "oft_rotate")  # fmt: skip
 # Ops that always run as torch code, whatever the device (tiny tensors).
 TORCH_EVERYWHERE = {"quantize_nested", "dequantize_nested"}
 
