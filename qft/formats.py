@@ -151,10 +151,16 @@ def get_format(name: str) -> CodebookFormat | AffineFormat:
     return FORMATS[name]
 
 
+def is_4bit_codebook(name: str) -> bool:
+    """True for nf4/fp4: the bitsandbytes-compatible formats with their own 4-bit ops and kernels."""
+    fmt = get_format(name)
+    return not fmt.affine and fmt.bits == 4
+
+
 def get_4bit_format(name: str) -> CodebookFormat:
     """A 4-bit code-book format (nf4, fp4): the ones bitsandbytes shares and the 4-bit ops serve."""
     fmt = get_format(name)
-    if fmt.affine or fmt.bits != 4:
+    if not is_4bit_codebook(name):
         raise ValueError(f"format must be a 4-bit code-book format ('fp4', 'nf4') here, got {name!r}")
     return fmt
 

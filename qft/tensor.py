@@ -91,7 +91,7 @@ class QuantizedTensor:
         """Decode to a dense tensor of the original shape in ``dtype`` (default: original dtype)."""
         dtype = self.dtype if dtype is None else dtype
         _check_float_dtype(dtype, "dtype")
-        if is_4bit_codebook(self.format):
+        if formats.is_4bit_codebook(self.format):
             flat = ops.dequantize_4bit(
                 self.packed, self.absmax, self.nested_absmax, self.offset, self.block_size, self.format,
                 self.numel, dtype, self.nested_block_size,
@@ -187,12 +187,6 @@ def _check_float_dtype(dtype: torch.dtype, name: str) -> None:
         raise TypeError(f"{name} must be one of float32/float16/bfloat16, got {dtype}")
 
 
-def is_4bit_codebook(fmt: str) -> bool:
-    """True for nf4/fp4: the bitsandbytes-compatible formats with their own 4-bit ops and kernels."""
-    spec = formats.get_format(fmt)
-    return not spec.affine and spec.bits == 4
-
-
 def _validate(qt: QuantizedTensor) -> None:
     formats.get_format(qt.format)
     formats.check_block_size(qt.block_size, qt.format)
@@ -256,7 +250,7 @@ def quantize(
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w must be finite: it holds NaN or Inf")
     zero = None
-    if is_4bit_codebook(format):
+    if formats.is_4bit_codebook(format):
         packed, absmax = ops.quantize_4bit(w, block_size, format)
     else:
         packed, absmax, zero = _quantize_lowbit(w, spec, block_size, method)

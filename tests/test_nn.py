@@ -78,12 +78,16 @@ def test_merge_and_unmerge(quantized):
     torch.nn.init.normal_(model[0].lora_B.weight, std=0.05)
     x = torch.randn(5, 64)
     want = model(x)
+    model[0].merged = True  # the base layer alone, for reference
+    base_only = model(x)
+    model[0].merged = False
     with pytest.warns(UserWarning, match="re-quantizes") if quantized else contextlib.nullcontext():
         qft.merge_adapters(model)
     merged = model(x)
     # A merged 4-bit weight is re-quantized: close (NF4 rounding), exact for a float base.
     tol = 0.15 * want.abs().max().item() if quantized else 1e-5
     torch.testing.assert_close(merged, want, atol=tol, rtol=0)
+    assert (merged - want).norm() < 0.5 * (merged - base_only).norm(), "the merge must carry the adapter"
     if quantized:
         with pytest.warns(UserWarning):
             qft.unmerge_adapters(model)

@@ -129,8 +129,8 @@ class QuantLinear(nn.Module):
             destination[prefix + "weight.nested_quant_map"] = formats.dynamic_map(qt.device).clone()
             meta.update(nested_blocksize=qt.nested_block_size, nested_dtype="float32", nested_offset=qt.offset.item())
         blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
-        bnb_compatible = not spec.affine and spec.bits == 4
-        destination[f"{prefix}{_BNB_BLOB if bnb_compatible else _QFT_BLOB}{qt.format}"] = blob
+        blob_key = _BNB_BLOB if formats.is_4bit_codebook(qt.format) else _QFT_BLOB
+        destination[f"{prefix}{blob_key}{qt.format}"] = blob
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         keys = [k for k in state_dict if k.startswith(prefix + "weight")]

@@ -24,18 +24,13 @@ from qft.ops.oft import oft_rotate
 from qft.ops.quant import check_quantized_parts, dequantize_4bit_into, dequantize_lowbit_into
 
 
-def _is_4bit_codebook(fmt: str) -> bool:
-    spec = formats.get_format(fmt)
-    return not spec.affine and spec.bits == 4
-
-
 def _decode(backend, packed, absmax, nested_absmax, offset, zero, block_size, fmt, shape, dtype, nested_block_size):
     """The dense [N, K] weight in ``dtype``: allocated on the reference path, a scratch view otherwise."""
     numel = shape[0] * shape[1]
     decode_dtype = torch.float32 if dtype == torch.float64 else dtype  # float64: gradcheck only
     out = None if backend == "reference" else scratch.buffer(packed.device, decode_dtype, numel)
     parts = (packed, absmax, nested_absmax, offset)
-    if _is_4bit_codebook(fmt):
+    if formats.is_4bit_codebook(fmt):
         weight = dequantize_4bit_into(out, backend, *parts, block_size, fmt, numel, decode_dtype, nested_block_size)
     else:
         weight = dequantize_lowbit_into(

@@ -214,8 +214,7 @@ def dequantize_lowbit(
     ``offset``); ``zero`` (fp16 per group) is given for affine formats only.
     """
     formats.check_block_size(block_size, fmt)
-    spec = formats.get_format(fmt)
-    if not spec.affine and spec.bits == 4:
+    if formats.is_4bit_codebook(fmt):
         raise ValueError(f"{fmt} is a 4-bit code-book format: use qft::dequantize_4bit")
     check_quantized_parts(packed, absmax, nested_absmax, offset, numel, block_size, nested_block_size, fmt, zero)
     if dtype not in FLOAT_DTYPES:
