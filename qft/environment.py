@@ -10,7 +10,8 @@ from qft import ops
 from qft._extension import extension
 
 OP_NAMES = ("quantize_4bit", "dequantize_4bit", "dequantize_lowbit", "quantize_nested", "dequantize_nested",
-            "quant_linear", "quant_linear_grad_input", "oft_rotate")  # fmt: skip
+            "quant_linear", "quant_linear_grad_input", "oft_rotate", "oft_rotate_backward", "oft_rotation",
+            "oft_rotation_backward")  # fmt: skip
 # Ops that always run as torch code, whatever the device (tiny tensors).
 TORCH_EVERYWHERE = {"quantize_nested", "dequantize_nested"}
 

@@ -197,13 +197,33 @@ class _OFTLinear(torch.autograd.Function):
             grad_rotated = ops.quant_linear_grad_input(
                 grad, *_weight_args(qt), qt.shape[1], qt.nested_block_size, None, None, None, 1.0
             )  # fmt: skip
-            if needs_x:
+            if needs_rot:  # one kernel: grad_x = g R^T and dL/dR = x^T g from one read of x and g
+                grad_x, grad_rot = ops.oft_rotate_backward(x2d, grad_rotated, rot)
+                grad_x = grad_x if needs_x else None
+            else:
                 grad_x = ops.oft_rotate(grad_rotated, rot, True)
-            if needs_rot:
-                grad_rot = reference_oft.rotation_grad(x2d, grad_rotated, rot.shape[0], rot.shape[1]).to(rot.dtype)
         if needs_bias:
             grad_bias = grad.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_rot, grad_bias, None
+
+
+def oft_rotation(
+    oft_weight: torch.Tensor,
+    block_size: int,
+    blocks: int,
+    cayley_neumann_terms: int = 5,
+    use_cayley_neumann: bool = True,
+) -> torch.Tensor:
+    """R ``[blocks, b, b]`` (differentiable) from OFT's skew parameters ``[blocks or 1, b(b-1)/2]``.
+
+    Cayley-Neumann runs through ``qft::oft_rotation`` (one launch for all blocks on a GPU, closed-form
+    backward); the exact Cayley transform through ``torch.linalg.solve``. One shared row is expanded
+    to every block (block_share)."""
+    if use_cayley_neumann and cayley_neumann_terms > 1:  # n = 1: R = I, unconnected to the parameters as in PEFT
+        rot = ops.oft_rotation(oft_weight, block_size, cayley_neumann_terms)
+    else:
+        rot = reference_oft.rotation(oft_weight, block_size, cayley_neumann_terms, use_cayley_neumann)
+    return rot.expand(blocks, block_size, block_size)
 
 
 def oft_linear(
@@ -244,8 +264,7 @@ def oft_linear(
         raise ValueError(f"oft_weight must have {blocks} rows (or 1 when shared), got {oft_weight.shape[0]}")
     if isinstance(cayley_neumann_terms, bool) or not isinstance(cayley_neumann_terms, int) or cayley_neumann_terms < 1:
         raise ValueError(f"cayley_neumann_terms must be a positive int, got {cayley_neumann_terms!r}")
-    rot = reference_oft.rotation(oft_weight, block_size, cayley_neumann_terms, use_cayley_neumann)
-    rot = rot.expand(blocks, block_size, block_size)  # block_share: one R for every block
+    rot = oft_rotation(oft_weight, block_size, blocks, cayley_neumann_terms, use_cayley_neumann)
     lead = x.shape[:-1]
     y = _OFTLinear.apply(x.reshape(-1, in_features), rot, bias, qt)
     return y.view(*lead, qt.shape[0])

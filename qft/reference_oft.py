@@ -19,6 +19,32 @@ def skew(params: torch.Tensor, block_size: int) -> torch.Tensor:
     return upper - upper.transpose(-2, -1)
 
 
+def neumann_coefficients(neumann_terms: int) -> list[float]:
+    """c_1..c_K of R = I + sum_k c_k Q^k (Cayley-Neumann with n terms, as ``rotation`` sums them)."""
+    if neumann_terms <= 1:
+        return []
+    if neumann_terms == 2:
+        return [2.0]
+    m = max(2, neumann_terms - 2)
+    return [2.0] * m + [1.0]
+
+
+def rotation_params_grad(params: torch.Tensor, grad_rot: torch.Tensor, block_size: int, neumann_terms: int):
+    """dL/d(params) ``[r, b(b-1)/2]`` of the Cayley-Neumann R from dL/dR ``[r, b, b]``, closed form:
+    with P = Q^T, dL/dQ = sum_k c_k T_k, T_1 = G, T_{k+1} = P T_k + G P^k; dL/dU = dQ - dQ^T."""
+    g = grad_rot.to(params.dtype)
+    p = skew(params, block_size).transpose(-2, -1)
+    grad_q = torch.zeros_like(g)
+    term, power = g, p
+    for k, c in enumerate(neumann_coefficients(neumann_terms), start=1):
+        if k > 1:
+            term = p @ term + g @ power
+            power = power @ p
+        grad_q = grad_q + c * term
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=params.device)
+    return (grad_q - grad_q.transpose(-2, -1))[:, rows, cols]
+
+
 def rotation(params: torch.Tensor, block_size: int, neumann_terms: int = 5, use_neumann: bool = True) -> torch.Tensor:
     """R for every block ``[r, b, b]`` (differentiable), in the parameters' dtype."""
     q = skew(params, block_size)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft import functional, reference_oft
+from qft import functional, ops, reference_oft
 from qft.nn.quant_linear import QuantLinear
 from qft.tensor import quantize
 
@@ -84,8 +84,8 @@ class OFTLinear(nn.Module):
     def rotation(self) -> torch.Tensor:
         """R for every block ``[in/b, b, b]`` (fp32, differentiable)."""
         c = self.config
-        rot = reference_oft.rotation(self.oft_R.weight, c.block_size, c.cayley_neumann_terms, c.use_cayley_neumann)
-        return rot.expand(self.blocks, c.block_size, c.block_size)
+        return functional.oft_rotation(self.oft_R.weight, c.block_size, self.blocks, c.cayley_neumann_terms,
+                                       c.use_cayley_neumann)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [..., out]`` in x's dtype."""
@@ -103,7 +103,7 @@ class OFTLinear(nn.Module):
                 x, base.quantized, self.oft_R.weight, c.block_size, base.bias, c.cayley_neumann_terms,
                 c.use_cayley_neumann,
             )  # fmt: skip
-        rotated = reference_oft.rotate(x.reshape(-1, self.in_features), self.rotation()).view(x.shape)
+        rotated = ops.oft_rotate(x.reshape(-1, self.in_features), self.rotation(), False).view(x.shape)
         return base(rotated)
 
     @torch.no_grad()

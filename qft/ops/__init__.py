@@ -4,7 +4,7 @@
 
 from qft.ops.dispatch import BACKENDS, DTYPE_CODES, FLOAT_DTYPES, backend_for, use_backend
 from qft.ops.linear import quant_linear, quant_linear_grad_input
-from qft.ops.oft import oft_rotate
+from qft.ops.oft import oft_rotate, oft_rotate_backward, oft_rotation, oft_rotation_backward
 from qft.ops.quant import (
     check_quantized_parts,
     dequantize_4bit,
@@ -24,6 +24,9 @@ __all__ = [
     "dequantize_lowbit",
     "dequantize_nested",
     "oft_rotate",
+    "oft_rotate_backward",
+    "oft_rotation",
+    "oft_rotation_backward",
     "quant_linear",
     "quant_linear_grad_input",
     "quantize_4bit",

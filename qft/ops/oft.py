@@ -1,4 +1,7 @@
-"""Custom op of OFT's input rotation: ``qft::oft_rotate`` (block-diagonal R, or its transpose)."""
+"""Custom ops of OFT: ``qft::oft_rotate`` (the input rotation by block-diagonal R or R^T),
+``qft::oft_rotate_backward`` (grad_x and dL/dR from one read of x and the gradient) and
+``qft::oft_rotation`` (R from the skew parameters by Cayley-Neumann, differentiable through
+``qft::oft_rotation_backward``)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,16 @@ from qft import reference_oft
 from qft.ops.dispatch import backend_for
 
 
+def _check_rotate(x: torch.Tensor, rot: torch.Tensor) -> None:
+    if x.dim() != 2 or rot.dim() != 3 or rot.shape[1] != rot.shape[2] or rot.shape[0] * rot.shape[1] != x.shape[1]:
+        raise ValueError(f"rot {tuple(rot.shape)} does not tile x's last dimension {tuple(x.shape)}")
+
+
 @torch.library.custom_op("qft::oft_rotate", mutates_args=())
 def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Tensor:
     """``x`` [M, K] rotated per block by ``rot`` [K / b, b, b] (by R^T when ``transpose``), computed in
     fp32 and returned in x's dtype."""
-    if x.dim() != 2 or rot.dim() != 3 or rot.shape[1] != rot.shape[2] or rot.shape[0] * rot.shape[1] != x.shape[1]:
-        raise ValueError(f"rot {tuple(rot.shape)} does not tile x's last dimension {tuple(x.shape)}")
+    _check_rotate(x, rot)
     if backend_for(x.device) == "reference" or x.dtype == torch.float64:
         return reference_oft.rotate(x, rot, transpose)
     from qft.kernels.oft_rotate import rotate
@@ -24,3 +31,109 @@ def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Ten
 @oft_rotate.register_fake
 def _(x, rot, transpose):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("qft::oft_rotate_backward", mutates_args=())
+def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``oft_rotate(x, rot, False)``: (grad_x = grad R^T per block in grad's dtype,
+    dL/dR = x^T grad per block [K / b, b, b] accumulated in fp32, in rot's dtype)."""
+    _check_rotate(x, rot)
+    if grad.shape != x.shape:
+        raise ValueError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
+    nb, b, _ = rot.shape
+    if backend_for(x.device) == "reference" or x.dtype == torch.float64:
+        grad_x = reference_oft.rotate(grad, rot, True)
+        return grad_x, reference_oft.rotation_grad(x, grad, nb, b).to(rot.dtype)
+    from qft.kernels.oft_rotate import rotate_backward
+
+    grad_x, grad_rot = rotate_backward(x, grad, rot)
+    return grad_x, grad_rot.to(rot.dtype)
+
+
+@oft_rotate_backward.register_fake
+def _(x, grad, rot):
+    return torch.empty_like(grad), torch.empty_like(rot)
+
+
+def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:
+    if params.dim() != 2 or params.shape[1] != block_size * (block_size - 1) // 2:
+        raise ValueError(f"params must be [blocks, {block_size * (block_size - 1) // 2}] for block_size "
+                         f"{block_size}, got {tuple(params.shape)}")  # fmt: skip
+    if terms < 1:
+        raise ValueError(f"cayley_neumann_terms must be positive, got {terms}")
+
+
+def _triton_rotation(params: torch.Tensor, block_size: int) -> bool:
+    power_of_two = block_size >= 2 and block_size & (block_size - 1) == 0
+    return backend_for(params.device) != "reference" and params.dtype != torch.float64 and power_of_two
+
+
+def _rotate_setup(ctx, inputs, output):
+    x, rot, transpose = inputs
+    ctx.save_for_backward(x, rot)
+    ctx.transpose = transpose
+
+
+def _rotate_autograd(ctx, grad):
+    x, rot = ctx.saved_tensors
+    if not ctx.transpose:
+        grad_x, grad_rot = oft_rotate_backward(x, grad, rot)
+        return grad_x, grad_rot, None
+    grad_x, grad_rot_t = oft_rotate_backward(x, grad, rot.transpose(-2, -1).contiguous())
+    return grad_x, grad_rot_t.transpose(-2, -1), None
+
+
+oft_rotate.register_autograd(_rotate_autograd, setup_context=_rotate_setup)
+
+
+@torch.library.custom_op("qft::oft_rotation", mutates_args=())
+def oft_rotation(params: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
+    """R ``[blocks, b, b]`` in params' dtype from skew parameters ``[blocks, b(b-1)/2]`` by
+    Cayley-Neumann with ``terms`` terms (``qft.reference_oft.rotation``); all blocks in one launch
+    on a GPU (power-of-two b)."""
+    _check_params(params, block_size, terms)
+    if not _triton_rotation(params, block_size):
+        return reference_oft.rotation(params, block_size, terms)
+    from qft.kernels.oft_rotation import rotation
+
+    return rotation(params, block_size, terms).to(params.dtype)
+
+
+@oft_rotation.register_fake
+def _(params, block_size, terms):
+    return params.new_empty((params.shape[0], block_size, block_size))
+
+
+@torch.library.custom_op("qft::oft_rotation_backward", mutates_args=())
+def oft_rotation_backward(params: torch.Tensor, grad_rot: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
+    """dL/d(params) of ``oft_rotation`` from dL/dR, in params' dtype (closed form, see
+    ``qft.reference_oft.rotation_params_grad``)."""
+    _check_params(params, block_size, terms)
+    if grad_rot.shape != (params.shape[0], block_size, block_size):
+        raise ValueError(
+            f"grad_rot must be [{params.shape[0]}, {block_size}, {block_size}], got {tuple(grad_rot.shape)}"
+        )
+    if not _triton_rotation(params, block_size):
+        return reference_oft.rotation_params_grad(params, grad_rot, block_size, terms)
+    from qft.kernels.oft_rotation import rotation_grad
+
+    return rotation_grad(params, grad_rot, block_size, terms).to(params.dtype)
+
+
+@oft_rotation_backward.register_fake
+def _(params, grad_rot, block_size, terms):
+    return torch.empty_like(params)
+
+
+def _rotation_setup(ctx, inputs, output):
+    params, block_size, terms = inputs
+    ctx.save_for_backward(params)
+    ctx.block_size, ctx.terms = block_size, terms
+
+
+def _rotation_backward(ctx, grad_rot):
+    (params,) = ctx.saved_tensors
+    return oft_rotation_backward(params, grad_rot, ctx.block_size, ctx.terms), None, None
+
+
+oft_rotation.register_autograd(_rotation_backward, setup_context=_rotation_setup)
