@@ -249,3 +249,26 @@ def test_triton_oft_linear_backward_matches_reference():
         F.oft_linear(x, qt, w, 32).square().sum().backward()
     torch.testing.assert_close(x.grad, want_x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, want_w, rtol=1e-4, atol=1e-5 * want_w.abs().max().item())
+
+
+def test_oft_over_an_act_order_layer_rotates_the_original_feature_order():
+    torch.manual_seed(0)
+    dense = torch.randn(32, 64)
+    perm = torch.randperm(64)
+    # An act-order import stores the weight's columns in perm order and permutes x to match.
+    layer = qft.nn.QuantLinear(qft.quantize(dense[:, perm], "int4", 32), input_perm=perm)
+    plain_w = layer.dequantize(torch.float32)
+    model = torch.nn.Sequential(layer)
+    qft.add_adapters(model, qft.OFTConfig(block_size=16, target_modules=("0",)))
+    torch.nn.init.normal_(model[0].oft_R.weight, std=0.05)
+    x = torch.randn(3, 64)
+    rot = model[0].rotation().detach()
+    want = reference_oft.rotate(x, rot) @ plain_w.t()
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        qft.merge_adapters(model)
+    merged = model[0].base_layer.dequantize(torch.float32)
+    ideal = plain_w @ torch.block_diag(*rot).t()
+    # Re-quantized: closer to W R^T than the unrotated weight is, and the output follows the merge.
+    assert (merged - ideal).abs().mean() < 0.5 * (plain_w - ideal).abs().mean()
+    torch.testing.assert_close(model(x), x @ merged.t(), rtol=1e-5, atol=1e-5)

@@ -96,13 +96,12 @@ class OFTLinear(nn.Module):
             with torch.no_grad():
                 self.oft_R.weight.copy_(reference_oft.coft_project(self.oft_R.weight, c.block_size, c.eps))
         base = self.base_layer
-        if isinstance(base, QuantLinear):
-            if base.input_perm is not None:
-                raise ValueError("OFT over an act-order (input-permuted) layer is not supported")
+        if isinstance(base, QuantLinear) and base.input_perm is None:
             return functional.oft_linear(
                 x, base.quantized, self.oft_R.weight, c.block_size, base.bias, c.cayley_neumann_terms,
                 c.use_cayley_neumann,
             )  # fmt: skip
+        # nn.Linear, or an act-order layer (it permutes the rotated input): rotate, then the base layer.
         rotated = ops.oft_rotate(x.reshape(-1, self.in_features), self.rotation(), False).view(x.shape)
         return base(rotated)
 
@@ -129,7 +128,10 @@ class OFTLinear(nn.Module):
         if isinstance(base, QuantLinear):
             warnings.warn("merging into a quantized weight re-quantizes it", UserWarning, stacklevel=3)
             qt = base.quantized
-            new = quantize(transform(qt.dequantize(torch.float32)), qt.format, qt.block_size, qt.double_quant)
+            weight = transform(base.dequantize(torch.float32))  # in the original column order
+            if base.input_perm is not None:
+                weight = weight.index_select(1, base.input_perm)  # back to the stored (act-order) order
+            new = quantize(weight, qt.format, qt.block_size, qt.double_quant)
             base._set_quantized(dataclasses.replace(new, dtype=qt.dtype))
         else:
             base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
