@@ -1,7 +1,9 @@
 """AdamW with 32-bit or 8-bit state, optionally paged: ``PagedAdamW``, ``AdamW8bit``, ``PagedAdamW8bit``.
 
 The update follows ``torch.optim.AdamW`` op for op (decoupled weight decay, bias-corrected moments,
-``maximize``, a tensor ``lr``), so 32-bit state reproduces torch's results on fp32 parameters. With
+``maximize``, a tensor ``lr``), so 32-bit state reproduces torch's results on fp32 parameters. On a
+GPU the step is one Triton launch per (parameter dtype, gradient dtype) over every tensor
+(``qft.kernels.adamw``), fed by tables copied asynchronously: ``step`` never waits for the device. With
 8-bit state each moment is kept blockwise-quantized (``qft.optim.quant_state``); tensors smaller than
 ``min_8bit_size`` keep fp32 state. Paged state on a GPU lives in managed memory when the CUDA
 extension is built (``page_out`` prefetches it to the host, ``page_in`` back), else it is copied to
@@ -15,6 +17,7 @@ import warnings
 
 import torch
 
+from qft.ops.dispatch import FLOAT_DTYPES, backend_for
 from qft.optim import paging, quant_state
 
 _CPU_PAGING_WARNED = False
@@ -87,6 +90,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self._paged_out:
             self.page_in()
+        fused: dict[tuple, list[dict]] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd, maximize = group["lr"], group["eps"], group["weight_decay"], group["maximize"]
@@ -98,8 +102,39 @@ class PagedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p))
-                self._update(p, state, lr, beta1, beta2, eps, wd, maximize)
+                if self._fusable(p):
+                    key = (p.device, p.dtype, p.grad.dtype)
+                    fused.setdefault(key, []).append(self._fused_entry(p, state, lr, beta1, beta2, eps, wd, maximize))
+                else:
+                    self._update(p, state, lr, beta1, beta2, eps, wd, maximize)
+        if fused:
+            from qft.kernels.adamw import adamw_step
+
+            for (device, _, _), entries in fused.items():  # one launch per (device, param dtype, grad dtype)
+                adamw_step(entries, quant_state.tables(device))
         return loss
+
+    @staticmethod
+    def _fusable(p: torch.Tensor) -> bool:
+        """GPU parameters (or any, with the Triton backend forced) take the fused multi-tensor step."""
+        if backend_for(p.device) == "reference" or p.dtype not in FLOAT_DTYPES:
+            return False
+        return p.grad.dtype in FLOAT_DTYPES and p.is_contiguous() and p.grad.is_contiguous()
+
+    @staticmethod
+    def _fused_entry(p, state, lr, beta1, beta2, eps, wd, maximize) -> dict:
+        from qft.kernels.adamw import host_scalars
+
+        state["step"] += 1  # a CPU tensor, as in torch.optim.AdamW: reading it never waits for the GPU
+        device_lr = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+        host_lr = lr.item() if isinstance(lr, torch.Tensor) and not device_lr else lr
+        entry = {key: state[key] for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+                 if key in state}  # fmt: skip
+        entry.update(param=p, grad=p.grad, scalars=host_scalars(host_lr, beta1, beta2, eps, wd, maximize,
+                                                                 state["step"].item()))  # fmt: skip
+        if device_lr:
+            entry["lr"] = lr.to(p.device, torch.float32)
+        return entry
 
     def _update(self, p, state, lr, beta1, beta2, eps, wd, maximize) -> None:
         grad = -p.grad if maximize else p.grad

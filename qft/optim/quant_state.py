@@ -39,3 +39,9 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch
     """fp32 values (flat) of ``quantize``'s output: ``map[code] * absmax``."""
     values = _blocks(_map(signed, codes.device)[codes.long()], BLOCK) * absmax.unsqueeze(1)
     return values.reshape(-1)[: codes.numel()]
+
+
+def tables(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(signed map, unsigned map, signed midpoints, unsigned midpoints) on ``device``, for kernels."""
+    device = torch.device(device)
+    return _map(True, device), _map(False, device), _midpoints(True, device), _midpoints(False, device)

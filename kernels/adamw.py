@@ -1,0 +1,224 @@
+"""Triton multi-tensor AdamW step: one launch updates every parameter of one (param dtype, grad dtype)
+kind, with fp32 or blockwise 8-bit moments, and never synchronizes with the host.
+
+The launcher writes three small tables (built on the host from values it already has, copied
+asynchronously from pinned memory): per tensor its addresses (param, grad, moments, 8-bit absmax) and
+numel, per tensor its fp32 scalars (AdamW's factors after bias correction, computed on the host the
+way ``torch.optim.AdamW`` computes them), and per program the (tensor, first element) of its chunk.
+The update mirrors ``qft.optim.adamw.PagedAdamW._update`` (torch's single-tensor AdamW) op for op;
+8-bit moments are decoded, updated and re-encoded like ``qft.optim.quant_state``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+CHUNK = 2048  # elements a program updates; a multiple of the 8-bit state's block
+QBLOCK = 256  # qft.optim.quant_state.BLOCK
+ABSMAX_FLOOR = 1e-38  # qft.formats.ABSMAX_FLOOR
+# Per-tensor scalar columns.
+DECAY, W1, BETA2, W2, NEG_STEP, BC2_SQRT, EPS, SIGN, WD, INV_BC1 = range(10)
+SCALARS = 10
+# Per-tensor address columns: param, grad, exp_avg, exp_avg_sq, exp_avg absmax (8-bit), exp_avg_sq absmax, lr.
+ADDRESSES = 7
+
+_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@triton.jit
+def _load_float(addr, offs, mask, KIND: tl.constexpr, BY_HAND: tl.constexpr):
+    """fp32 values of a float32 (0), float16 (1) or bfloat16 (2) tensor at address ``addr``."""
+    if KIND == 0:
+        return tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    elif KIND == 1:
+        return tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    elif BY_HAND:  # the interpreter: read the bf16 bits and widen them
+        bits = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_float(addr, offs, values, mask, KIND: tl.constexpr, BY_HAND: tl.constexpr):
+    """Store fp32 ``values`` rounded to nearest even in the tensor's dtype (by hand for bf16 in the
+    interpreter, which truncates)."""
+    if KIND == 0:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, values, mask=mask)
+    elif KIND == 1:
+        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, values.to(tl.float16), mask=mask)
+    elif BY_HAND:
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, (bits >> 16).to(tl.uint16), mask=mask)
+    else:
+        tl.store(addr.to(tl.pointer_type(tl.bfloat16)) + offs, values.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _adamw(p, g, m, v, s_ptr, lr_addr):
+    """One AdamW update in torch's op order: p *= 1 - lr wd; m = lerp(m, g, 1 - beta1);
+    v = v beta2 + (1 - beta2) g g; p += -step_size * m / (sqrt(v) / sqrt(bc2) + eps)."""
+    decay = tl.load(s_ptr + 0)
+    w1 = tl.load(s_ptr + 1)
+    neg_step = tl.load(s_ptr + 4)
+    if lr_addr != 0:  # a tensor lr on the device: the factors that need it are formed here
+        lr = tl.load(lr_addr.to(tl.pointer_type(tl.float32)))
+        decay = 1.0 - lr * tl.load(s_ptr + 8)
+        neg_step = -(lr * tl.load(s_ptr + 9))
+    g = g * tl.load(s_ptr + 7)  # maximize: -1
+    p = p * decay
+    # torch's lerp and addcmul round once (fused multiply-add); addcdiv is p + (value * m) / denom.
+    m = tl.where(w1 < 0.5, tl.fma(w1, g - m, m), tl.fma(w1 - 1.0, g - m, g))
+    v = v * tl.load(s_ptr + 2)
+    v = tl.fma(tl.load(s_ptr + 3) * g, g, v)
+    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(s_ptr + 5)) + tl.load(s_ptr + 6)
+    p = p + tl.div_rn(neg_step * m, denom)
+    return p, m, v
+
+
+@triton.jit
+def _encode(values, midpoints_ptr):
+    """8-bit codes of ``values`` [blocks, QBLOCK] scaled by their block absmax: the index of the
+    nearest map entry, i.e. the number of sorted midpoints below the scaled value (binary search)."""
+    absmax = tl.max(tl.abs(values), axis=1)
+    scaled = tl.div_rn(values, tl.maximum(absmax, ABSMAX_FLOOR)[:, None])
+    lo = tl.zeros(values.shape, dtype=tl.int32)
+    for i in tl.static_range(8):
+        shift: tl.constexpr = 7 - i
+        probe = lo + (1 << shift) - 1
+        mid = tl.load(midpoints_ptr + probe, mask=probe < 255, other=float("inf"))
+        lo = tl.where(mid < scaled, lo + (1 << shift), lo)
+    return lo.to(tl.uint8), absmax
+
+
+@triton.jit
+def _adamw_multi_kernel(
+    addr_ptr,  # [T, ADDRESSES] int64
+    numel_ptr,  # [T] int64
+    scalar_ptr,  # [T, SCALARS] fp32
+    eight_ptr,  # [T] int32: 1 when the tensor's moments are 8-bit
+    chunk_ptr,  # [programs, 2] int64: tensor index, first element
+    signed_map_ptr,
+    unsigned_map_ptr,
+    signed_mid_ptr,
+    unsigned_mid_ptr,
+    P_KIND: tl.constexpr,
+    G_KIND: tl.constexpr,
+    BY_HAND: tl.constexpr,
+    CHUNK: tl.constexpr,
+    QBLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_ptr + 2 * pid)
+    start = tl.load(chunk_ptr + 2 * pid + 1)
+    numel = tl.load(numel_ptr + t)
+    row = addr_ptr + t * 7
+    p_addr, g_addr = tl.load(row + 0), tl.load(row + 1)
+    m_addr, v_addr = tl.load(row + 2), tl.load(row + 3)
+    lr_addr = tl.load(row + 6)
+    s_ptr = scalar_ptr + t * 10
+    if tl.load(eight_ptr + t) == 0:
+        offs = start + tl.arange(0, CHUNK)
+        mask = offs < numel
+        p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
+        g = _load_float(g_addr, offs, mask, G_KIND, BY_HAND)
+        m_ptr = m_addr.to(tl.pointer_type(tl.float32))
+        v_ptr = v_addr.to(tl.pointer_type(tl.float32))
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        p, m, v = _adamw(p, g, m, v, s_ptr, lr_addr)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        _store_float(p_addr, offs, p, mask, P_KIND, BY_HAND)
+    else:
+        blocks: tl.constexpr = CHUNK // QBLOCK
+        block_ids = start // QBLOCK + tl.arange(0, blocks)
+        offs = start + tl.arange(0, blocks)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        mask = offs < numel
+        block_ok = block_ids * QBLOCK < numel
+        p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
+        g = _load_float(g_addr, offs, mask, G_KIND, BY_HAND)
+        m_codes = m_addr.to(tl.pointer_type(tl.uint8))
+        v_codes = v_addr.to(tl.pointer_type(tl.uint8))
+        m_absmax = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        v_absmax = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        m = tl.load(signed_map_ptr + tl.load(m_codes + offs, mask=mask, other=0).to(tl.int32))
+        m = m * tl.load(m_absmax + block_ids, mask=block_ok, other=0.0)[:, None]
+        v = tl.load(unsigned_map_ptr + tl.load(v_codes + offs, mask=mask, other=0).to(tl.int32))
+        v = v * tl.load(v_absmax + block_ids, mask=block_ok, other=0.0)[:, None]
+        p, m, v = _adamw(p, g, m, v, s_ptr, lr_addr)
+        # Padding past numel must not enter a block's absmax (the reference pads with zeros).
+        m = tl.where(mask, m, 0.0)
+        v = tl.where(mask, v, 0.0)
+        codes, absmax = _encode(m, signed_mid_ptr)
+        tl.store(m_codes + offs, codes, mask=mask)
+        tl.store(m_absmax + block_ids, absmax, mask=block_ok)
+        codes, absmax = _encode(v, unsigned_mid_ptr)
+        tl.store(v_codes + offs, codes, mask=mask)
+        tl.store(v_absmax + block_ids, absmax, mask=block_ok)
+        _store_float(p_addr, offs, p, mask, P_KIND, BY_HAND)
+
+
+def host_scalars(lr, beta1, beta2, eps, weight_decay, maximize, step) -> list[float]:
+    """One tensor's scalar row, formed as ``torch.optim.AdamW`` forms its Python scalars (doubles,
+    rounded to fp32 when the table is written, as torch's fp32 kernels round them)."""
+    lr_value = 0.0 if isinstance(lr, torch.Tensor) else lr
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    row = [0.0] * SCALARS
+    row[DECAY], row[W1], row[BETA2], row[W2] = 1 - lr_value * weight_decay, 1 - beta1, beta2, 1 - beta2
+    row[NEG_STEP], row[BC2_SQRT], row[EPS] = -(lr_value / bias_correction1), math.sqrt(bias_correction2), eps
+    row[SIGN], row[WD], row[INV_BC1] = -1.0 if maximize else 1.0, weight_decay, 1 / bias_correction1
+    return row
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without a host synchronization (pinned, asynchronous copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def adamw_step(entries: list[dict], maps: tuple[torch.Tensor, ...]) -> None:
+    """Update every entry (``param``, ``grad``, ``exp_avg``, ``exp_avg_sq``, optional ``*_absmax``
+    for 8-bit state, ``scalars`` from ``host_scalars``, optional device ``lr`` tensor) in one launch.
+
+    All params share one dtype, all grads one dtype, and one device; ``maps`` holds the signed and
+    unsigned dynamic maps and their midpoints on that device.
+    """
+    if not entries:
+        return
+    device = entries[0]["param"].device
+    p_kind, g_kind = _KINDS[entries[0]["param"].dtype], _KINDS[entries[0]["grad"].dtype]
+    addresses, numels, scalars, eight, chunks = [], [], [], [], []
+    for t, e in enumerate(entries):
+        p, g = e["param"], e["grad"]
+        if not (p.is_contiguous() and g.is_contiguous()):
+            raise ValueError("the fused AdamW step needs contiguous parameters and gradients")
+        is8 = "exp_avg_absmax" in e
+        lr = e.get("lr")
+        addresses.append([
+            p.data_ptr(), g.data_ptr(), e["exp_avg"].data_ptr(), e["exp_avg_sq"].data_ptr(),
+            e["exp_avg_absmax"].data_ptr() if is8 else 0, e["exp_avg_sq_absmax"].data_ptr() if is8 else 0,
+            lr.data_ptr() if lr is not None else 0,
+        ])  # fmt: skip
+        numels.append(p.numel())
+        scalars.append(e["scalars"])
+        eight.append(int(is8))
+        chunks.extend([t, start] for start in range(0, p.numel(), CHUNK))
+    by_hand = interpreting() and torch.bfloat16 in (entries[0]["param"].dtype, entries[0]["grad"].dtype)
+    # Every tensor pointer stays alive in ``entries`` until the launch is queued.
+    _adamw_multi_kernel[(len(chunks),)](
+        _to_device(addresses, torch.int64, device), _to_device(numels, torch.int64, device),
+        _to_device(scalars, torch.float32, device), _to_device(eight, torch.int32, device),
+        _to_device(chunks, torch.int64, device), *maps, P_KIND=p_kind, G_KIND=g_kind, BY_HAND=by_hand,
+        CHUNK=CHUNK, QBLOCK=QBLOCK,
+    )  # fmt: skip
