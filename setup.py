@@ -104,7 +104,7 @@ class NinjaCudaBuild(build_ext):
 cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*") if p.suffix in (".cu", ".cpp"))
 
 setup(
-    packages=["qft", "qft.ops", "qft.nn", "qft.optim", "qft.kernels"],
+    packages=["qft", "qft.ops", "qft.nn", "qft.optim", "qft.integrations", "qft.kernels"],
     package_dir={"qft": "qft", "qft.kernels": "kernels"},
     ext_modules=[Extension("qft._C", sources=cuda_sources)],
     cmdclass={"build_ext": NinjaCudaBuild},

@@ -6,7 +6,7 @@ model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``, ``save_adapters
 ``qft.ops`` holds the ``qft::`` custom ops.
 """
 
-from qft import formats, functional, nn, ops, optim
+from qft import formats, functional, integrations, nn, ops, optim
 from qft.nn import (
     LoRAConfig,
     OFTConfig,
@@ -21,9 +21,23 @@ from qft.nn import (
 from qft.tensor import QuantizedTensor, dequantize, quantize
 
 __version__ = "0.1.0"
+
+integrations.install_transformers_hook()  # registers quant_method "qft" once transformers loads its quantizers
+
+
+def __getattr__(name: str):
+    # QftConfig lives with the transformers integration, imported (with transformers) only when asked for.
+    if name == "QftConfig":
+        from qft.integrations.transformers import QftConfig
+
+        return QftConfig
+    raise AttributeError(f"module 'qft' has no attribute {name!r}")
+
+
 __all__ = [
     "LoRAConfig",
     "OFTConfig",
+    "QftConfig",
     "QuantConfig",
     "QuantizedTensor",
     "__version__",
@@ -31,6 +45,7 @@ __all__ = [
     "dequantize",
     "formats",
     "functional",
+    "integrations",
     "load_adapters",
     "merge_adapters",
     "nn",

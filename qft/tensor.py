@@ -158,6 +158,26 @@ class QuantizedTensor:
         )  # fmt: skip
 
     @classmethod
+    def empty(cls, shape, dtype: torch.dtype, format: str = "nf4", block_size: int = formats.DEFAULT_BLOCK_SIZE,
+              double_quant: bool = True, device: torch.device | str = "meta") -> QuantizedTensor:  # fmt: skip
+        """Uninitialized parts of the right sizes (on the meta device by default): a skeleton that a
+        checkpoint loader fills, for weights that are never materialized in float."""
+        spec = formats.get_format(format)
+        formats.check_block_size(block_size, format)
+        numel = math.prod(shape)
+        blocks = formats.num_blocks(numel, block_size)
+        new = lambda n, dt: torch.empty(n, dtype=dt, device=device)
+        packed = new(formats.packed_numel(numel, spec.bits), formats.packed_dtype(spec.bits))
+        zero = new(blocks, torch.float16) if spec.affine else None
+        if not double_quant:
+            return cls(packed, new(blocks, torch.float32), None, None, torch.Size(shape), dtype, format, block_size,
+                       zero=zero)  # fmt: skip
+        nested = new(formats.num_blocks(blocks, formats.NESTED_BLOCK_SIZE), torch.float32)
+        offset = torch.empty((), dtype=torch.float32, device=device)
+        return cls(packed, new(blocks, torch.uint8), nested, offset, torch.Size(shape), dtype, format, block_size,
+                   zero=zero)  # fmt: skip
+
+    @classmethod
     def from_bnb(cls, packed: torch.Tensor, quant_state) -> QuantizedTensor:
         """Wrap bitsandbytes' 4-bit ``(packed, QuantState)`` without re-quantizing.
 

@@ -99,6 +99,13 @@ class QuantLinear(nn.Module):
             f"format={self.format}, block_size={self.block_size}{dq}"
         )
 
+    def load_quantized_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the weight from one layer's entries (keys ``weight``, ``weight.absmax``, ... as in this
+        module's state dict, without prefix; a float ``weight`` is quantized like this layer). The
+        parts stay on their device; ``ValueError`` if they do not describe this layer's shape."""
+        qt = _quantized_from_state(state, "", (self.out_features, self.in_features), self)
+        self._set_quantized(qt)
+
     def _apply(self, fn, recurse=True):
         # Module.to(dtype)/half() would cast the fp32 scales; let them follow device moves only.
         before = {part: getattr(self, f"weight_{part}") for part in _PARTS}
@@ -127,7 +134,8 @@ class QuantLinear(nn.Module):
         if qt.double_quant:
             destination[prefix + "weight.nested_absmax"] = detach(qt.nested_absmax)
             destination[prefix + "weight.nested_quant_map"] = formats.dynamic_map(qt.device).clone()
-            meta.update(nested_blocksize=qt.nested_block_size, nested_dtype="float32", nested_offset=qt.offset.item())
+            offset = 0.0 if qt.offset.is_meta else qt.offset.item()  # a skeleton (meta) before loading
+            meta.update(nested_blocksize=qt.nested_block_size, nested_dtype="float32", nested_offset=offset)
         blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
         blob_key = _BNB_BLOB if formats.is_4bit_codebook(qt.format) else _QFT_BLOB
         destination[f"{prefix}{blob_key}{qt.format}"] = blob

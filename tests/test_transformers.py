@@ -1,0 +1,94 @@
+"""qft as a transformers quantization backend (quant_method "qft"), on a tiny Llama on CPU."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from llama_models import save_tiny_llama, token_ids
+
+import qft
+from qft.nn import QuantLinear
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+from qft.integrations.transformers import QftConfig, from_bnb_pretrained  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "float")
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(token_ids()).logits
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int3"])
+def test_from_pretrained_with_qftconfig_equals_quantize_(float_dir, fmt):
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=QftConfig(format=fmt),
+                                                 dtype=torch.float32)  # fmt: skip
+    layers = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14 and "lm_head" not in layers, "every linear but the output head"
+    assert model.config.quantization_config.format == fmt
+    reference = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    qft.quantize_(reference, qft.QuantConfig(fmt), filter_fn=lambda module, name: name != "lm_head")
+    assert torch.equal(_logits(model), _logits(reference))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.rpartition(".")[0] in layers)
+
+
+def test_save_pretrained_round_trips_bit_exactly_without_a_config(float_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=QftConfig(double_quant=True),
+                                                 dtype=torch.float32)  # fmt: skip
+    model.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "qft"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys()
+    assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    assert torch.equal(_logits(model), _logits(loaded))
+
+
+def test_bitsandbytes_checkpoint_loads_into_qft_layers_byte_for_byte(float_dir, tmp_path):
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    bnb_model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, dtype=torch.float32,
+                                                     device_map="cpu")  # fmt: skip
+    bnb_model.save_pretrained(tmp_path / "bnb")
+    ours = from_bnb_pretrained(AutoModelForCausalLM, tmp_path / "bnb", dtype=torch.float32)
+    theirs, mine = bnb_model.model.layers[1].mlp.down_proj, ours.model.layers[1].mlp.down_proj
+    assert isinstance(mine, QuantLinear) and mine.format == "nf4" and mine.weight_nested_absmax is not None
+    assert torch.equal(theirs.weight.data.view(-1), mine.weight_packed)
+    # bitsandbytes' eval-mode CPU kernel computes in bf16; its training path dequantizes and matmuls in fp32.
+    bnb_model.train()
+    assert torch.equal(_logits(ours), _logits(bnb_model))
+
+
+def test_bad_config_and_mismatched_checkpoint_fail_at_load(float_dir, tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        QftConfig(format="nf5")
+    with pytest.raises(TypeError, match="unknown arguments"):
+        QftConfig(bits=4)
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=QftConfig(), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "q")
+    shutil.copytree(tmp_path / "q", tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    config["quantization_config"]["format"] = "int4"
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises((RuntimeError, ValueError)) as info:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "bad")
+    assert "conversion" in str(info.value).lower() or "stored as nf4" in str(info.value)
+    with pytest.raises(ValueError, match="not a bitsandbytes 4-bit checkpoint"):
+        from_bnb_pretrained(AutoModelForCausalLM, tmp_path / "q")
+
+
+def test_import_qft_registers_the_quantizer_when_transformers_loads():
+    code = ("import sys, qft; assert 'transformers' not in sys.modules; "
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING; "
+            "assert AUTO_QUANTIZER_MAPPING['qft'].__name__ == 'QftHfQuantizer'; "
+            "assert AUTO_QUANTIZATION_CONFIG_MAPPING['qft'] is qft.QftConfig")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, env={"TRITON_INTERPRET": "1", "PATH": ""})
