@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
@@ -12,7 +11,6 @@ from torch import nn
 from qft import functional
 from qft.nn.config import LoRAConfig, QuantConfig
 from qft.nn.quant_linear import QuantLinear
-from qft.tensor import quantize
 
 
 def _device_of(layer: nn.Module) -> torch.device:
@@ -100,11 +98,7 @@ class LoRALinear(nn.Module):
                 UserWarning,
                 stacklevel=3,
             )
-            qt = base.quantized
-            if base.input_perm is not None:  # the stored weight's columns are in input_perm order
-                delta = delta.index_select(1, base.input_perm)
-            new = quantize(qt.dequantize(torch.float32) + delta, qt.format, qt.block_size, qt.double_quant)
-            base._set_quantized(dataclasses.replace(new, dtype=qt.dtype))  # keep the original dtype tag
+            base.set_weight(base.dequantize(torch.float32) + delta)
         else:
             base.weight += delta.to(base.weight.dtype)
 

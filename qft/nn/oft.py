@@ -3,7 +3,6 @@ block-diagonal orthogonal matrix, PEFT's OFT (>= 0.18, input-centric, Cayley-Neu
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +12,6 @@ from torch import nn
 
 from qft import functional, ops, reference_oft
 from qft.nn.quant_linear import QuantLinear
-from qft.tensor import quantize
 
 
 @dataclass(frozen=True)
@@ -127,12 +125,7 @@ class OFTLinear(nn.Module):
         base = self.base_layer
         if isinstance(base, QuantLinear):
             warnings.warn("merging into a quantized weight re-quantizes it", UserWarning, stacklevel=3)
-            qt = base.quantized
-            weight = transform(base.dequantize(torch.float32))  # in the original column order
-            if base.input_perm is not None:
-                weight = weight.index_select(1, base.input_perm)  # back to the stored (act-order) order
-            new = quantize(weight, qt.format, qt.block_size, qt.double_quant)
-            base._set_quantized(dataclasses.replace(new, dtype=qt.dtype))
+            base.set_weight(transform(base.dequantize(torch.float32)))  # original column order both ways
         else:
             base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
 

@@ -10,6 +10,7 @@ bitsandbytes lacks use the same layout with ``weight.zero`` (affine) and a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -77,6 +78,12 @@ class QuantLinear(nn.Module):
             self.nested_block_size, self.weight_zero,
         )  # fmt: skip
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed codes (as bitsandbytes' ``Linear4bit.weight`` is), so tools that look a layer's
+        weight up for its device (PEFT, accelerate) find one; use ``dequantize()`` for values."""
+        return self.weight_packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [..., out]`` in x's dtype; see ``qft.functional.quant_linear``."""
         return functional.quant_linear(self.permute_input(x), self.quantized, self.bias)
@@ -98,6 +105,18 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.format}, block_size={self.block_size}{dq}"
         )
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Re-quantize from a float ``[out, in]`` weight in the original column order (merging adapters),
+        keeping this layer's format, block size, double quantization and dtype tag."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight must be {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        if self.input_perm is not None:  # stored columns are in input_perm order
+            weight = weight.index_select(1, self.input_perm)
+        qt = self.quantized
+        new = quantize(weight.float(), qt.format, qt.block_size, qt.double_quant)
+        self._set_quantized(dataclasses.replace(new, dtype=qt.dtype))
 
     def load_quantized_state(self, state: dict[str, torch.Tensor]) -> None:
         """Take the weight from one layer's entries (keys ``weight``, ``weight.absmax``, ... as in this

@@ -1,0 +1,183 @@
+"""qft's fused layers inside PEFT models.
+
+``register(lora_config)`` makes ``get_peft_model(model, lora_config)`` wrap every targeted
+``qft.nn.QuantLinear`` in ``QftLoraLinear`` (PEFT's custom-module hook): PEFT's LoRA layer, state
+dict and adapter files, with the forward and backward of ``qft.functional.lora_linear``.
+
+PEFT has no public hook for OFT, so ``enable_oft()`` is an explicit opt-in: it replaces PEFT's
+private ``peft.tuners.oft.model._get_tuner_layer_class`` with a wrapper that returns ``QftOFTLinear``
+for ``QuantLinear`` bases (PEFT's OFT layer, forward through ``qft.functional.oft_linear``) and
+defers to PEFT for every other layer. ``disable_oft()`` restores PEFT's function.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.oft import layer as oft_layer
+from peft.tuners.oft import model as oft_model
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.utils.quantization_utils import QuantizationBackend
+from torch import nn
+
+from qft import functional
+from qft.nn.quant_linear import QuantLinear
+
+
+class QftBackend(QuantizationBackend):
+    """Merging into a QuantLinear: dequantize to fp32, change, re-quantize in the same format (lossy)."""
+
+    supports_merge = True
+    backend_name = "qft"
+    layer_type = "linear"
+
+    def get_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """The fp32 weight in its original column order."""
+        return base_layer.dequantize(torch.float32)
+
+    def set_base_weight(self, peft_layer, weight_data: torch.Tensor) -> None:
+        """Re-quantize ``weight_data`` into the base layer."""
+        warnings.warn("merging into a quantized weight re-quantizes it", UserWarning, stacklevel=3)
+        peft_layer.get_base_layer().set_weight(weight_data)
+
+
+class QftLoraLinear(nn.Module, LoraLayer):
+    """PEFT's LoRA layer over a QuantLinear: one active adapter (the training case) runs through qft's
+    fused ``lora_linear``; several adapters, mixed batches or a merged layer take PEFT's generic path."""
+
+    def __init__(self, base_layer, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1,
+                 **kwargs) -> None:  # fmt: skip
+        if config.lora_bias:
+            raise ValueError("QftLoraLinear does not support lora_bias")
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self.quantization_backend = QftBackend()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
+        """Plain LoRA only: variants (DoRA, ...) change the math qft fuses."""
+        variants = [
+            name for name in ("use_dora", "use_bdlora", "velora_config", "kasa_config") if getattr(config, name, None)
+        ]
+        if variants:
+            raise ValueError(f"qft's LoRA layer supports plain LoRA only, not {variants}")
+        return None
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32."""
+        return self.scaling[adapter] * (self.lora_B[adapter].weight.float() @ self.lora_A[adapter].weight.float())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the adapters into the base weight (re-quantized)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = None
+        for name in adapter_names:
+            if name in self.lora_A:
+                weight = self.get_base_weight() if weight is None else weight
+                weight = weight + self.get_delta_weight(name)
+                self.merged_adapters.append(name)
+        if weight is not None:
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"NaNs in the merged weight of adapters {adapter_names}")
+            self.set_base_weight(weight)
+
+    def unmerge(self) -> None:
+        """Take the merged adapters back out (re-quantized again)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        weight = self.get_base_weight()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lora_A:
+                weight = weight - self.get_delta_weight(name)
+        self.set_base_weight(weight)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """PEFT's LoRA forward; one active adapter on an unmerged layer takes qft's fused path."""
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return base(x)
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) == 1:
+            name = active[0]
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+            lora_a = self.lora_A[name].weight
+            if base.input_perm is not None:  # x @ A^T == x[:, perm] @ A[:, perm]^T
+                lora_a = lora_a.index_select(1, base.input_perm)
+            return functional.lora_linear(base.permute_input(x), base.quantized, lora_a, self.lora_B[name].weight,
+                                          self.scaling[name], base.bias, p)  # fmt: skip
+        result = base(x)
+        for name in active:
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            update = lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))) * self.scaling[name]
+            result = result + update.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def register(config: LoraConfig) -> LoraConfig:
+    """Make ``get_peft_model(model, config)`` build ``QftLoraLinear`` for QuantLinear targets; returns
+    ``config``. Adapters save and load with PEFT's own files and keys."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+    config._register_custom_module({QuantLinear: QftLoraLinear})
+    return config
+
+
+class QftOFTLinear(oft_layer.Linear):
+    """PEFT's OFT layer over a QuantLinear; one active adapter runs through qft's fused ``oft_linear``
+    (the rotation inside the quantized matmul), merging through ``QftBackend``."""
+
+    def __init__(self, base_layer, adapter_name: str, config, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, config, **kwargs)
+        self.quantization_backend = QftBackend()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """PEFT's OFT forward; one active adapter on an unmerged, unpermuted layer is fused."""
+        base = self.get_base_layer()
+        active = [name for name in self.active_adapters if name in self.oft_R]
+        if self.disable_adapters or self.merged or len(active) != 1 or base.input_perm is not None:
+            return super().forward(x, *args, **kwargs)
+        rotation = self.oft_R[active[0]]
+        if rotation.coft:
+            with torch.no_grad():
+                rotation.weight.copy_(rotation._project_batch(rotation.weight, eps=rotation.eps))
+        return functional.oft_linear(x, base.quantized, rotation.weight, rotation.block_size, base.bias,
+                                     rotation.num_cayley_neumann_terms, rotation.use_cayley_neumann)  # fmt: skip
+
+
+_PEFT_LAYER_CLASS = oft_model._get_tuner_layer_class
+
+
+def _layer_class_with_qft(target_base_layer: nn.Module):
+    if isinstance(target_base_layer, QuantLinear):
+        return QftOFTLinear
+    return _PEFT_LAYER_CLASS(target_base_layer)
+
+
+def enable_oft() -> None:
+    """Opt in: PEFT's OFT wraps QuantLinear layers in ``QftOFTLinear`` (patches PEFT's private
+    ``peft.tuners.oft.model._get_tuner_layer_class``; every other layer type is unchanged)."""
+    oft_model._get_tuner_layer_class = _layer_class_with_qft
+
+
+def disable_oft() -> None:
+    """Undo ``enable_oft``."""
+    oft_model._get_tuner_layer_class = _PEFT_LAYER_CLASS
