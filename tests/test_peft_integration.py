@@ -132,3 +132,22 @@ def test_register_refuses_what_it_cannot_fuse(base):
     config = qft_peft.register(LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
     with pytest.raises(ValueError, match="plain LoRA only"):
         get_peft_model(copy.deepcopy(base), config)
+
+
+def test_compiled_peft_model_over_qft_layers_matches_eager(base):
+    model = _peft_lora(base)
+    ids = token_ids()
+    eager = model(ids).logits
+    eager.square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    torch._dynamo.reset()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.compile(layer, backend="aot_eager", fullgraph=True)(torch.randn(2, 64))  # the qft layer as one graph
+    compiled = torch.compile(model, backend="aot_eager")  # inductor: test_functional (whole Llama: slow here)
+    got = compiled(input_ids=ids).logits
+    got.square().mean().backward()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6)
