@@ -92,3 +92,12 @@ def test_import_qft_registers_the_quantizer_when_transformers_loads():
             "assert AUTO_QUANTIZER_MAPPING['qft'].__name__ == 'QftHfQuantizer'; "
             "assert AUTO_QUANTIZATION_CONFIG_MAPPING['qft'] is qft.QftConfig")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, env={"TRITON_INTERPRET": "1", "PATH": ""})
+
+
+def test_compute_dtype_sets_the_models_dtype(float_dir):
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=QftConfig(compute_dtype="bfloat16"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert model.dtype == torch.bfloat16 and layer.weight_dtype == torch.bfloat16
+    assert _logits(model).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        QftConfig(compute_dtype=torch.int8)

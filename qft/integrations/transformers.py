@@ -49,7 +49,8 @@ class QftConfig(QuantizationConfigMixin):
 
     Args:
         format / block_size / double_quant / method: as ``qft.QuantConfig`` (checked here).
-        compute_dtype: the model's dtype when ``from_pretrained`` gets none (float32, float16, bfloat16).
+        compute_dtype: float32, float16 or bfloat16: the dtype the model is loaded in and computes in
+            (qft layers follow their input's dtype); None leaves it to ``from_pretrained``.
         modules_to_not_convert: module names left in float (default: the output head, as transformers
             picks it).
     """
@@ -161,10 +162,11 @@ class QftHfQuantizer(HfQuantizer):
         self.loaded: set[str] = set()
 
     def update_dtype(self, dtype):
-        """The model's dtype: the caller's, else the config's compute_dtype, else float32."""
-        if dtype is not None:
-            return dtype
-        return getattr(torch, self.quantization_config.compute_dtype or "float32")
+        """The model's dtype: the config's compute_dtype when set (qft layers compute in their input's
+        dtype, so this is what they compute in), else what transformers chose, else float32."""
+        if self.quantization_config.compute_dtype is not None:
+            return getattr(torch, self.quantization_config.compute_dtype)
+        return torch.float32 if dtype is None else dtype
 
     def update_device_map(self, device_map):
         """Everything on the current GPU when none is given (CPU without one)."""
