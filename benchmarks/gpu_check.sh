@@ -29,5 +29,10 @@ python3 benchmarks/bench_lowbit.py --device cuda --out "$OUT" 2>&1 | tee -a "$OU
 bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 python3 benchmarks/bench_optim.py --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
 bench_rc=$(( bench_rc || PIPESTATUS[0] ))
+# FSDP2 on one GPU: the wrapped run must give the unwrapped run's losses.
+python3 benchmarks/fsdp_qlora.py --no-shard --cases nf4:lora,nf4:oft --out "$OUT/fsdp-single.json" 2>&1 | tee -a "$OUT/bench.txt"
+python3 -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/fsdp_qlora.py --cases nf4:lora,nf4:oft \
+    --out "$OUT/fsdp-wrapped.json" 2>&1 | tee -a "$OUT/bench.txt"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 echo "gpu tests rc=$tests_rc, bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

@@ -2,6 +2,7 @@
 
 from qft.nn.adapters_io import load_adapters, save_adapters
 from qft.nn.config import LoRAConfig, QuantConfig
+from qft.nn.fsdp import prepare_fsdp, quantized_bytes, shard_model
 from qft.nn.lora import LoRALinear
 from qft.nn.model import add_adapters, lora_layers, merge_adapters, oft_layers, quantize_, unmerge_adapters
 from qft.nn.oft import OFTConfig, OFTLinear
@@ -19,7 +20,10 @@ __all__ = [
     "lora_layers",
     "merge_adapters",
     "oft_layers",
+    "prepare_fsdp",
     "quantize_",
+    "quantized_bytes",
     "save_adapters",
+    "shard_model",
     "unmerge_adapters",
 ]

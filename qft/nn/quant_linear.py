@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qft import formats, functional
+from qft.nn import flat_storage
 from qft.nn.config import QuantConfig
 from qft.tensor import QuantizedTensor, quantize
 
@@ -39,6 +40,7 @@ class QuantLinear(nn.Module):
         """``qt`` holds the weight [out, in]; with ``input_perm`` (an act-order GPTQ import) it holds
         the weight's columns in that order, and inputs are gathered by it before the matmul."""
         super().__init__()
+        self._flat_layout = None  # set by to_flat_storage
         if not isinstance(qt, QuantizedTensor) or len(qt.shape) != 2:
             raise ValueError(f"qt must be a QuantizedTensor of a 2-D [out, in] weight, got {qt!r}")
         self.out_features, self.in_features = qt.shape
@@ -63,26 +65,49 @@ class QuantLinear(nn.Module):
         return cls(qt, None if linear.bias is None else linear.bias.detach().clone())
 
     def _set_quantized(self, qt: QuantizedTensor) -> None:
+        self.format, self.block_size, self.nested_block_size = qt.format, qt.block_size, qt.nested_block_size
+        self.weight_dtype = qt.dtype
+        if getattr(self, "_flat_layout", None) is not None:
+            if type(self.weight_storage.detach()) is not torch.Tensor:  # a DTensor shard under FSDP2
+                raise RuntimeError("cannot replace the weight of a sharded layer (merge before sharding)")
+            buffer, self._flat_layout = flat_storage.pack({part: getattr(qt, part) for part in _PARTS})
+            self.weight_storage = nn.Parameter(buffer, requires_grad=False)
+            return
         # Non-persistent: the state dict is written in bitsandbytes' layout by _save_to_state_dict.
         for part in _PARTS:
             self.register_buffer(f"weight_{part}", getattr(qt, part), persistent=False)
-        self.format, self.block_size, self.nested_block_size = qt.format, qt.block_size, qt.nested_block_size
-        self.weight_dtype = qt.dtype
+
+    def to_flat_storage(self) -> QuantLinear:
+        """Move every part of the weight into one uint8 parameter ``weight_storage`` (frozen), which
+        FSDP2's ``fully_shard`` shards and all-gathers like any parameter; returns self. The state dict
+        then holds that buffer (sharded under FSDP2) instead of bitsandbytes' keys."""
+        if self._flat_layout is None:
+            parts = {part: getattr(self, f"weight_{part}") for part in _PARTS}
+            buffer, self._flat_layout = flat_storage.pack(parts)
+            for part in _PARTS:
+                del self._buffers[f"weight_{part}"]
+            self.weight_storage = nn.Parameter(buffer, requires_grad=False)
+        return self
 
     @property
     def quantized(self) -> QuantizedTensor:
         """The weight as a ``QuantizedTensor`` over this module's buffers (no copy)."""
+        if self._flat_layout is None:
+            parts = {part: getattr(self, f"weight_{part}") for part in _PARTS}
+        else:  # views into the (unsharded) storage
+            parts = dict.fromkeys(_PARTS) | flat_storage.unpack(self.weight_storage, self._flat_layout)
         return QuantizedTensor(
-            self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
+            parts["packed"], parts["absmax"], parts["nested_absmax"], parts["offset"],
             torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.format, self.block_size,
-            self.nested_block_size, self.weight_zero,
+            self.nested_block_size, parts["zero"],
         )  # fmt: skip
 
     @property
     def weight(self) -> torch.Tensor:
-        """The packed codes (as bitsandbytes' ``Linear4bit.weight`` is), so tools that look a layer's
-        weight up for its device (PEFT, accelerate) find one; use ``dequantize()`` for values."""
-        return self.weight_packed
+        """The packed codes (as bitsandbytes' ``Linear4bit.weight`` is; the flat storage once sharded),
+        so tools that look a layer's weight up for its device (PEFT, accelerate) find one; use
+        ``dequantize()`` for values."""
+        return self.weight_packed if self._flat_layout is None else self.weight_storage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [..., out]`` in x's dtype; see ``qft.functional.quant_linear``."""
@@ -126,6 +151,8 @@ class QuantLinear(nn.Module):
         self._set_quantized(qt)
 
     def _apply(self, fn, recurse=True):
+        if self._flat_layout is not None:  # one uint8 parameter: dtype casts leave it alone
+            return super()._apply(fn, recurse)
         # Module.to(dtype)/half() would cast the fp32 scales; let them follow device moves only.
         before = {part: getattr(self, f"weight_{part}") for part in _PARTS}
         super()._apply(fn, recurse)
@@ -137,6 +164,8 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._flat_layout is not None:  # weight_storage, as torch saves parameters (DTensor shards under FSDP2)
+            return
         qt = self.quantized
         spec = formats.get_format(qt.format)
         detach = (lambda t: t) if keep_vars else (lambda t: t.detach())
@@ -160,6 +189,10 @@ class QuantLinear(nn.Module):
         destination[f"{prefix}{blob_key}{qt.format}"] = blob
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        if self._flat_layout is not None:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          errors)  # fmt: skip
+            return
         keys = [k for k in state_dict if k.startswith(prefix + "weight")]
         if prefix + "weight" in state_dict:
             try:

@@ -7,7 +7,9 @@ GPU the step is one Triton launch per (parameter dtype, gradient dtype) over eve
 8-bit state each moment is kept blockwise-quantized (``qft.optim.quant_state``); tensors smaller than
 ``min_8bit_size`` keep fp32 state. Paged state on a GPU lives in managed memory when the CUDA
 extension is built (``page_out`` prefetches it to the host, ``page_in`` back), else it is copied to
-pinned host memory and back; ``step`` pages in by itself. On CPU paging is a no-op.
+pinned host memory and back; ``step`` pages in by itself. On CPU paging is a no-op. DTensor
+parameters (FSDP2) update their local shard, and their state covers that shard only (8-bit or not
+is decided by the whole tensor's size; the 8-bit blocks follow the shard).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from qft.ops.dispatch import FLOAT_DTYPES, backend_for
 from qft.optim import paging, quant_state
 
 _CPU_PAGING_WARNED = False
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients); other tensors as they are."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:
@@ -70,7 +77,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = {"step": torch.tensor(0.0)}
-        if self._eight_bit(p):
+        eight, p = self._eight_bit(p), _local(p)  # 8-bit or not by the whole tensor; state for this rank's shard
+        if eight:
             zeros = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 codes, absmax = quant_state.quantize(zeros, signed)
@@ -102,11 +110,13 @@ class PagedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p))
-                if self._fusable(p):
-                    key = (p.device, p.dtype, p.grad.dtype)
-                    fused.setdefault(key, []).append(self._fused_entry(p, state, lr, beta1, beta2, eps, wd, maximize))
+                param, grad = _local(p), _local(p.grad)  # a DTensor (FSDP2) updates its local shard
+                if self._fusable(param, grad):
+                    key = (param.device, param.dtype, grad.dtype)
+                    entry = self._fused_entry(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
+                    fused.setdefault(key, []).append(entry)
                 else:
-                    self._update(p, state, lr, beta1, beta2, eps, wd, maximize)
+                    self._update(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
         if fused:
             from qft.kernels.adamw import adamw_step
 
@@ -115,14 +125,14 @@ class PagedAdamW(torch.optim.Optimizer):
         return loss
 
     @staticmethod
-    def _fusable(p: torch.Tensor) -> bool:
+    def _fusable(p: torch.Tensor, grad: torch.Tensor) -> bool:
         """GPU parameters (or any, with the Triton backend forced) take the fused multi-tensor step."""
         if backend_for(p.device) == "reference" or p.dtype not in FLOAT_DTYPES:
             return False
-        return p.grad.dtype in FLOAT_DTYPES and p.is_contiguous() and p.grad.is_contiguous()
+        return grad.dtype in FLOAT_DTYPES and p.is_contiguous() and grad.is_contiguous()
 
     @staticmethod
-    def _fused_entry(p, state, lr, beta1, beta2, eps, wd, maximize) -> dict:
+    def _fused_entry(p, grad, state, lr, beta1, beta2, eps, wd, maximize) -> dict:
         from qft.kernels.adamw import host_scalars
 
         state["step"] += 1  # a CPU tensor, as in torch.optim.AdamW: reading it never waits for the GPU
@@ -130,14 +140,14 @@ class PagedAdamW(torch.optim.Optimizer):
         host_lr = lr.item() if isinstance(lr, torch.Tensor) and not device_lr else lr
         entry = {key: state[key] for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
                  if key in state}  # fmt: skip
-        entry.update(param=p, grad=p.grad, scalars=host_scalars(host_lr, beta1, beta2, eps, wd, maximize,
+        entry.update(param=p, grad=grad, scalars=host_scalars(host_lr, beta1, beta2, eps, wd, maximize,
                                                                  state["step"].item()))  # fmt: skip
         if device_lr:
             entry["lr"] = lr.to(p.device, torch.float32)
         return entry
 
-    def _update(self, p, state, lr, beta1, beta2, eps, wd, maximize) -> None:
-        grad = -p.grad if maximize else p.grad
+    def _update(self, p, grad, state, lr, beta1, beta2, eps, wd, maximize) -> None:
+        grad = -grad if maximize else grad
         eight = "exp_avg_absmax" in state
         if eight:
             exp_avg = quant_state.dequantize(state["exp_avg"], state["exp_avg_absmax"], True).view_as(p)

@@ -1,0 +1,60 @@
+"""QLoRA / QOFT under PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Choice: each ``QuantLinear`` keeps all parts of its weight (codes, scales, nested scales, zeros) in
+one frozen uint8 parameter (``QuantLinear.to_flat_storage``). FSDP2 shards that parameter along its
+only dimension and all-gathers it before the layer runs, like any other parameter; the parts are then
+views into the gathered bytes. Why not a float ``quant_storage`` (bitsandbytes' answer for FSDP1's
+one-dtype flat parameter): FSDP2 all-gathers parameters of mixed dtypes as bytes, so none is needed.
+Why not a tensor subclass with FSDP2's all-gather hooks: a flat byte parameter needs no aten op
+coverage and keeps every kernel on plain tensors. Blocks need not stay whole on a rank, since no rank
+computes on its shard alone.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qft.nn.lora import LoRALinear
+from qft.nn.oft import OFTLinear
+from qft.nn.quant_linear import QuantLinear
+
+
+def prepare_fsdp(model: nn.Module) -> nn.Module:
+    """Give every QuantLinear of ``model`` its flat, shardable storage (in place); returns ``model``.
+    Call before ``fully_shard``; adapters must already be added."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.to_flat_storage()
+    return model
+
+
+def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
+    """``prepare_fsdp`` then FSDP2: each adapter layer (or bare QuantLinear) is its own unit, so one
+    layer's weight is gathered at a time, and the root unit holds the rest (embeddings, norms, head).
+    ``fully_shard_kwargs`` (``reshard_after_forward``, ``mp_policy``, ...) go to every call."""
+    from torch.distributed.fsdp import fully_shard
+
+    prepare_fsdp(model)
+    units = [m for m in model.modules() if isinstance(m, (LoRALinear, OFTLinear))]
+    inside = {id(m.base_layer) for m in units}
+    units += [m for m in model.modules() if isinstance(m, QuantLinear) and id(m) not in inside]
+    for unit in units:  # disjoint subtrees: the order among them does not matter, all before the root
+        fully_shard(unit, mesh=mesh, **fully_shard_kwargs)
+    fully_shard(model, mesh=mesh, **fully_shard_kwargs)
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of quantized weights held by this rank, bytes of the whole quantized weights)."""
+    local = total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            storage = module.weight_storage if module._flat_layout is not None else None
+            if storage is None:
+                size = module.quantized.nbytes
+                local, total = local + size, total + size
+                continue
+            shard = storage.to_local() if hasattr(storage, "to_local") else storage
+            local += shard.numel() * shard.element_size()
+            total += storage.numel() * storage.element_size()
+    return local, total
