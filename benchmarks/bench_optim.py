@@ -5,7 +5,10 @@ bitsandbytes PagedAdamW / PagedAdamW8bit, on a LoRA-sized set and on one large t
 
 The LoRA-sized set is the A/B matrices of r = 16 adapters on every linear of a Llama-3-8B-shaped
 model (32 layers x 7 linears x 2 = 448 tensors, ~42M parameters); on CPU (and with --quick) a
-1/16 slice of it. On a GPU the rows also report the state's GPU bytes before and after page_out().
+1/16 slice of it. On a GPU the rows also report the state's bytes and how much GPU memory
+page_out() returns (``torch.cuda.mem_get_info`` before and after), and each step's speed relative to
+torch AdamW(fused) and to bitsandbytes' PagedAdamW8bit; "qft AdamW8bit" (not paged) is the baseline
+of the paged step's overhead.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch
 import qft
 
 LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
-COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "params_m", "state_mb_gpu",
-           "state_mb_after_page_out", "vs_torch"]  # fmt: skip
+COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "params_m", "state_mb",
+           "page_out_freed_mb", "vs_torch", "vs_bnb_paged8"]  # fmt: skip
 CPU_NOTE = "CPU run: a slice of the LoRA set; these are not GPU kernel results."
 
 
@@ -33,7 +36,8 @@ def providers() -> dict[str, object]:
     """Optimizer constructors by name (bitsandbytes' where installed)."""
     out = {"torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=ps[0].is_cuda or None),
            "qft PagedAdamW": lambda ps: qft.optim.PagedAdamW(ps, lr=1e-4),
-           "qft PagedAdamW8bit": lambda ps: qft.optim.PagedAdamW8bit(ps, lr=1e-4)}  # fmt: skip
+           "qft PagedAdamW8bit": lambda ps: qft.optim.PagedAdamW8bit(ps, lr=1e-4),
+           "qft AdamW8bit": lambda ps: qft.optim.AdamW8bit(ps, lr=1e-4)}  # fmt: skip
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -44,8 +48,22 @@ def providers() -> dict[str, object]:
 
 
 def _state_mb(opt) -> float:
-    tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.is_cuda]
+    tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.numel() > 1]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _page_out_freed_mb(opt) -> float | None:
+    """GPU memory that page_out() gives back, from the driver's free-memory count."""
+    if not hasattr(opt, "page_out"):
+        return None
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    opt.page_out()
+    torch.cuda.synchronize()
+    freed = (torch.cuda.mem_get_info()[0] - free_before) / 2**20
+    opt.page_in()
+    torch.cuda.synchronize()
+    return freed
 
 
 def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
@@ -63,21 +81,17 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
             opt = make(ps)
             opt.step()  # create the state
             p50, p20, p80 = common.time_ms(opt.step, device, repeats)
-            before = _state_mb(opt) if device == "cuda" else None
-            after = None
-            if device == "cuda" and hasattr(opt, "page_out"):
-                opt.page_out()
-                torch.cuda.synchronize()
-                after = _state_mb(opt)
+            freed = _page_out_freed_mb(opt) if device == "cuda" and name.startswith("qft Paged") else None
             rows.append({
                 "suite": "optim", "op": f"step ({set_name})", "provider": name,
                 "shape": f"{len(shapes)} tensors", "dtype": "fp32", "device": common.device_name(device),
                 "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "params_m": sum(p.numel() for p in ps) / 1e6,
-                "state_mb_gpu": before, "state_mb_after_page_out": after,
+                "state_mb": _state_mb(opt), "page_out_freed_mb": freed,
             })  # fmt: skip
     for row in rows:
-        base = [r for r in rows if r["op"] == row["op"] and r["provider"] == "torch AdamW"]
-        row["vs_torch"] = base[0]["p50_ms"] / row["p50_ms"] if base else None
+        for column, peer in (("vs_torch", "torch AdamW"), ("vs_bnb_paged8", "bnb PagedAdamW8bit")):
+            base = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
+            row[column] = base[0]["p50_ms"] / row["p50_ms"] if base else None
     meta = {"suite": "optim", "device": device, "device_name": common.device_name(device),
             "versions": common.versions(), **rates, "note": CPU_NOTE if small else ""}  # fmt: skip
     return rows, meta, common.write_results("optim", device, rows, meta, out, COLUMNS)

@@ -246,3 +246,17 @@ def test_gpu_32bit_step_is_within_one_ulp_of_torch_adamw():
     for a, b in zip(ours, theirs, strict=True):
         ulps = (a - b).abs() / torch.finfo(torch.float32).eps / b.abs().clamp(min=torch.finfo(torch.float32).tiny)
         assert ulps.max().item() <= 1.0, f"{ulps.max().item():.1f} ulps after 50 steps"
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_table_lookup_codes_equal_bucketize(signed):
+    from qft.optim import quant_state
+
+    mids = quant_state._midpoints(signed, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.rand(200_000, generator=g) * (2 if signed else 1) - (1 if signed else 0)
+    tiny = torch.randn(50_000, generator=g).mul(1e-4).clamp(-1, 1)
+    edges = torch.tensor([0.0, -0.0, 1.0, 1e-30, 1e-38, 1e-45, -1.0, -1e-30, -1e-45])
+    x = torch.cat([uniform, tiny if signed else tiny.abs(), mids, torch.nextafter(mids, torch.tensor(2.0)),
+                   torch.nextafter(mids, torch.tensor(-2.0)), edges if signed else edges.abs()])  # fmt: skip
+    assert torch.equal(quant_state.nearest_codes(x, signed), torch.bucketize(x, mids))
