@@ -21,7 +21,7 @@ from . import interpreting
 
 CHUNK = 2048  # elements a program updates; a multiple of the 8-bit state's block
 QBLOCK = 256  # qft.optim.quant_state.BLOCK
-ABSMAX_FLOOR = 1e-38  # qft.formats.ABSMAX_FLOOR
+ABSMAX_FLOOR = tl.constexpr(1e-38)  # qft.formats.ABSMAX_FLOOR (a constexpr: kernels may read it)
 # Per-tensor scalar columns.
 DECAY, W1, BETA2, W2, NEG_STEP, BC2_SQRT, EPS, SIGN, WD, INV_BC1 = range(10)
 SCALARS = 10
@@ -91,11 +91,61 @@ def _encode(values, midpoints_ptr):
     scaled = tl.div_rn(values, tl.maximum(absmax, ABSMAX_FLOOR)[:, None])
     lo = tl.zeros(values.shape, dtype=tl.int32)
     for i in tl.static_range(8):
-        shift: tl.constexpr = 7 - i
-        probe = lo + (1 << shift) - 1
+        step = 1 << (7 - i)
+        probe = lo + step - 1
         mid = tl.load(midpoints_ptr + probe, mask=probe < 255, other=float("inf"))
-        lo = tl.where(mid < scaled, lo + (1 << shift), lo)
+        lo = tl.where(mid < scaled, lo + step, lo)
     return lo.to(tl.uint8), absmax
+
+
+@triton.jit
+def _step_fp32_state(p_addr, g_addr, m_addr, v_addr, lr_addr, s_ptr, start, numel, P_KIND: tl.constexpr,
+                     G_KIND: tl.constexpr, BY_HAND: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    offs = start + tl.arange(0, CHUNK)
+    mask = offs < numel
+    p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
+    g = _load_float(g_addr, offs, mask, G_KIND, BY_HAND)
+    m_ptr = m_addr.to(tl.pointer_type(tl.float32))
+    v_ptr = v_addr.to(tl.pointer_type(tl.float32))
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p, m, v = _adamw(p, g, m, v, s_ptr, lr_addr)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    _store_float(p_addr, offs, p, mask, P_KIND, BY_HAND)
+
+
+@triton.jit
+def _step_8bit_state(p_addr, g_addr, m_addr, v_addr, m_absmax_addr, v_absmax_addr, lr_addr, s_ptr, start, numel,
+                     signed_map_ptr, unsigned_map_ptr, signed_mid_ptr, unsigned_mid_ptr, P_KIND: tl.constexpr,
+                     G_KIND: tl.constexpr, BY_HAND: tl.constexpr, CHUNK: tl.constexpr,
+                     QBLOCK: tl.constexpr):  # fmt: skip
+    blocks: tl.constexpr = CHUNK // QBLOCK
+    block_ids = start // QBLOCK + tl.arange(0, blocks)
+    offs = start + tl.arange(0, blocks)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    mask = offs < numel
+    block_ok = block_ids * QBLOCK < numel
+    p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
+    g = _load_float(g_addr, offs, mask, G_KIND, BY_HAND)
+    m_codes = m_addr.to(tl.pointer_type(tl.uint8))
+    v_codes = v_addr.to(tl.pointer_type(tl.uint8))
+    m_absmax = m_absmax_addr.to(tl.pointer_type(tl.float32))
+    v_absmax = v_absmax_addr.to(tl.pointer_type(tl.float32))
+    m = tl.load(signed_map_ptr + tl.load(m_codes + offs, mask=mask, other=0).to(tl.int32))
+    m = m * tl.load(m_absmax + block_ids, mask=block_ok, other=0.0)[:, None]
+    v = tl.load(unsigned_map_ptr + tl.load(v_codes + offs, mask=mask, other=0).to(tl.int32))
+    v = v * tl.load(v_absmax + block_ids, mask=block_ok, other=0.0)[:, None]
+    p, m, v = _adamw(p, g, m, v, s_ptr, lr_addr)
+    # Padding past numel must not enter a block's absmax (the reference pads with zeros).
+    m = tl.where(mask, m, 0.0)
+    v = tl.where(mask, v, 0.0)
+    codes, absmax = _encode(m, signed_mid_ptr)
+    tl.store(m_codes + offs, codes, mask=mask)
+    tl.store(m_absmax + block_ids, absmax, mask=block_ok)
+    codes, absmax = _encode(v, unsigned_mid_ptr)
+    tl.store(v_codes + offs, codes, mask=mask)
+    tl.store(v_absmax + block_ids, absmax, mask=block_ok)
+    _store_float(p_addr, offs, p, mask, P_KIND, BY_HAND)
 
 
 @triton.jit
@@ -124,46 +174,14 @@ def _adamw_multi_kernel(
     m_addr, v_addr = tl.load(row + 2), tl.load(row + 3)
     lr_addr = tl.load(row + 6)
     s_ptr = scalar_ptr + t * 10
+    # The two kinds of state have tiles of different shapes: each lives in its own function.
     if tl.load(eight_ptr + t) == 0:
-        offs = start + tl.arange(0, CHUNK)
-        mask = offs < numel
-        p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
-        g = _load_float(g_addr, offs, mask, G_KIND, BY_HAND)
-        m_ptr = m_addr.to(tl.pointer_type(tl.float32))
-        v_ptr = v_addr.to(tl.pointer_type(tl.float32))
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        p, m, v = _adamw(p, g, m, v, s_ptr, lr_addr)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        _store_float(p_addr, offs, p, mask, P_KIND, BY_HAND)
+        _step_fp32_state(p_addr, g_addr, m_addr, v_addr, lr_addr, s_ptr, start, numel, P_KIND, G_KIND, BY_HAND,
+                         CHUNK)  # fmt: skip
     else:
-        blocks: tl.constexpr = CHUNK // QBLOCK
-        block_ids = start // QBLOCK + tl.arange(0, blocks)
-        offs = start + tl.arange(0, blocks)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-        mask = offs < numel
-        block_ok = block_ids * QBLOCK < numel
-        p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
-        g = _load_float(g_addr, offs, mask, G_KIND, BY_HAND)
-        m_codes = m_addr.to(tl.pointer_type(tl.uint8))
-        v_codes = v_addr.to(tl.pointer_type(tl.uint8))
-        m_absmax = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-        v_absmax = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        m = tl.load(signed_map_ptr + tl.load(m_codes + offs, mask=mask, other=0).to(tl.int32))
-        m = m * tl.load(m_absmax + block_ids, mask=block_ok, other=0.0)[:, None]
-        v = tl.load(unsigned_map_ptr + tl.load(v_codes + offs, mask=mask, other=0).to(tl.int32))
-        v = v * tl.load(v_absmax + block_ids, mask=block_ok, other=0.0)[:, None]
-        p, m, v = _adamw(p, g, m, v, s_ptr, lr_addr)
-        # Padding past numel must not enter a block's absmax (the reference pads with zeros).
-        m = tl.where(mask, m, 0.0)
-        v = tl.where(mask, v, 0.0)
-        codes, absmax = _encode(m, signed_mid_ptr)
-        tl.store(m_codes + offs, codes, mask=mask)
-        tl.store(m_absmax + block_ids, absmax, mask=block_ok)
-        codes, absmax = _encode(v, unsigned_mid_ptr)
-        tl.store(v_codes + offs, codes, mask=mask)
-        tl.store(v_absmax + block_ids, absmax, mask=block_ok)
-        _store_float(p_addr, offs, p, mask, P_KIND, BY_HAND)
+        _step_8bit_state(p_addr, g_addr, m_addr, v_addr, tl.load(row + 4), tl.load(row + 5), lr_addr, s_ptr, start,
+                         numel, signed_map_ptr, unsigned_map_ptr, signed_mid_ptr, unsigned_mid_ptr, P_KIND, G_KIND,
+                         BY_HAND, CHUNK, QBLOCK)  # fmt: skip
 
 
 def host_scalars(lr, beta1, beta2, eps, weight_decay, maximize, step) -> list[float]:

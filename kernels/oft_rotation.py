@@ -20,7 +20,8 @@ def _mm(a, b, USE_DOT: tl.constexpr):
     """fp32 [B, B] @ [B, B]; tl.dot needs B >= 16, smaller blocks multiply by broadcasting."""
     if USE_DOT:
         return tl.dot(a, b, input_precision="ieee")
-    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:  # an else keeps the [B, B, B] product out of the traced graph when USE_DOT
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
 @triton.jit

@@ -51,6 +51,7 @@ def test_flat_storage_keeps_outputs_and_moves_the_state_dict():
     qft.nn.prepare_fsdp(torch.nn.Sequential(layer))
     assert torch.equal(layer(x), want)
     assert sorted(layer.state_dict()) == ["bias", "weight_storage"]
+    assert layer.double_quant and "double_quant" in repr(layer)
     assert layer.weight_storage.dtype == torch.uint8 and not layer.weight_storage.requires_grad
     local, total = qft.nn.quantized_bytes(torch.nn.Sequential(layer))
     assert local == total == layer.weight_storage.numel() and before <= total < before + 16 * 5

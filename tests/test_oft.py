@@ -272,3 +272,16 @@ def test_oft_over_an_act_order_layer_rotates_the_original_feature_order():
     # Re-quantized: closer to W R^T than the unrotated weight is, and the output follows the merge.
     assert (merged - ideal).abs().mean() < 0.5 * (plain_w - ideal).abs().mean()
     torch.testing.assert_close(model(x), x @ merged.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_beyond_the_triton_limit_take_the_torch_path():
+    b = 2 * ops.oft.TRITON_MAX_BLOCK
+    params = _skew_params(1, b)
+    x, grad = torch.randn(3, b), torch.randn(3, b)
+    rot = reference_oft.rotation(params, b)
+    with ops.use_backend("triton"):
+        assert torch.equal(ops.oft_rotation(params, b, 5), rot)
+        assert torch.equal(ops.oft_rotate(x, rot, False), reference_oft.rotate(x, rot))
+        grad_x, grad_rot = ops.oft_rotate_backward(x, grad, rot)
+    assert torch.equal(grad_x, reference_oft.rotate(grad, rot, True))
+    assert torch.equal(grad_rot, reference_oft.rotation_grad(x, grad, 1, b))

@@ -66,6 +66,19 @@ def test_bitsandbytes_checkpoint_loads_into_qft_layers_byte_for_byte(float_dir, 
     # bitsandbytes' eval-mode CPU kernel computes in bf16; its training path dequantizes and matmuls in fp32.
     bnb_model.train()
     assert torch.equal(_logits(ours), _logits(bnb_model))
+    # bitsandbytes' compute dtype (float32 here) does not override the dtype the caller asks for.
+    assert from_bnb_pretrained(AutoModelForCausalLM, tmp_path / "bnb", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_checkpoint_keys_map_to_their_layer_even_when_names_contain_weight():
+    from qft.integrations.transformers import _entry_of, _layer_of
+
+    model = torch.nn.Module()
+    model.weight_proj = torch.nn.Linear(4, 4)
+    assert _entry_of("weight_proj.weight.nested_absmax") == "weight.nested_absmax"
+    assert _layer_of(model, "weight_proj.weight.absmax") == ("weight_proj", model.weight_proj)
+    assert _layer_of(model, "weight_proj.weight") == ("weight_proj", model.weight_proj)
+    assert _entry_of("weight_proj.bias") is None
 
 
 def test_bad_config_and_mismatched_checkpoint_fail_at_load(float_dir, tmp_path):

@@ -73,9 +73,16 @@ class QftConfig(QuantizationConfigMixin):
         return QuantConfig(self.format, self.block_size, self.double_quant, self.method)
 
 
+def _entry_of(key: str) -> str | None:
+    """Which of a quantized layer's entries ``key`` ends with (``weight``, ``weight.absmax``, ...)."""
+    matches = [entry for entry in _ENTRIES if key == entry or key.endswith("." + entry)]
+    return max(matches, key=len) if matches else None
+
+
 def _layer_of(model: nn.Module, key: str) -> tuple[str, nn.Module | None]:
     """(module name, module) owning a ``<module>.weight[.<part>]`` entry, or None when there is none."""
-    name = key.partition(".weight")[0] if ".weight" in key else key.rpartition(".")[0]
+    entry = _entry_of(key)
+    name = key[: -len(entry) - 1] if entry else key.rpartition(".")[0]
     try:
         return name, model.get_submodule(name)
     except AttributeError:
@@ -129,11 +136,17 @@ class _QftDeserialize(_QuantizerOp):
 
     def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
         name, module = _layer_of(model, full_layer_name)
-        if not isinstance(module, QuantLinear):
-            return input_dict  # a float weight of a layer qft does not quantize
+        if not isinstance(module, QuantLinear):  # a float weight of a layer qft does not quantize
+            # It reaches this op because its name ends in "weight", and loaders leave an op's inputs
+            # uncast: cast it to the model's dtype here, as transformers would.
+            dtype = self.hf_quantizer.model_dtype
+            return {k: [t.to(dtype) if t.is_floating_point() else t for t in (v if isinstance(v, list) else [v])]
+                    for k, v in input_dict.items()}  # fmt: skip
         state = {}
         for key, value in input_dict.items():
-            part = key[key.index("weight") :]  # entries arrive by pattern or full name
+            part = _entry_of(key)  # entries arrive by pattern or by full name
+            if part is None:
+                raise ValueError(f"unexpected checkpoint entry {key!r} for a quantized layer")
             state[part] = value[0] if isinstance(value, list) else value
         config = self.hf_quantizer.quantization_config
         try:
@@ -160,13 +173,15 @@ class QftHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.errors: dict[str, str] = {}
         self.loaded: set[str] = set()
+        self.model_dtype = torch.float32  # set by update_dtype before the model is built
 
     def update_dtype(self, dtype):
         """The model's dtype: the config's compute_dtype when set (qft layers compute in their input's
         dtype, so this is what they compute in), else what transformers chose, else float32."""
         if self.quantization_config.compute_dtype is not None:
-            return getattr(torch, self.quantization_config.compute_dtype)
-        return torch.float32 if dtype is None else dtype
+            dtype = getattr(torch, self.quantization_config.compute_dtype)
+        self.model_dtype = torch.float32 if dtype is None else dtype
+        return self.model_dtype
 
     def update_device_map(self, device_map):
         """Everything on the current GPU when none is given (CPU without one)."""
@@ -184,10 +199,10 @@ class QftHfQuantizer(HfQuantizer):
         except AttributeError:
             return False
 
-    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         skip = self.get_modules_to_not_convert(model, config.modules_to_not_convert, model._keep_in_fp32_modules)
-        weight_dtype = dtype if dtype is not None else self.update_dtype(None)
+        weight_dtype = self.model_dtype
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or not should_convert_module(name, skip):
                 continue
@@ -248,7 +263,9 @@ def from_bnb_pretrained(model_class, path, **kwargs):
     qft_config = QftConfig(
         format=bnb.get("bnb_4bit_quant_type", "nf4"), block_size=formats.DEFAULT_BLOCK_SIZE,
         double_quant=bool(bnb.get("bnb_4bit_use_double_quant", False)),
-        compute_dtype=bnb.get("bnb_4bit_compute_dtype"), modules_to_not_convert=bnb.get("llm_int8_skip_modules"),
+        modules_to_not_convert=bnb.get("llm_int8_skip_modules"),
     )  # fmt: skip
+    # bitsandbytes' compute dtype is not the model's dtype (its default is float32): the caller's
+    # ``dtype`` argument decides that, as for any checkpoint.
     config.quantization_config = qft_config.to_dict()
     return model_class.from_pretrained(path, config=config, **kwargs)

@@ -14,7 +14,7 @@ from qft.nn.quant_linear import QuantLinear
 
 
 def _device_of(layer: nn.Module) -> torch.device:
-    return layer.weight_packed.device if isinstance(layer, QuantLinear) else layer.weight.device
+    return layer.weight.device
 
 
 class LoRALinear(nn.Module):

@@ -75,7 +75,7 @@ class OFTLinear(nn.Module):
         self.config = config
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.blocks = self.in_features // config.block_size
-        device = base_layer.weight_packed.device if isinstance(base_layer, QuantLinear) else base_layer.weight.device
+        device = base_layer.weight.device
         self.oft_R = _Rotation(1 if config.block_share else self.blocks, config.block_size, device)
         self.merged = False
 

@@ -103,6 +103,13 @@ class QuantLinear(nn.Module):
         )  # fmt: skip
 
     @property
+    def double_quant(self) -> bool:
+        """True when the scales are double-quantized (readable while sharded, unlike ``quantized``)."""
+        if self._flat_layout is not None:
+            return any(slot.name == "nested_absmax" for slot in self._flat_layout)
+        return self.weight_nested_absmax is not None
+
+    @property
     def weight(self) -> torch.Tensor:
         """The packed codes (as bitsandbytes' ``Linear4bit.weight`` is; the flat storage once sharded),
         so tools that look a layer's weight up for its device (PEFT, accelerate) find one; use
@@ -125,7 +132,7 @@ class QuantLinear(nn.Module):
         return weight.index_select(1, torch.argsort(self.input_perm))
 
     def extra_repr(self) -> str:
-        dq = ", double_quant" if self.weight_nested_absmax is not None else ""
+        dq = ", double_quant" if self.double_quant else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.format}, block_size={self.block_size}{dq}"
@@ -200,7 +207,7 @@ class QuantLinear(nn.Module):
             except (ValueError, TypeError, KeyError) as exc:
                 errors.append(f"{prefix}weight: {exc}")
             else:
-                self._set_quantized(qt.to(self.weight_packed.device))
+                self._set_quantized(qt.to(self.weight.device))
             for k in keys:  # consumed here (torch passes its own copy of the dict)
                 state_dict.pop(k)
         elif strict:
@@ -215,7 +222,7 @@ def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: Qu
     if weight.is_floating_point() and not blobs:
         if tuple(weight.shape) != shape:
             raise ValueError(f"a float weight must have shape {shape}, got {tuple(weight.shape)}")
-        return quantize(weight, module.format, module.block_size, module.weight_nested_absmax is not None)
+        return quantize(weight, module.format, module.block_size, module.double_quant)
     if len(blobs) != 1:
         raise ValueError(f"expected one 'weight.quant_state.<library>__<format>' entry, found {len(blobs)}")
     meta = json.loads(bytes(state[blobs[0]].cpu().tolist()).decode())

@@ -10,6 +10,14 @@ import torch
 from qft import reference_oft
 from qft.ops.dispatch import backend_for
 
+# The Triton rotation kernels hold a block's b x b matrices in registers / shared memory: up to 64
+# (compiled for sm_90 in tests/test_triton_compile.py); larger blocks take the torch path.
+TRITON_MAX_BLOCK = 64
+
+
+def _triton_rotate(x: torch.Tensor, rot: torch.Tensor) -> bool:
+    return backend_for(x.device) != "reference" and x.dtype != torch.float64 and rot.shape[1] <= TRITON_MAX_BLOCK
+
 
 def _check_rotate(x: torch.Tensor, rot: torch.Tensor) -> None:
     if x.dim() != 2 or rot.dim() != 3 or rot.shape[1] != rot.shape[2] or rot.shape[0] * rot.shape[1] != x.shape[1]:
@@ -21,7 +29,7 @@ def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Ten
     """``x`` [M, K] rotated per block by ``rot`` [K / b, b, b] (by R^T when ``transpose``), computed in
     fp32 and returned in x's dtype."""
     _check_rotate(x, rot)
-    if backend_for(x.device) == "reference" or x.dtype == torch.float64:
+    if not _triton_rotate(x, rot):
         return reference_oft.rotate(x, rot, transpose)
     from qft.kernels.oft_rotate import rotate
 
@@ -41,7 +49,7 @@ def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) 
     if grad.shape != x.shape:
         raise ValueError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
     nb, b, _ = rot.shape
-    if backend_for(x.device) == "reference" or x.dtype == torch.float64:
+    if not _triton_rotate(x, rot):
         grad_x = reference_oft.rotate(grad, rot, True)
         return grad_x, reference_oft.rotation_grad(x, grad, nb, b).to(rot.dtype)
     from qft.kernels.oft_rotate import rotate_backward
@@ -64,7 +72,7 @@ def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:
 
 
 def _triton_rotation(params: torch.Tensor, block_size: int) -> bool:
-    power_of_two = block_size >= 2 and block_size & (block_size - 1) == 0
+    power_of_two = block_size >= 2 and block_size & (block_size - 1) == 0 and block_size <= TRITON_MAX_BLOCK
     return backend_for(params.device) != "reference" and params.dtype != torch.float64 and power_of_two
 
 
