@@ -53,7 +53,14 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
         "linear": {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"},
         "lowbit": {"bf16 torch", *(f"qft {f}" for f in ("nf4", "lloyd3", "int3", "lloyd2", "int2"))},
         "e2e": {"qft", "peft-bf16", "peft-bnb"},
-        "optim": {"torch AdamW", "qft PagedAdamW", "qft PagedAdamW8bit", "bnb PagedAdamW", "bnb PagedAdamW8bit"},
+        "optim": {
+            "torch AdamW",
+            "qft PagedAdamW",
+            "qft PagedAdamW8bit",
+            "qft AdamW8bit",
+            "bnb PagedAdamW",
+            "bnb PagedAdamW8bit",
+        },
     }
     for suite, providers in expected.items():
         (json_file,) = tmp_path.glob(f"{suite}-*.json")
