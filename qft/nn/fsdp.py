@@ -28,14 +28,20 @@ def prepare_fsdp(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_adapter_layer(module: nn.Module) -> bool:
+    # PEFT's layers (qft.integrations.peft) wrap the QuantLinear as ``base_layer``, as qft's do.
+    return isinstance(module, (LoRALinear, OFTLinear)) or isinstance(getattr(module, "base_layer", None), QuantLinear)
+
+
 def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
-    """``prepare_fsdp`` then FSDP2: each adapter layer (or bare QuantLinear) is its own unit, so one
-    layer's weight is gathered at a time, and the root unit holds the rest (embeddings, norms, head).
+    """``prepare_fsdp`` then FSDP2: each adapter layer (qft's, or PEFT's over a QuantLinear) or else
+    each bare QuantLinear is its own unit, so one layer's weight is gathered at a time, and the root
+    unit holds the rest (embeddings, norms, head).
     ``fully_shard_kwargs`` (``reshard_after_forward``, ``mp_policy``, ...) go to every call."""
     from torch.distributed.fsdp import fully_shard
 
     prepare_fsdp(model)
-    units = [m for m in model.modules() if isinstance(m, (LoRALinear, OFTLinear))]
+    units = [m for m in model.modules() if _is_adapter_layer(m)]
     inside = {id(m.base_layer) for m in units}
     units += [m for m in model.modules() if isinstance(m, QuantLinear) and id(m) not in inside]
     for unit in units:  # disjoint subtrees: the order among them does not matter, all before the root
