@@ -60,3 +60,31 @@ def test_flat_storage_keeps_outputs_and_moves_the_state_dict():
     assert torch.equal(twin(x), want)
     layer.set_weight(layer.dequantize(torch.float32) * 2)  # a merge re-quantizes into new flat storage
     torch.testing.assert_close(layer(x) - layer.bias, 2 * (want - layer.bias), rtol=0.1, atol=0.05)
+
+
+def test_shard_model_makes_peft_adapter_layers_units(tmp_path):
+    import copy
+
+    import torch.distributed as dist
+    from llama_models import tiny_llama_config, token_ids
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import LlamaForCausalLM
+
+    from qft.integrations.peft import register
+
+    torch.manual_seed(0)
+    model = qft.quantize_(LlamaForCausalLM(tiny_llama_config()), filter_fn=lambda module, name: name != "lm_head")
+    model = get_peft_model(model, register(LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    plain = copy.deepcopy(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        qft.nn.shard_model(model)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        # 4 PEFT LoRA layers (q, v in 2 layers), 10 bare quantized linears, and the root.
+        assert len(units) == 15
+        assert sum(isinstance(m, qft.integrations.peft.QftLoraLinear) for m in units) == 4
+        ids = token_ids()
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
