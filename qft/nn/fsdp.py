@@ -38,7 +38,10 @@ def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
     each bare QuantLinear is its own unit, so one layer's weight is gathered at a time, and the root
     unit holds the rest (embeddings, norms, head).
     ``fully_shard_kwargs`` (``reshard_after_forward``, ``mp_policy``, ...) go to every call."""
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 keeps FSDP2 here
+        from torch.distributed._composable.fsdp import fully_shard
 
     prepare_fsdp(model)
     units = [m for m in model.modules() if _is_adapter_layer(m)]
