@@ -12,6 +12,7 @@ defers to PEFT for every other layer. ``disable_oft()`` restores PEFT's function
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -25,6 +26,15 @@ from torch import nn
 
 from qft import functional
 from qft.nn.quant_linear import QuantLinear
+
+
+@contextlib.contextmanager
+def _known_layer():
+    """PEFT warns "Unsupported layer type" for any layer it does not list, then reads the
+    ``in_features`` / ``out_features`` that QuantLinear has: here the warning says nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        yield
 
 
 class QftBackend(QuantizationBackend):
@@ -53,7 +63,8 @@ class QftLoraLinear(nn.Module, LoraLayer):
         if config.lora_bias:
             raise ValueError("QftLoraLinear does not support lora_bias")
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        with _known_layer():
+            LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self.quantization_backend = QftBackend()
         self._active_adapter = adapter_name
@@ -146,7 +157,8 @@ class QftOFTLinear(oft_layer.Linear):
     (the rotation inside the quantized matmul), merging through ``QftBackend``."""
 
     def __init__(self, base_layer, adapter_name: str, config, **kwargs) -> None:
-        super().__init__(base_layer, adapter_name, config, **kwargs)
+        with _known_layer():
+            super().__init__(base_layer, adapter_name, config, **kwargs)
         self.quantization_backend = QftBackend()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
