@@ -114,3 +114,25 @@ def test_compute_dtype_sets_the_models_dtype(float_dir):
     assert _logits(model).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="compute_dtype"):
         QftConfig(compute_dtype=torch.int8)
+
+
+def test_gpt2_conv1d_layers_are_quantized_in_linear_orientation(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=QftConfig(),
+                                                 dtype=torch.float32)  # fmt: skip
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32)
+    convs = {n: m for n, m in reference.named_modules() if isinstance(m, Conv1D)}
+    assert len(convs) == 8
+    for name, conv in convs.items():  # Conv1D computes x @ W + b with W [in, out]
+        layer = QuantLinear(qft.quantize(conv.weight.detach().t(), "nf4", 64, True), conv.bias.detach())
+        parent, _, leaf = name.rpartition(".")
+        setattr(reference.get_submodule(parent), leaf, layer)
+    assert torch.equal(_logits(model), _logits(reference))
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), _logits(model))

@@ -1,7 +1,8 @@
 """transformers backend: ``QftConfig`` and its quantizer, registered under ``quant_method="qft"``.
 
 ``AutoModelForCausalLM.from_pretrained(path, quantization_config=QftConfig(format="nf4"))`` builds
-``QuantLinear`` skeletons (meta tensors) in place of every ``nn.Linear`` but the output head, then
+``QuantLinear`` skeletons (meta tensors) in place of every ``nn.Linear`` (and GPT-2's ``Conv1D``)
+but the output head, then
 quantizes each float weight as it is read (one layer in float at a time). ``save_pretrained`` writes
 the layers' bitsandbytes-style entries (``weight``, ``weight.absmax``, ...; see ``qft.nn.QuantLinear``)
 and the config; such a checkpoint loads back with plain ``from_pretrained`` (after ``import qft``),
@@ -16,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
@@ -99,6 +101,9 @@ def _mark_loaded(hf_quantizer: QftHfQuantizer, module: QuantLinear, name: str, m
     persistent until ``_process_model_after_weight_loading`` so they survive that step."""
     hf_quantizer.loaded.add(name)
     module._non_persistent_buffers_set -= _parts(module)
+    for part in _parts(module):  # models' _init_weights (GPT-2's reaches into c_proj.weight) must skip them
+        if getattr(module, part) is not None:
+            getattr(module, part)._is_hf_initialized = True
     if missing_keys is not None:
         for key in [k for k in missing_keys if k.startswith(name + ".weight")]:
             missing_keys.discard(key)
@@ -125,6 +130,8 @@ class _QftQuantize(_QuantizerOp):
                 results[key] = value
                 continue
             config = self.hf_quantizer.quantization_config
+            if getattr(module, "_transpose_float_weight", False):
+                value = value.t()
             qt = quantize(value, config.format, config.block_size, config.double_quant, config.method)
             module._set_quantized(qt)
             _mark_loaded(self.hf_quantizer, module, name, missing_keys)
@@ -204,11 +211,13 @@ class QftHfQuantizer(HfQuantizer):
         skip = self.get_modules_to_not_convert(model, config.modules_to_not_convert, model._keep_in_fp32_modules)
         weight_dtype = self.model_dtype
         for name, module in list(model.named_modules()):
-            if type(module) is not nn.Linear or not should_convert_module(name, skip):
+            if type(module) not in (nn.Linear, Conv1D) or not should_convert_module(name, skip):
                 continue
-            shape = (module.out_features, module.in_features)
+            conv = type(module) is Conv1D  # GPT-2's linear: weight stored [in, out]
+            shape = (module.nf, module.weight.shape[0]) if conv else (module.out_features, module.in_features)
             qt = QuantizedTensor.empty(shape, weight_dtype, config.format, config.block_size, config.double_quant)
             layer = QuantLinear(qt, None if module.bias is None else module.bias.to("meta"))
+            layer._transpose_float_weight = conv  # a float checkpoint holds Conv1D's [in, out] weight
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, layer)
 
