@@ -285,3 +285,17 @@ def test_blocks_beyond_the_triton_limit_take_the_torch_path():
         grad_x, grad_rot = ops.oft_rotate_backward(x, grad, rot)
     assert torch.equal(grad_x, reference_oft.rotate(grad, rot, True))
     assert torch.equal(grad_rot, reference_oft.rotation_grad(x, grad, 1, b))
+
+
+@pytest.mark.parametrize("block_size", [12, 24])
+def test_blocks_that_are_not_powers_of_two_take_the_torch_path(block_size):
+    layer = qft.nn.OFTLinear(torch.nn.Linear(48, 16), qft.OFTConfig(block_size=block_size, target_modules=("x",)))
+    qft_layer = qft.nn.OFTLinear(qft.nn.QuantLinear.from_linear(torch.nn.Linear(48, 16)),
+                                 qft.OFTConfig(block_size=block_size, target_modules=("x",)))  # fmt: skip
+    x = torch.randn(5, 48)
+    for module in (layer, qft_layer):
+        torch.nn.init.normal_(module.oft_R.weight, std=0.05)
+        want = module(x)
+        with ops.use_backend("triton"):
+            got = module(x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

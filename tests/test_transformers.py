@@ -136,3 +136,24 @@ def test_gpt2_conv1d_layers_are_quantized_in_linear_orientation(tmp_path):
     assert torch.equal(_logits(model), _logits(reference))
     model.save_pretrained(tmp_path / "q")
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), _logits(model))
+
+
+def test_keep_in_fp32_modules_stay_fp32_through_a_pre_quantized_reload(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=128, d_model=64, d_ff=128, d_kv=16, num_layers=1, num_heads=4,
+                      decoder_start_token_id=0)  # fmt: skip
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    model = T5ForConditionalGeneration
+    first = model.from_pretrained(tmp_path / "t5", quantization_config=QftConfig(), dtype=torch.float16)
+    wo = first.encoder.block[0].layer[1].DenseReluDense.wo
+    assert type(wo) is torch.nn.Linear and wo.weight.dtype == torch.float32  # T5 keeps wo in fp32 under fp16
+    first.save_pretrained(tmp_path / "q")
+    again = model.from_pretrained(tmp_path / "q", dtype=torch.float16)
+    assert again.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert again.encoder.block[0].layer[0].SelfAttention.q.weight_dtype == torch.float16
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, decoder_input_ids=ids).logits,
+                           first(input_ids=ids, decoder_input_ids=ids).logits)  # fmt: skip

@@ -113,6 +113,11 @@ def _launch_everything(full: bool):
             rot = reference_oft.rotation(0.05 * torch.randn(4, 32 * 31 // 2), 32) if fmt == "nf4" else None
             quant_matmul.quant_matmul(x, *parts, 64, fmt, 96, torch.randn(96, dtype=dtype), *lora, 0.5,
                                       qt.nested_block_size, qt.zero, rot)  # fmt: skip
+    for b in (16, 64):  # the fused matmul's OFT prologue at the smallest and largest block it takes
+        qt = qft.quantize(torch.randn(96, 128), "nf4", 64, True)
+        rot = reference_oft.rotation(0.05 * torch.randn(128 // b, b * (b - 1) // 2), b)
+        quant_matmul.quant_matmul(torch.randn(5, 128, dtype=bf16), qt.packed, qt.absmax, qt.nested_absmax, qt.offset,
+                                  64, "nf4", 96, None, None, None, 1.0, qt.nested_block_size, None, rot)  # fmt: skip
     for b in (8, 16, 32, 64) if full else (8, 64):
         params = 0.05 * torch.randn(128 // b, b * (b - 1) // 2)
         for terms in (2, 5) if full else (5,):

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, build_glob_alternation
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
@@ -145,8 +145,8 @@ class _QftDeserialize(_QuantizerOp):
         name, module = _layer_of(model, full_layer_name)
         if not isinstance(module, QuantLinear):  # a float weight of a layer qft does not quantize
             # It reaches this op because its name ends in "weight", and loaders leave an op's inputs
-            # uncast: cast it to the model's dtype here, as transformers would.
-            dtype = self.hf_quantizer.model_dtype
+            # uncast: cast it here as transformers would, keep_in_fp32 modules included.
+            dtype = self.hf_quantizer.float_dtype_for(model, full_layer_name)
             return {k: [t.to(dtype) if t.is_floating_point() else t for t in (v if isinstance(v, list) else [v])]
                     for k, v in input_dict.items()}  # fmt: skip
         state = {}
@@ -188,6 +188,17 @@ class QftHfQuantizer(HfQuantizer):
         if self.quantization_config.compute_dtype is not None:
             dtype = getattr(torch, self.quantization_config.compute_dtype)
         self.model_dtype = torch.float32 if dtype is None else dtype
+        return self.model_dtype
+
+    def float_dtype_for(self, model, name: str) -> torch.dtype:
+        """The dtype transformers gives the float parameter ``name``: the model's, or fp32 for the
+        modules its dtype plan keeps in fp32 (``_keep_in_fp32_modules``)."""
+        plan = model._get_dtype_plan(self.model_dtype)
+        if plan:
+            pattern, group_to_glob, _ = build_glob_alternation(list(plan))
+            match = pattern.search(name)
+            if match is not None:
+                return plan[group_to_glob[match.lastgroup]]
         return self.model_dtype
 
     def update_device_map(self, device_map):

@@ -220,6 +220,8 @@ def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: Qu
     weight = state[prefix + "weight"]
     blobs = [k for k in state if k.startswith((prefix + _BNB_BLOB, prefix + _QFT_BLOB))]
     if weight.is_floating_point() and not blobs:
+        if getattr(module, "_transpose_float_weight", False):  # from a Conv1D: stored [in, out]
+            weight = weight.t()
         if tuple(weight.shape) != shape:
             raise ValueError(f"a float weight must have shape {shape}, got {tuple(weight.shape)}")
         return quantize(weight, module.format, module.block_size, module.double_quant)

@@ -10,13 +10,19 @@ import torch
 from qft import reference_oft
 from qft.ops.dispatch import backend_for
 
-# The Triton rotation kernels hold a block's b x b matrices in registers / shared memory: up to 64
-# (compiled for sm_90 in tests/test_triton_compile.py); larger blocks take the torch path.
+# The Triton rotation kernels hold a block's b x b matrices in registers / shared memory (tl.arange:
+# b a power of two) up to 64 (compiled for sm_90 in tests/test_triton_compile.py); other blocks take
+# the torch path.
 TRITON_MAX_BLOCK = 64
 
 
+def triton_block(b: int) -> bool:
+    """True when the Triton rotation kernels take OFT blocks of size ``b``."""
+    return 2 <= b <= TRITON_MAX_BLOCK and b & (b - 1) == 0
+
+
 def _triton_rotate(x: torch.Tensor, rot: torch.Tensor) -> bool:
-    return backend_for(x.device) != "reference" and x.dtype != torch.float64 and rot.shape[1] <= TRITON_MAX_BLOCK
+    return backend_for(x.device) != "reference" and x.dtype != torch.float64 and triton_block(rot.shape[1])
 
 
 def _check_rotate(x: torch.Tensor, rot: torch.Tensor) -> None:
@@ -72,8 +78,7 @@ def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:
 
 
 def _triton_rotation(params: torch.Tensor, block_size: int) -> bool:
-    power_of_two = block_size >= 2 and block_size & (block_size - 1) == 0 and block_size <= TRITON_MAX_BLOCK
-    return backend_for(params.device) != "reference" and params.dtype != torch.float64 and power_of_two
+    return backend_for(params.device) != "reference" and params.dtype != torch.float64 and triton_block(block_size)
 
 
 def _rotate_setup(ctx, inputs, output):

@@ -54,7 +54,8 @@ def _order_key(x: torch.Tensor) -> torch.Tensor:
 
 def nearest_codes(scaled: torch.Tensor, signed: bool) -> torch.Tensor:
     """Index of the nearest map entry for values in [-1, 1] (ties to the lower code), exactly
-    ``torch.bucketize(scaled, midpoints)`` but by table lookup (several times faster on CPU)."""
+    ``torch.bucketize(scaled, midpoints)`` but by table lookup (several times faster on CPU). NaN
+    gets some code (its block's absmax is NaN, so the block decodes to NaN whatever the code)."""
     first, mids = _code_lookup(signed, scaled.device)
     lower = first[_order_key(scaled.float().contiguous())]
     return lower + (mids[lower] < scaled)
