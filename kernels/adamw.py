@@ -120,9 +120,9 @@ def _step_8bit_state(p_addr, g_addr, m_addr, v_addr, m_absmax_addr, v_absmax_add
                      signed_map_ptr, unsigned_map_ptr, signed_mid_ptr, unsigned_mid_ptr, P_KIND: tl.constexpr,
                      G_KIND: tl.constexpr, BY_HAND: tl.constexpr, CHUNK: tl.constexpr,
                      QBLOCK: tl.constexpr):  # fmt: skip
-    blocks: tl.constexpr = CHUNK // QBLOCK
-    block_ids = start // QBLOCK + tl.arange(0, blocks)
-    offs = start + tl.arange(0, blocks)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    # CHUNK // QBLOCK inline: plain constexpr arithmetic, which every Triton 3.x accepts (GPU machine: 3.6)
+    block_ids = start // QBLOCK + tl.arange(0, CHUNK // QBLOCK)
+    offs = start + tl.arange(0, CHUNK // QBLOCK)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     mask = offs < numel
     block_ok = block_ids * QBLOCK < numel
     p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
