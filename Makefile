@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qft-installed
 BENCH_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test bench lint env clean
+.PHONY: setup demo test bench lint env clean compile-check-gpu-triton
 
 setup: $(STAMP)
 
@@ -36,6 +36,18 @@ lint: setup
 
 env: setup
 	$(PY) -P -m qft env
+
+# Every Triton kernel compiled for sm_90 with the GPU machine's Triton (3.6; `make test` checks the
+# pinned 3.9). A small venv of its own: torch (CPU) + that Triton + qft without the CUDA extension.
+GPU_TRITON ?= 3.6.0
+GPU_VENV := .venv-triton-$(GPU_TRITON)
+compile-check-gpu-triton:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q torch==2.13.0 triton==$(GPU_TRITON) numpy safetensors setuptools wheel pybind11 ninja
+	QFT_SKIP_CUDA_BUILD=1 $(GPU_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --shard 0/2 & pid=$$!; \
+	  env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --shard 1/2 || exit 1; \
+	  wait $$pid
 
 clean:
 	rm -rf build *.egg-info qft/_C*.so .pytest_cache .ruff_cache

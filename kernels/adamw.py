@@ -88,7 +88,8 @@ def _encode(values, midpoints_ptr):
     """8-bit codes of ``values`` [blocks, QBLOCK] scaled by their block absmax: the index of the
     nearest map entry, i.e. the number of sorted midpoints below the scaled value (binary search)."""
     absmax = tl.max(tl.abs(values), axis=1)
-    scaled = tl.div_rn(values, tl.maximum(absmax, ABSMAX_FLOOR)[:, None])
+    # The floor as an fp32 tensor: Triton < 3.7 reads a float literal below fp32's normal range as fp64.
+    scaled = tl.div_rn(values, tl.maximum(absmax, tl.full((), ABSMAX_FLOOR, tl.float32))[:, None])
     lo = tl.zeros(values.shape, dtype=tl.int32)
     for i in tl.static_range(8):
         step = 1 << (7 - i)

@@ -41,7 +41,8 @@ def _quantize_4bit_kernel(
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
     tl.store(absmax_ptr + blocks, absmax, mask=blocks * BLOCK_SIZE < numel)
 
-    floored = tl.maximum(absmax, 1e-38)[:, None]
+    # An fp32 floor: Triton < 3.7 reads a float literal below fp32's normal range as fp64.
+    floored = tl.maximum(absmax, tl.full((), 1e-38, tl.float32))[:, None]
     reciprocal = tl.math.div_rn(tl.full(floored.shape, 1.0, tl.float32), floored)
     s_even = x_even * reciprocal
     s_odd = x_odd * reciprocal

@@ -79,7 +79,7 @@ def _search_kernel(
                 best_zero = tl.where(better, z, best_zero)
         tl.store(zero_ptr + rows, best_zero, mask=row_ok)
     else:
-        absmax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-38)
+        absmax = tl.maximum(tl.max(tl.abs(x), axis=1), tl.full((), 1e-38, tl.float32))  # fp32 on older Triton
         best_err = tl.full(absmax.shape, float("inf"), tl.float64)
         best_scale = absmax
         for i in tl.static_range(N_FACTORS):
