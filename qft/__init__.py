@@ -26,7 +26,8 @@ integrations.install_transformers_hook()  # registers quant_method "qft" once tr
 
 
 def __getattr__(name: str):
-    # QftConfig lives with the transformers integration, imported (with transformers) only when asked for.
+    # QftConfig lives with the transformers integration, imported (with transformers) only when asked
+    # for; it stays out of __all__ so `from qft import *` never needs transformers.
     if name == "QftConfig":
         from qft.integrations.transformers import QftConfig
 
@@ -37,7 +38,6 @@ def __getattr__(name: str):
 __all__ = [
     "LoRAConfig",
     "OFTConfig",
-    "QftConfig",
     "QuantConfig",
     "QuantizedTensor",
     "__version__",
