@@ -18,15 +18,18 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .decode import store_rounded
 
 CHUNK = 2048  # elements a program updates; a multiple of the 8-bit state's block
 QBLOCK = 256  # qft.optim.quant_state.BLOCK
 ABSMAX_FLOOR = tl.constexpr(1e-38)  # qft.formats.ABSMAX_FLOOR (a constexpr: kernels may read it)
-# Per-tensor scalar columns.
-DECAY, W1, BETA2, W2, NEG_STEP, BC2_SQRT, EPS, SIGN, WD, INV_BC1 = range(10)
-SCALARS = 10
-# Per-tensor address columns: param, grad, exp_avg, exp_avg_sq, exp_avg absmax (8-bit), exp_avg_sq absmax, lr.
-ADDRESSES = 7
+# Table columns, constexprs so that the kernel and the host read the same names.
+# Per-tensor scalars:
+DECAY, W1, BETA2, W2, NEG_STEP, BC2_SQRT, EPS, SIGN, WD, INV_BC1 = (tl.constexpr(i) for i in range(10))
+SCALARS = tl.constexpr(10)
+# Per-tensor addresses (exp_avg absmax columns for 8-bit state only; LR_ADDR 0 unless lr is a device tensor):
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX, LR_ADDR = (tl.constexpr(i) for i in range(7))
+ADDRESSES = tl.constexpr(7)
 
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -47,38 +50,36 @@ def _load_float(addr, offs, mask, KIND: tl.constexpr, BY_HAND: tl.constexpr):
 
 @triton.jit
 def _store_float(addr, offs, values, mask, KIND: tl.constexpr, BY_HAND: tl.constexpr):
-    """Store fp32 ``values`` rounded to nearest even in the tensor's dtype (by hand for bf16 in the
-    interpreter, which truncates)."""
+    """Store fp32 ``values`` rounded to nearest even in the tensor's dtype (``decode.store_rounded``,
+    which rounds bf16 by hand in the interpreter)."""
     if KIND == 0:
-        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, values, mask=mask)
+        store_rounded(addr.to(tl.pointer_type(tl.float32)), offs, values, mask, False)
     elif KIND == 1:
-        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, values.to(tl.float16), mask=mask)
+        store_rounded(addr.to(tl.pointer_type(tl.float16)), offs, values, mask, False)
     elif BY_HAND:
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, (bits >> 16).to(tl.uint16), mask=mask)
+        store_rounded(addr.to(tl.pointer_type(tl.int16)), offs, values, mask, True)
     else:
-        tl.store(addr.to(tl.pointer_type(tl.bfloat16)) + offs, values.to(tl.bfloat16), mask=mask)
+        store_rounded(addr.to(tl.pointer_type(tl.bfloat16)), offs, values, mask, False)
 
 
 @triton.jit
 def _adamw(p, g, m, v, s_ptr, lr_addr):
     """One AdamW update in torch's op order: p *= 1 - lr wd; m = lerp(m, g, 1 - beta1);
     v = v beta2 + (1 - beta2) g g; p += -step_size * m / (sqrt(v) / sqrt(bc2) + eps)."""
-    decay = tl.load(s_ptr + 0)
-    w1 = tl.load(s_ptr + 1)
-    neg_step = tl.load(s_ptr + 4)
+    decay = tl.load(s_ptr + DECAY)
+    w1 = tl.load(s_ptr + W1)
+    neg_step = tl.load(s_ptr + NEG_STEP)
     if lr_addr != 0:  # a tensor lr on the device: the factors that need it are formed here
         lr = tl.load(lr_addr.to(tl.pointer_type(tl.float32)))
-        decay = 1.0 - lr * tl.load(s_ptr + 8)
-        neg_step = -(lr * tl.load(s_ptr + 9))
-    g = g * tl.load(s_ptr + 7)  # maximize: -1
+        decay = 1.0 - lr * tl.load(s_ptr + WD)
+        neg_step = -(lr * tl.load(s_ptr + INV_BC1))
+    g = g * tl.load(s_ptr + SIGN)  # maximize: -1
     p = p * decay
     # torch's lerp and addcmul round once (fused multiply-add); addcdiv is p + (value * m) / denom.
     m = tl.where(w1 < 0.5, tl.fma(w1, g - m, m), tl.fma(w1 - 1.0, g - m, g))
-    v = v * tl.load(s_ptr + 2)
-    v = tl.fma(tl.load(s_ptr + 3) * g, g, v)
-    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(s_ptr + 5)) + tl.load(s_ptr + 6)
+    v = v * tl.load(s_ptr + BETA2)
+    v = tl.fma(tl.load(s_ptr + W2) * g, g, v)
+    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(s_ptr + BC2_SQRT)) + tl.load(s_ptr + EPS)
     p = p + tl.div_rn(neg_step * m, denom)
     return p, m, v
 
@@ -170,19 +171,20 @@ def _adamw_multi_kernel(
     t = tl.load(chunk_ptr + 2 * pid)
     start = tl.load(chunk_ptr + 2 * pid + 1)
     numel = tl.load(numel_ptr + t)
-    row = addr_ptr + t * 7
-    p_addr, g_addr = tl.load(row + 0), tl.load(row + 1)
-    m_addr, v_addr = tl.load(row + 2), tl.load(row + 3)
-    lr_addr = tl.load(row + 6)
-    s_ptr = scalar_ptr + t * 10
+    row = addr_ptr + t * ADDRESSES
+    p_addr, g_addr = tl.load(row + PARAM), tl.load(row + GRAD)
+    m_addr, v_addr = tl.load(row + EXP_AVG), tl.load(row + EXP_AVG_SQ)
+    lr_addr = tl.load(row + LR_ADDR)
+    s_ptr = scalar_ptr + t * SCALARS
     # The two kinds of state have tiles of different shapes: each lives in its own function.
     if tl.load(eight_ptr + t) == 0:
         _step_fp32_state(p_addr, g_addr, m_addr, v_addr, lr_addr, s_ptr, start, numel, P_KIND, G_KIND, BY_HAND,
                          CHUNK)  # fmt: skip
     else:
-        _step_8bit_state(p_addr, g_addr, m_addr, v_addr, tl.load(row + 4), tl.load(row + 5), lr_addr, s_ptr, start,
-                         numel, signed_map_ptr, unsigned_map_ptr, signed_mid_ptr, unsigned_mid_ptr, P_KIND, G_KIND,
-                         BY_HAND, CHUNK, QBLOCK)  # fmt: skip
+        m_absmax, v_absmax = tl.load(row + EXP_AVG_ABSMAX), tl.load(row + EXP_AVG_SQ_ABSMAX)
+        _step_8bit_state(p_addr, g_addr, m_addr, v_addr, m_absmax, v_absmax, lr_addr, s_ptr, start, numel,
+                         signed_map_ptr, unsigned_map_ptr, signed_mid_ptr, unsigned_mid_ptr, P_KIND, G_KIND, BY_HAND,
+                         CHUNK, QBLOCK)  # fmt: skip
 
 
 def host_scalars(lr, beta1, beta2, eps, weight_decay, maximize, step) -> list[float]:
@@ -191,7 +193,7 @@ def host_scalars(lr, beta1, beta2, eps, weight_decay, maximize, step) -> list[fl
     lr_value = 0.0 if isinstance(lr, torch.Tensor) else lr
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    row = [0.0] * SCALARS
+    row = [0.0] * int(SCALARS)
     row[DECAY], row[W1], row[BETA2], row[W2] = 1 - lr_value * weight_decay, 1 - beta1, beta2, 1 - beta2
     row[NEG_STEP], row[BC2_SQRT], row[EPS] = -(lr_value / bias_correction1), math.sqrt(bias_correction2), eps
     row[SIGN], row[WD], row[INV_BC1] = -1.0 if maximize else 1.0, weight_decay, 1 / bias_correction1
@@ -224,11 +226,15 @@ def adamw_step(entries: list[dict], maps: tuple[torch.Tensor, ...]) -> None:
             raise ValueError("the fused AdamW step needs contiguous parameters and gradients")
         is8 = "exp_avg_absmax" in e
         lr = e.get("lr")
-        addresses.append([
-            p.data_ptr(), g.data_ptr(), e["exp_avg"].data_ptr(), e["exp_avg_sq"].data_ptr(),
-            e["exp_avg_absmax"].data_ptr() if is8 else 0, e["exp_avg_sq_absmax"].data_ptr() if is8 else 0,
-            lr.data_ptr() if lr is not None else 0,
-        ])  # fmt: skip
+        row = [0] * int(ADDRESSES)
+        row[PARAM], row[GRAD] = p.data_ptr(), g.data_ptr()
+        row[EXP_AVG], row[EXP_AVG_SQ] = e["exp_avg"].data_ptr(), e["exp_avg_sq"].data_ptr()
+        if is8:
+            row[EXP_AVG_ABSMAX] = e["exp_avg_absmax"].data_ptr()
+            row[EXP_AVG_SQ_ABSMAX] = e["exp_avg_sq_absmax"].data_ptr()
+        if lr is not None:
+            row[LR_ADDR] = lr.data_ptr()
+        addresses.append(row)
         numels.append(p.numel())
         scalars.append(e["scalars"])
         eight.append(int(is8))
