@@ -49,8 +49,7 @@ class QftBackend(QuantizationBackend):
         return base_layer.dequantize(torch.float32)
 
     def set_base_weight(self, peft_layer, weight_data: torch.Tensor) -> None:
-        """Re-quantize ``weight_data`` into the base layer."""
-        warnings.warn("merging into a quantized weight re-quantizes it", UserWarning, stacklevel=3)
+        """Re-quantize ``weight_data`` into the base layer (``QuantLinear.set_weight`` warns)."""
         peft_layer.get_base_layer().set_weight(weight_data)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
@@ -92,12 +91,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_to_base(self, delta: torch.Tensor) -> None:
         base = self.base_layer
-        if isinstance(base, QuantLinear):
-            warnings.warn(
-                "merging into a 4-bit weight re-quantizes it; outputs change by the rounding",
-                UserWarning,
-                stacklevel=3,
-            )
+        if isinstance(base, QuantLinear):  # re-quantized (set_weight warns)
             base.set_weight(base.dequantize(torch.float32) + delta)
         else:
             base.weight += delta.to(base.weight.dtype)

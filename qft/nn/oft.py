@@ -4,7 +4,6 @@ block-diagonal orthogonal matrix, PEFT's OFT (>= 0.18, input-centric, Cayley-Neu
 from __future__ import annotations
 
 import numbers
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -123,8 +122,7 @@ class OFTLinear(nn.Module):
 
     def _set_base_weight(self, transform) -> None:
         base = self.base_layer
-        if isinstance(base, QuantLinear):
-            warnings.warn("merging into a quantized weight re-quantizes it", UserWarning, stacklevel=3)
+        if isinstance(base, QuantLinear):  # re-quantized (set_weight warns)
             base.set_weight(transform(base.dequantize(torch.float32)))  # original column order both ways
         else:
             base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import torch
 from torch import nn
@@ -141,9 +142,12 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
         """Re-quantize from a float ``[out, in]`` weight in the original column order (merging adapters),
-        keeping this layer's format, block size, double quantization and dtype tag."""
+        keeping this layer's format, block size, double quantization and dtype tag. Warns: the
+        outputs change by the rounding."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight must be {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        warnings.warn("setting a quantized weight re-quantizes it; outputs change by the rounding", UserWarning,
+                      stacklevel=2)  # fmt: skip
         if self.input_perm is not None:  # stored columns are in input_perm order
             weight = weight.index_select(1, self.input_perm)
         qt = self.quantized
