@@ -20,7 +20,7 @@ from qft import formats, reference
 from qft._extension import extension
 from qft.ops import scratch, thresholds
 from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
-from qft.ops.oft import oft_rotate, triton_block
+from qft.ops.oft import oft_rotate, triton_rotates
 from qft.ops.quant import check_quantized_parts, dequantize_4bit_into, dequantize_lowbit_into
 
 
@@ -77,8 +77,7 @@ def quant_linear(
     _check(x, "x", *parts, zero, block_size, fmt, out_features * k, nested_block_size)
     backend = backend_for(x.device)
     # The fused small-M kernel rotates in its prologue (b >= 16, tl.dot); elsewhere rotate first.
-    fused_rotation = (rot is not None and rot.shape[1] >= 16 and triton_block(rot.shape[1])
-                      and backend != "reference" and x.dtype != torch.float64)  # fmt: skip
+    fused_rotation = rot is not None and rot.shape[1] >= 16 and triton_rotates(x, rot.shape[1])
     if rot is not None and not (fused_rotation and m <= thresholds.fused_max_m(x.device)):
         x = oft_rotate(x, rot, False)
         rot = None

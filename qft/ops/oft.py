@@ -16,13 +16,11 @@ from qft.ops.dispatch import backend_for
 TRITON_MAX_BLOCK = 64
 
 
-def triton_block(b: int) -> bool:
-    """True when the Triton rotation kernels take OFT blocks of size ``b``."""
-    return 2 <= b <= TRITON_MAX_BLOCK and b & (b - 1) == 0
-
-
-def _triton_rotate(x: torch.Tensor, rot: torch.Tensor) -> bool:
-    return backend_for(x.device) != "reference" and x.dtype != torch.float64 and triton_block(rot.shape[1])
+def triton_rotates(t: torch.Tensor, b: int) -> bool:
+    """True when blocks of size ``b`` over tensor ``t`` go to the Triton rotation kernels (the device's
+    backend is not the reference, t is not float64, b is a power of two up to TRITON_MAX_BLOCK)."""
+    fits = 2 <= b <= TRITON_MAX_BLOCK and b & (b - 1) == 0
+    return fits and backend_for(t.device) != "reference" and t.dtype != torch.float64
 
 
 def _check_rotate(x: torch.Tensor, rot: torch.Tensor) -> None:
@@ -35,7 +33,7 @@ def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Ten
     """``x`` [M, K] rotated per block by ``rot`` [K / b, b, b] (by R^T when ``transpose``), computed in
     fp32 and returned in x's dtype."""
     _check_rotate(x, rot)
-    if not _triton_rotate(x, rot):
+    if not triton_rotates(x, rot.shape[1]):
         return reference_oft.rotate(x, rot, transpose)
     from qft.kernels.oft_rotate import rotate
 
@@ -55,7 +53,7 @@ def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) 
     if grad.shape != x.shape:
         raise ValueError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
     nb, b, _ = rot.shape
-    if not _triton_rotate(x, rot):
+    if not triton_rotates(x, rot.shape[1]):
         grad_x = reference_oft.rotate(grad, rot, True)
         return grad_x, reference_oft.rotation_grad(x, grad, nb, b).to(rot.dtype)
     from qft.kernels.oft_rotate import rotate_backward
@@ -75,10 +73,6 @@ def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:
                          f"{block_size}, got {tuple(params.shape)}")  # fmt: skip
     if terms < 1:
         raise ValueError(f"cayley_neumann_terms must be positive, got {terms}")
-
-
-def _triton_rotation(params: torch.Tensor, block_size: int) -> bool:
-    return backend_for(params.device) != "reference" and params.dtype != torch.float64 and triton_block(block_size)
 
 
 def _rotate_setup(ctx, inputs, output):
@@ -105,7 +99,7 @@ def oft_rotation(params: torch.Tensor, block_size: int, terms: int) -> torch.Ten
     Cayley-Neumann with ``terms`` terms (``qft.reference_oft.rotation``); all blocks in one launch
     on a GPU (power-of-two b)."""
     _check_params(params, block_size, terms)
-    if not _triton_rotation(params, block_size):
+    if not triton_rotates(params, block_size):
         return reference_oft.rotation(params, block_size, terms)
     from qft.kernels.oft_rotation import rotation
 
@@ -126,7 +120,7 @@ def oft_rotation_backward(params: torch.Tensor, grad_rot: torch.Tensor, block_si
         raise ValueError(
             f"grad_rot must be [{params.shape[0]}, {block_size}, {block_size}], got {tuple(grad_rot.shape)}"
         )
-    if not _triton_rotation(params, block_size):
+    if not triton_rotates(params, block_size):
         return reference_oft.rotation_params_grad(params, grad_rot, block_size, terms)
     from qft.kernels.oft_rotation import rotation_grad
 
