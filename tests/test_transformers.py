@@ -81,7 +81,7 @@ def test_checkpoint_keys_map_to_their_layer_even_when_names_contain_weight():
     assert _entry_of("weight_proj.bias") is None
 
 
-def test_bad_config_and_mismatched_checkpoint_fail_at_load(float_dir, tmp_path):
+def test_bad_config_and_mismatched_checkpoint_fail_at_load(float_dir, tmp_path, capfd, caplog):
     with pytest.raises(ValueError, match="format must be one of"):
         QftConfig(format="nf5")
     with pytest.raises(TypeError, match="unknown arguments"):
@@ -92,9 +92,12 @@ def test_bad_config_and_mismatched_checkpoint_fail_at_load(float_dir, tmp_path):
     config = json.loads((tmp_path / "bad" / "config.json").read_text())
     config["quantization_config"]["format"] = "int4"
     (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
-    with pytest.raises((RuntimeError, ValueError)) as info:
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match="conversion"):  # transformers' own error, after its load report
         AutoModelForCausalLM.from_pretrained(tmp_path / "bad")
-    assert "conversion" in str(info.value).lower() or "stored as nf4" in str(info.value)
+    # The report names the layer and qft's reason.
+    report = "".join(capfd.readouterr()) + caplog.text
+    assert "self_attn.q_proj" in report and "stored as nf4 with block size 64, but the config says int4" in report
     with pytest.raises(ValueError, match="not a bitsandbytes 4-bit checkpoint"):
         from_bnb_pretrained(AutoModelForCausalLM, tmp_path / "q")
 

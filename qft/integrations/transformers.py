@@ -25,7 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qft import formats
 from qft.nn.config import QuantConfig
-from qft.nn.quant_linear import QuantLinear
+from qft.nn.quant_linear import PART_BUFFERS, QuantLinear
 from qft.tensor import QuantizedTensor, quantize
 
 METHOD = "qft"
@@ -91,8 +91,7 @@ def _layer_of(model: nn.Module, key: str) -> tuple[str, nn.Module | None]:
         return name, None
 
 
-def _parts(module: QuantLinear) -> set[str]:
-    return {name for name in module._buffers if name.startswith("weight_") and name != "weight_dtype"}
+_PART_BUFFERS = set(PART_BUFFERS)
 
 
 def _mark_loaded(hf_quantizer: QftHfQuantizer, module: QuantLinear, name: str, missing_keys) -> None:
@@ -100,8 +99,8 @@ def _mark_loaded(hf_quantizer: QftHfQuantizer, module: QuantLinear, name: str, m
     tensors after loading (it expects them to be re-initialized, as for rotary tables); they count as
     persistent until ``_process_model_after_weight_loading`` so they survive that step."""
     hf_quantizer.loaded.add(name)
-    module._non_persistent_buffers_set -= _parts(module)
-    for part in _parts(module):  # models' _init_weights (GPT-2's reaches into c_proj.weight) must skip them
+    module._non_persistent_buffers_set -= _PART_BUFFERS
+    for part in _PART_BUFFERS:  # models' _init_weights (GPT-2's reaches into c_proj.weight) must skip them
         if getattr(module, part) is not None:
             getattr(module, part)._is_hf_initialized = True
     if missing_keys is not None:
@@ -181,6 +180,7 @@ class QftHfQuantizer(HfQuantizer):
         self.errors: dict[str, str] = {}
         self.loaded: set[str] = set()
         self.model_dtype = torch.float32  # set by update_dtype before the model is built
+        self._fp32_plan = None  # (dtype plan, its compiled pattern), built by float_dtype_for
 
     def update_dtype(self, dtype):
         """The model's dtype: the config's compute_dtype when set (qft layers compute in their input's
@@ -193,9 +193,12 @@ class QftHfQuantizer(HfQuantizer):
     def float_dtype_for(self, model, name: str) -> torch.dtype:
         """The dtype transformers gives the float parameter ``name``: the model's, or fp32 for the
         modules its dtype plan keeps in fp32 (``_keep_in_fp32_modules``)."""
-        plan = model._get_dtype_plan(self.model_dtype)
-        if plan:
-            pattern, group_to_glob, _ = build_glob_alternation(list(plan))
+        if self._fp32_plan is None:  # once per load: the model and its dtype are fixed by then
+            plan = model._get_dtype_plan(self.model_dtype)
+            self._fp32_plan = (plan, build_glob_alternation(list(plan))[:2] if plan else None)
+        plan, compiled = self._fp32_plan
+        if compiled is not None:
+            pattern, group_to_glob = compiled
             match = pattern.search(name)
             if match is not None:
                 return plan[group_to_glob[match.lastgroup]]
@@ -239,7 +242,7 @@ class QftHfQuantizer(HfQuantizer):
             details = "; ".join(f"{n}: {e}" for n, e in self.errors.items()) or f"no weight for {unloaded[:5]}"
             raise ValueError(f"qft could not load the quantized layers: {details}")
         for module in layers.values():
-            module._non_persistent_buffers_set |= _parts(module)  # back to QuantLinear's own state-dict layout
+            module._non_persistent_buffers_set |= _PART_BUFFERS  # back to QuantLinear's own state-dict layout
             if module.bias is not None:
                 module.bias.requires_grad_(False)  # frozen like the weight, as QuantLinear keeps it
         return model

@@ -23,6 +23,7 @@ from qft.nn.config import QuantConfig
 from qft.tensor import QuantizedTensor, quantize
 
 _PARTS = ("packed", "absmax", "nested_absmax", "offset", "zero")
+PART_BUFFERS = tuple(f"weight_{part}" for part in _PARTS)  # the buffers holding the weight (unflattened)
 _BNB_BLOB = "weight.quant_state.bitsandbytes__"
 _QFT_BLOB = "weight.quant_state.qft__"
 
