@@ -126,11 +126,7 @@ class QftLoraLinear(nn.Module, LoraLayer):
             name = active[0]
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-            lora_a = self.lora_A[name].weight
-            if base.input_perm is not None:  # x @ A^T == x[:, perm] @ A[:, perm]^T
-                lora_a = lora_a.index_select(1, base.input_perm)
-            return functional.lora_linear(base.permute_input(x), base.quantized, lora_a, self.lora_B[name].weight,
-                                          self.scaling[name], base.bias, p)  # fmt: skip
+            return base.forward_with_lora(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
         result = base(x)
         for name in active:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from qft import functional
 from qft.nn.config import LoRAConfig, QuantConfig
 from qft.nn.quant_linear import QuantLinear
 
@@ -62,12 +61,7 @@ class LoRALinear(nn.Module):
         dropout = self.config.dropout if self.training else 0.0
         base = self.base_layer
         if isinstance(base, QuantLinear):
-            lora_a = self.lora_A.weight
-            if base.input_perm is not None:  # x @ A^T == x[:, perm] @ A[:, perm]^T
-                lora_a = lora_a.index_select(1, base.input_perm)
-            return functional.lora_linear(
-                base.permute_input(x), base.quantized, lora_a, self.lora_B.weight, self.scaling, base.bias, dropout
-            )
+            return base.forward_with_lora(x, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout)
         y = base(x)
         x_lora = nn.functional.dropout(x, dropout, self.training).to(self.lora_A.weight.dtype)
         return y + (self.lora_B(self.lora_A(x_lora)) * self.scaling).to(y.dtype)

@@ -122,6 +122,16 @@ class QuantLinear(nn.Module):
         """``[..., in] -> [..., out]`` in x's dtype; see ``qft.functional.quant_linear``."""
         return functional.quant_linear(self.permute_input(x), self.quantized, self.bias)
 
+    def forward_with_lora(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                          dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
+        """``self(x) + scaling * dropout(x) @ lora_A^T @ lora_B^T`` as one ``qft.functional.lora_linear``
+        (``lora_A`` in the original feature order, even over an act-order layer)."""
+        if self.input_perm is not None:  # x @ A^T == x[:, perm] @ A[:, perm]^T
+            lora_A = lora_A.index_select(1, self.input_perm)
+        return functional.lora_linear(
+            self.permute_input(x), self.quantized, lora_A, lora_B, scaling, self.bias, dropout
+        )
+
     def permute_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with its features in the stored weight's column order (identity without a perm)."""
         return x if self.input_perm is None else x.index_select(-1, self.input_perm)
