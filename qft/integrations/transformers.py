@@ -26,7 +26,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from qft import formats
 from qft.nn.config import QuantConfig
 from qft.nn.quant_linear import PART_BUFFERS, QuantLinear
-from qft.tensor import QuantizedTensor, quantize
+from qft.tensor import QuantizedTensor
 
 METHOD = "qft"
 _BLOBS = [f"weight.quant_state.bitsandbytes__{f}" for f in ("nf4", "fp4")] + [
@@ -128,11 +128,8 @@ class _QftQuantize(_QuantizerOp):
             if not isinstance(module, QuantLinear):
                 results[key] = value
                 continue
-            config = self.hf_quantizer.quantization_config
-            if getattr(module, "_transpose_float_weight", False):
-                value = value.t()
-            qt = quantize(value, config.format, config.block_size, config.double_quant, config.method)
-            module._set_quantized(qt)
+            # Quantized like the skeleton (the config's format, block size, double quantization).
+            module.load_quantized_state({"weight": value}, self.hf_quantizer.quantization_config.method)
             _mark_loaded(self.hf_quantizer, module, name, missing_keys)
         return results
 

@@ -165,11 +165,12 @@ class QuantLinear(nn.Module):
         new = quantize(weight.float(), qt.format, qt.block_size, qt.double_quant)
         self._set_quantized(dataclasses.replace(new, dtype=qt.dtype))
 
-    def load_quantized_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_quantized_state(self, state: dict[str, torch.Tensor], method: str = "hqq") -> None:
         """Take the weight from one layer's entries (keys ``weight``, ``weight.absmax``, ... as in this
-        module's state dict, without prefix; a float ``weight`` is quantized like this layer). The
-        parts stay on their device; ``ValueError`` if they do not describe this layer's shape."""
-        qt = _quantized_from_state(state, "", (self.out_features, self.in_features), self)
+        module's state dict, without prefix; a float ``weight`` is quantized like this layer, affine
+        formats with ``method``). The parts stay on their device; ``ValueError`` if they do not
+        describe this layer's shape."""
+        qt = _quantized_from_state(state, "", (self.out_features, self.in_features), self, method)
         self._set_quantized(qt)
 
     def _apply(self, fn, recurse=True):
@@ -230,7 +231,8 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
 
-def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: QuantLinear) -> QuantizedTensor:
+def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: QuantLinear,
+                          method: str = "hqq") -> QuantizedTensor:  # fmt: skip
     """A QuantizedTensor from bitsandbytes' Linear4bit keys, or by quantizing a float weight."""
     weight = state[prefix + "weight"]
     blobs = [k for k in state if k.startswith((prefix + _BNB_BLOB, prefix + _QFT_BLOB))]
@@ -239,7 +241,7 @@ def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: Qu
             weight = weight.t()
         if tuple(weight.shape) != shape:
             raise ValueError(f"a float weight must have shape {shape}, got {tuple(weight.shape)}")
-        return quantize(weight, module.format, module.block_size, module.double_quant)
+        return quantize(weight, module.format, module.block_size, module.double_quant, method)
     if len(blobs) != 1:
         raise ValueError(f"expected one 'weight.quant_state.<library>__<format>' entry, found {len(blobs)}")
     meta = json.loads(bytes(state[blobs[0]].cpu().tolist()).decode())
