@@ -54,5 +54,13 @@ def backend_for(device: torch.device | str) -> str:
 
 
 def cuda_stream(device: torch.device) -> int:
-    """The raw handle of the current CUDA stream on ``device`` (for ``qft._C``)."""
+    """The raw handle of the current CUDA stream on ``device`` (for ``qft._C``); 0 off a GPU, where
+    the call contract tests reach the extension with CPU tensors."""
+    if device.type != "cuda":
+        return 0
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a GPU (kernels launch on the tensors' device), else a no-op."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 
 from qft import formats, reference
-from qft._extension import extension
-from qft.ops import scratch, thresholds
-from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
+from qft.ops import cuda_calls, scratch, thresholds
+from qft.ops.dispatch import FLOAT_DTYPES, backend_for, cuda_stream, device_guard
 from qft.ops.oft import oft_rotate, triton_rotates
 from qft.ops.quant import check_quantized_parts, dequantize_4bit_into, dequantize_lowbit_into
 
@@ -108,26 +107,27 @@ def quant_linear(
 
 def _gemv_cuda(x, packed, absmax, nested_absmax, offset, zero, block_size, fmt, n, nested_block_size, bias, xa, lora_b,
                s):  # fmt: skip
-    ext = extension().module
-    m, k = x.shape
-    if m > ext.max_gemv_rows:
-        raise ValueError(f"quant_gemv serves at most {ext.max_gemv_rows} rows, got {m}")
+    """The CUDA decode GEMV, every format: code-book formats pass their code book, affine ones ``zero``."""
+    m = x.shape[0]
+    if m > cuda_calls.max_gemv_rows():
+        raise ValueError(f"quant_gemv serves at most {cuda_calls.max_gemv_rows()} rows, got {m}")
+    spec = formats.get_format(fmt)
     # Locals keep every contiguous copy alive until the launch has been queued.
     x, packed, absmax = x.contiguous(), packed.contiguous(), absmax.contiguous()
-    nested = nested_absmax is not None
-    nested_absmax = nested_absmax.contiguous() if nested else None
+    if nested_absmax is not None:
+        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
+    else:
+        offset = None
+    zero = zero.contiguous() if spec.affine else None
+    code = None if spec.affine else formats.code(fmt, x.device)
     bias = bias.to(x.dtype).contiguous() if bias is not None else None
     xa = xa.float().contiguous() if xa is not None else None
     lora_b = lora_b.float().contiguous() if lora_b is not None else None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    dmap, code = formats.dynamic_map(x.device), formats.code(fmt, x.device)
-    ptr = lambda t: 0 if t is None else t.data_ptr()
-    with torch.cuda.device(x.device):
-        ext.quant_gemv(
-            x.data_ptr(), DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(), ptr(nested_absmax),
-            ptr(offset) if nested else 0, dmap.data_ptr(), code.data_ptr(), block_size, nested_block_size,
-            ptr(bias), ptr(xa), ptr(lora_b), float(s), 0 if xa is None else xa.shape[1], y.data_ptr(), m, n, k,
-            cuda_stream(x.device),
+    with device_guard(x.device):
+        cuda_calls.quant_gemv(
+            x, packed, spec.bits, zero, absmax, nested_absmax, offset, formats.dynamic_map(x.device), code,
+            block_size, nested_block_size, bias, xa, lora_b, s, y, cuda_stream(x.device),
         )  # fmt: skip
     return y
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from qft import formats, reference
-from qft._extension import extension
-from qft.ops.dispatch import DTYPE_CODES, FLOAT_DTYPES, backend_for, cuda_stream
+from qft.ops import cuda_calls
+from qft.ops.dispatch import FLOAT_DTYPES, backend_for, cuda_stream, device_guard
 
 
 def _check_common(block_size: int, fmt: str) -> None:
@@ -67,43 +67,32 @@ def check_quantized_parts(
 
 
 def _quantize_4bit_cuda(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ext = extension()
-    if ext.module is None:
-        raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
     w = w.contiguous()
     numel = w.numel()
     packed = torch.empty(formats.packed_numel(numel), dtype=torch.uint8, device=w.device)
     absmax = torch.empty(formats.num_blocks(numel, block_size), dtype=torch.float32, device=w.device)
     thresholds = formats.thresholds(fmt, w.device)
     order = formats.encode_order(fmt, w.device)
-    with torch.cuda.device(w.device):
-        ext.module.quantize_4bit(
-            w.data_ptr(), DTYPE_CODES[w.dtype], packed.data_ptr(), absmax.data_ptr(), thresholds.data_ptr(),
-            order.data_ptr(), numel, block_size, cuda_stream(w.device),
-        )  # fmt: skip
+    with device_guard(w.device):
+        cuda_calls.quantize_4bit(w, packed, absmax, thresholds, order, block_size, cuda_stream(w.device))
     return packed, absmax
 
 
 def _dequantize_4bit_cuda(
     packed, absmax, nested_absmax, offset, block_size, fmt, numel, dtype, nested_block_size, out=None
 ):
-    ext = extension()
-    if ext.module is None:
-        raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
     if out is None:
         out = torch.empty(numel, dtype=dtype, device=packed.device)
     # Hold the contiguous copies in locals: a temporary freed before the launch could be reused.
     packed, absmax = packed.contiguous(), absmax.contiguous()
-    nested = nested_absmax is not None
-    if nested:
+    if nested_absmax is not None:
         nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
     dmap = formats.dynamic_map(packed.device)
     code = formats.code(fmt, packed.device)
-    with torch.cuda.device(packed.device):
-        ext.module.dequantize_4bit(
-            packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr() if nested else 0,
-            offset.data_ptr() if nested else 0, dmap.data_ptr(), code.data_ptr(), out.data_ptr(),
-            DTYPE_CODES[dtype], numel, block_size, nested_block_size, cuda_stream(packed.device),
+    with device_guard(packed.device):
+        cuda_calls.dequantize_4bit(
+            packed, absmax, nested_absmax, offset, dmap, code, out, numel, block_size, nested_block_size,
+            cuda_stream(packed.device),
         )  # fmt: skip
     return out
 
@@ -256,25 +245,22 @@ def dequantize_lowbit_into(
 
 
 def _dequantize_lowbit_cuda(packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nbs, out):
-    ext = extension()
-    if ext.module is None:
-        raise RuntimeError(f"the qft CUDA extension is not available: {ext.error}")
     spec = formats.get_format(fmt)
     if out is None:
         out = torch.empty(numel, dtype=dtype, device=packed.device)
     # Locals keep every contiguous copy alive until the launch has been queued.
     packed, absmax = packed.contiguous(), absmax.contiguous()
-    nested = nested_absmax is not None
-    nested_absmax = nested_absmax.contiguous() if nested else None
+    if nested_absmax is not None:
+        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
+    else:
+        offset = None
     zero = zero.contiguous() if spec.affine else None
     code = None if spec.affine else formats.code(fmt, packed.device)
     dmap = formats.dynamic_map(packed.device)
-    ptr = lambda t: 0 if t is None else t.data_ptr()
-    with torch.cuda.device(packed.device):
-        ext.module.dequantize_lowbit(
-            packed.data_ptr(), spec.bits, spec.affine, absmax.data_ptr(), ptr(nested_absmax),
-            ptr(offset) if nested else 0, dmap.data_ptr(), ptr(code), ptr(zero), out.data_ptr(), DTYPE_CODES[dtype],
-            numel, block_size, nbs, cuda_stream(packed.device),
+    with device_guard(packed.device):
+        cuda_calls.dequantize_lowbit(
+            packed, spec.bits, absmax, nested_absmax, offset, dmap, code, zero, out, numel, block_size, nbs,
+            cuda_stream(packed.device),
         )  # fmt: skip
     return out
 

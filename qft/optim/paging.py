@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from qft._extension import extension
+from qft.ops import cuda_calls
 
 _TYPESTR = {torch.float32: "<f4", torch.uint8: "|u1", torch.float16: "<f2", torch.int32: "<i4"}
 
@@ -30,8 +31,8 @@ class ManagedBuffer:
         free, _ = torch.cuda.mem_get_info(device)
         if nbytes > free:
             raise MemoryError(f"refusing {nbytes} bytes of managed memory: the GPU has {free} bytes free")
-        self._ext = extension().module
-        self.address = self._ext.managed_alloc(nbytes)
+        self._free = cuda_calls.managed_free  # held: module globals may be gone at exit
+        self.address = cuda_calls.managed_alloc(nbytes)
         self.numel, self.dtype, self.nbytes = numel, dtype, nbytes
 
     @property
@@ -41,7 +42,7 @@ class ManagedBuffer:
 
     def __del__(self) -> None:
         if getattr(self, "address", 0):
-            self._ext.managed_free(self.address)
+            self._free(self.address)
             self.address = 0
 
 
@@ -60,4 +61,4 @@ def prefetch(tensor: torch.Tensor, to_host: bool) -> bool:
     device = -1 if to_host else tensor.device.index
     stream = torch.cuda.current_stream(tensor.device).cuda_stream
     nbytes = tensor.numel() * tensor.element_size()
-    return extension().module.managed_prefetch(tensor.data_ptr(), nbytes, device, stream)
+    return cuda_calls.managed_prefetch(tensor.data_ptr(), nbytes, device, stream)
