@@ -32,9 +32,7 @@ CPU_NOTE = "CPU run: a tiny config as a smoke test; not GPU kernel results and n
 
 def build(provider: str, dense_state: dict, config, device: str, dtype) -> nn.Module:
     """The slice for one provider, from the same dense weights."""
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = _empty_model(config, device, dtype)
     model.load_state_dict(dense_state)
     if provider == "qft":
         qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
@@ -57,6 +55,19 @@ def build(provider: str, dense_state: dict, config, device: str, dtype) -> nn.Mo
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS)))
 
 
+def _empty_model(config, device: str, dtype):
+    """The Llama model built directly on ``device`` in ``dtype`` (no fp32 copy on the host first)."""
+    from transformers import LlamaForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _step_fn(model, ids, checkpointing: bool):
     model.train()
     if checkpointing:
@@ -74,9 +85,33 @@ def _step_fn(model, ids, checkpointing: bool):
     return step
 
 
+def _measure(model, ids, checkpointing: bool, label: dict, device: str, repeats: int) -> dict:
+    fn = _step_fn(model, ids, checkpointing)
+    p50, p20, p80 = common.time_ms(fn, device, repeats)
+    peak = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    seq = ids.shape[1]
+    return {
+        "suite": "e2e", **label, "dtype": "bfloat16", "device": common.device_name(device), "p50_ms": p50,
+        "p20_ms": p20, "p80_ms": p80, "tokens_per_s": seq / (p50 * 1e-3), "peak_mem_mb": peak,
+    }  # fmt: skip
+
+
+def _bench_provider(provider, rec, shape, make, ids, device, repeats) -> None:
+    model = rec.build({"provider": provider, "shape": shape}, make)
+    for checkpointing in (False, True) if model is not None else ():
+        label = {"op": "train step" + (" +ckpt" if checkpointing else ""), "provider": provider, "shape": shape}
+        rec.attempt(label, lambda label=label, ckpt=checkpointing: [_measure(model, ids, ckpt, label, device, repeats)])
+
+
 def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
     """One training step per provider and checkpointing mode; writes the files. Returns (rows, meta, paths)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     torch.manual_seed(0)
     rates = rates or common.device_rates(device)
@@ -84,32 +119,21 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
     config = LlamaConfig(**(GPU_CONFIG if on_gpu else CPU_CONFIG))
     seq = 2048 if on_gpu else 64
     dtype = torch.bfloat16
-    dense_state = LlamaForCausalLM(config).to(device=device, dtype=dtype).state_dict()
+    dense_state = _empty_model(config, device, dtype).state_dict()
     ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
-    rows = []
+    rec = common.Recorder("e2e", device, out)
+    shape = f"{config.num_hidden_layers}L h{config.hidden_size} seq{seq}"
     for provider in common.peer_providers():
-        model = build(provider, dense_state, config, device, dtype)
-        for checkpointing in (False, True):
-            fn = _step_fn(model, ids, checkpointing)
-            p50, p20, p80 = common.time_ms(fn, device, repeats)
-            peak = None
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                fn()
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated() / 2**20
-            rows.append({
-                "suite": "e2e", "op": "train step" + (" +ckpt" if checkpointing else ""), "provider": provider,
-                "shape": f"{config.num_hidden_layers}L h{config.hidden_size} seq{seq}", "dtype": "bfloat16",
-                "device": common.device_name(device), "p50_ms": p50, "p20_ms": p20, "p80_ms": p80,
-                "tokens_per_s": seq / (p50 * 1e-3), "peak_mem_mb": peak,
-            })  # fmt: skip
-        del model
+        if not common.wanted("providers", provider):
+            continue
+        _bench_provider(provider, rec, shape, lambda p=provider: build(p, dense_state, config, device, dtype), ids,
+                        device, repeats)  # fmt: skip
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    rows = rec.rows
     for row in rows:
         for peer in ("peft-bf16", "peft-bnb"):
-            match = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
-            row[f"vs_{peer.replace('-', '_')}"] = match[0]["p50_ms"] / row["p50_ms"] if match else None
+            row[f"vs_{peer.replace('-', '_')}"] = common.ratio(rows, row, peer)
     meta = {
         "suite": "e2e", "device": device, "device_name": common.device_name(device), "versions": common.versions(),
         **rates, "config": config.to_dict() if hasattr(config, "to_dict") else {},

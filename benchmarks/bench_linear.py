@@ -96,8 +96,10 @@ def _peak_mb(fn, device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates) -> list[dict]:
-    model = build(provider, dense, device)
+def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates, rec, label) -> None:
+    model = rec.build(label, lambda: build(provider, dense, device))
+    if model is None:
+        return
     xg = x.clone().requires_grad_()
     m, k = x.shape
     n = dense.out_features
@@ -113,11 +115,17 @@ def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates)
             p.grad = None
 
     fns = {"fwd": (forward, 2 * m * n * k), "fwd+bwd": (train_step, 4 * m * n * k)}
-    rows = []
     for op in ops_wanted:
-        fn, flops = fns[op]
-        p50, p20, p80 = common.time_ms(fn, device, repeats)
-        rows.append({
+        rec.attempt(
+            {**label, "op": op}, lambda op=op: [_measure(op, fns[op], provider, x, n, k, device, repeats, rates)]
+        )
+
+
+def _measure(op, fn_flops, provider, x, n, k, device, repeats, rates) -> dict:
+    fn, flops = fn_flops
+    m = x.shape[0]
+    p50, p20, p80 = common.time_ms(fn, device, repeats)
+    return {
             "suite": "linear", "op": op, "provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k,
             "r": RANK, "dtype": str(x.dtype).removeprefix("torch."), "device": common.device_name(device),
             "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "tflops": flops / (p50 * 1e-3) / 1e12,
@@ -125,8 +133,7 @@ def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates)
             # 4-bit weight + x + y at the measured copy bandwidth
             "pct_of_floor": 100 * _floor_ms(op, m, n, k, x.element_size(), rates) / p50,
             "peak_mem_mb": _peak_mb(fn, device),
-        })  # fmt: skip
-    return rows
+        }  # fmt: skip
 
 
 def _floor_ms(op: str, m: int, n: int, k: int, elem: int, rates: dict) -> float:
@@ -138,20 +145,18 @@ def _floor_ms(op: str, m: int, n: int, k: int, elem: int, rates: dict) -> float:
     return 1e3 * max(compute, memory)
 
 
-def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted, rates) -> list[dict]:
-    """Rows for one (out, in) shape and M, every provider."""
+def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted, rates, rec: common.Recorder) -> None:
+    """Rows for one (out, in) shape and M, every provider (each its own try), into ``rec``."""
     n, k = shape
     dense = nn.Linear(k, n, dtype=dtype, device=device)
     x = torch.randn(m, k, dtype=dtype, device=device)
     grad = torch.randn(m, n, dtype=dtype, device=device)
-    rows = []
     for provider in providers():
-        rows += _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates)
-    for row in rows:
-        for peer in ("peft-bf16", "peft-bnb", "peft-oft-bnb"):
-            match = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
-            row[f"vs_{peer.replace('-', '_')}"] = match[0]["p50_ms"] / row["p50_ms"] if match else None
-    return rows
+        if common.wanted("providers", provider):
+            label = {"provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k}
+            _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates, rec, label)
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
@@ -167,9 +172,14 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
         cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
     if quick:
         cases = [c for c in cases if c[0] == shapes[0] and c[1] in (ms[0], ms[-1])]
-    rows = []
+    cases = [c for c in cases if common.wanted("shapes", common.shape_text(c[0])) and common.wanted("ms", c[1])]
+    rec = common.Recorder("linear", device, out)
     for shape, m, wanted in cases:
-        rows += bench_case(shape, m, device, torch.bfloat16, repeats, wanted, rates)
+        bench_case(shape, m, device, torch.bfloat16, repeats, wanted, rates, rec)
+    rows = rec.rows
+    for row in rows:
+        for peer in ("peft-bf16", "peft-bnb", "peft-oft-bnb"):
+            row[f"vs_{peer.replace('-', '_')}"] = common.ratio(rows, row, peer, ("op", "shape"))
     meta = {
         "suite": "linear", "device": device, "device_name": common.device_name(device),
         "versions": common.versions(), "rank": RANK, **rates, "note": CPU_NOTE if device == "cpu" else "",

@@ -66,32 +66,38 @@ def _page_out_freed_mb(opt) -> float | None:
     return freed
 
 
+def _measure(make, name, label, params, device, repeats) -> dict:
+    ps = [p.clone().requires_grad_() for p in params]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = make(ps)
+    opt.step()  # create the state
+    p50, p20, p80 = common.time_ms(opt.step, device, repeats)
+    freed = _page_out_freed_mb(opt) if device == "cuda" and name.startswith("qft Paged") else None
+    return {
+        "suite": "optim", **label, "dtype": "fp32", "device": common.device_name(device), "p50_ms": p50,
+        "p20_ms": p20, "p80_ms": p80, "params_m": sum(p.numel() for p in ps) / 1e6, "state_mb": _state_mb(opt),
+        "page_out_freed_mb": freed,
+    }  # fmt: skip
+
+
 def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
     """Time one step per optimizer and parameter set; write the files. Returns (rows, meta, paths)."""
     rates = rates or common.device_rates(device)
     small = device == "cpu" or quick
     sets = {"LoRA set": lora_shapes(2 if small else 32), "one tensor": [(1024, 1024) if small else (14336, 4096)]}
-    rows = []
+    rec = common.Recorder("optim", device, out)
     for set_name, shapes in sets.items():
         params = [torch.randn(s, device=device) * 0.02 for s in shapes]
         for name, make in providers().items():
-            ps = [p.clone().requires_grad_() for p in params]
-            for p in ps:
-                p.grad = torch.randn_like(p) * 1e-3
-            opt = make(ps)
-            opt.step()  # create the state
-            p50, p20, p80 = common.time_ms(opt.step, device, repeats)
-            freed = _page_out_freed_mb(opt) if device == "cuda" and name.startswith("qft Paged") else None
-            rows.append({
-                "suite": "optim", "op": f"step ({set_name})", "provider": name,
-                "shape": f"{len(shapes)} tensors", "dtype": "fp32", "device": common.device_name(device),
-                "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "params_m": sum(p.numel() for p in ps) / 1e6,
-                "state_mb": _state_mb(opt), "page_out_freed_mb": freed,
-            })  # fmt: skip
+            if common.wanted("providers", name):
+                label = {"op": f"step ({set_name})", "provider": name, "shape": f"{len(shapes)} tensors"}
+                rec.attempt(label, lambda make=make, name=name, label=label, params=params: [
+                    _measure(make, name, label, params, device, repeats)])  # fmt: skip
+    rows = rec.rows
     for row in rows:
-        for column, peer in (("vs_torch", "torch AdamW"), ("vs_bnb_paged8", "bnb PagedAdamW8bit")):
-            base = [r for r in rows if r["op"] == row["op"] and r["provider"] == peer]
-            row[column] = base[0]["p50_ms"] / row["p50_ms"] if base else None
+        row["vs_torch"] = common.ratio(rows, row, "torch AdamW")
+        row["vs_bnb_paged8"] = common.ratio(rows, row, "bnb PagedAdamW8bit")
     meta = {"suite": "optim", "device": device, "device_name": common.device_name(device),
             "versions": common.versions(), **rates, "note": CPU_NOTE if small else ""}  # fmt: skip
     return rows, meta, common.write_results("optim", device, rows, meta, out, COLUMNS)

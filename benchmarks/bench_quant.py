@@ -52,8 +52,8 @@ def _qft_backend(provider: str) -> str:
     return provider.removeprefix("qft-")
 
 
-def bench_shape(shape, device: str, repeats: int, copy_gbs: float) -> list[dict]:
-    """Rows for quantize and dequantize of one weight shape, every provider."""
+def bench_shape(shape, device: str, repeats: int, copy_gbs: float, rec: common.Recorder) -> None:
+    """Rows for quantize and dequantize of one weight shape, every provider, into ``rec``."""
     n = shape[0] * shape[1]
     w = torch.randn(shape, device=device).to(torch.bfloat16)
     bnb = _bnb()
@@ -62,11 +62,17 @@ def bench_shape(shape, device: str, repeats: int, copy_gbs: float) -> list[dict]
     moved = {"quantize": 2 * n + n // 2 + scale_bytes, "dequantize": n // 2 + scale_bytes + 2 * n}
     bnb_packed = bnb_state = None
     if bnb is not None:
-        bnb_packed, bnb_state = bnb.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4", compress_statistics=True)
+        try:
+            bnb_packed, bnb_state = bnb.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4", compress_statistics=True)
+        except Exception as exc:  # e.g. no bitsandbytes library for this CUDA: an error row, qft runs on
+            rec.add({"suite": "quant", "op": "quantize nf4+dq", "provider": "bitsandbytes",
+                     "shape": f"{shape[0]}x{shape[1]}", "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
+            bnb = None
     qt = qft.quantize(w, "nf4", BLOCK, double_quant=True)
 
-    rows = []
     for provider in providers(device):
+        if not common.wanted("providers", provider) or (provider == "bitsandbytes" and bnb is None):
+            continue
         if provider == "bitsandbytes":
             fns = {
                 "quantize": lambda: bnb.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4", compress_statistics=True),
@@ -78,25 +84,25 @@ def bench_shape(shape, device: str, repeats: int, copy_gbs: float) -> list[dict]
                 "dequantize": lambda: qt.dequantize(torch.bfloat16),
             }
         for op, fn in fns.items():
-            with ops.use_backend(_qft_backend(provider)) if provider != "bitsandbytes" else contextlib.nullcontext():
-                p50, p20, p80 = common.time_ms(fn, device, repeats)
-                matches = None
-                if op == "dequantize" and provider != "bitsandbytes" and bnb is not None:
-                    ours = qft.QuantizedTensor.from_bnb(bnb_packed, bnb_state).dequantize(torch.bfloat16)
-                    matches = bool(torch.equal(ours, bnb.dequantize_4bit(bnb_packed, bnb_state)))
-            gbps = moved[op] / (p50 * 1e-3) / 1e9
-            rows.append(
-                {
-                    "suite": "quant", "op": f"{op} nf4+dq", "provider": provider, "shape": f"{shape[0]}x{shape[1]}",
-                    "dtype": "bf16", "device": common.device_name(device), "p50_ms": p50, "p20_ms": p20,
-                    "p80_ms": p80, "bytes": moved[op], "gbps": gbps, "pct_of_copy_bw": 100 * gbps / copy_gbs,
-                    "matches_bitsandbytes": matches,
-                }
-            )  # fmt: skip
-    for row in rows:
-        peer = next((r for r in rows if r["op"] == row["op"] and r["provider"] == "bitsandbytes"), None)
-        row["vs_bitsandbytes"] = peer["p50_ms"] / row["p50_ms"] if peer else None
-    return rows
+            label = {"op": f"{op} nf4+dq", "provider": provider, "shape": f"{shape[0]}x{shape[1]}"}
+            rec.attempt(label, lambda op=op, fn=fn, provider=provider, label=label: [
+                _measure(op, fn, provider, label, moved[op], device, repeats, copy_gbs, bnb, bnb_packed, bnb_state)
+            ])  # fmt: skip
+
+
+def _measure(op, fn, provider, label, nbytes, device, repeats, copy_gbs, bnb, bnb_packed, bnb_state) -> dict:
+    with ops.use_backend(_qft_backend(provider)) if provider != "bitsandbytes" else contextlib.nullcontext():
+        p50, p20, p80 = common.time_ms(fn, device, repeats)
+        matches = None
+        if op == "dequantize" and provider != "bitsandbytes" and bnb is not None:
+            ours = qft.QuantizedTensor.from_bnb(bnb_packed, bnb_state).dequantize(torch.bfloat16)
+            matches = bool(torch.equal(ours, bnb.dequantize_4bit(bnb_packed, bnb_state)))
+    gbps = nbytes / (p50 * 1e-3) / 1e9
+    return {
+        "suite": "quant", **label, "dtype": "bf16", "device": common.device_name(device), "p50_ms": p50,
+        "p20_ms": p20, "p80_ms": p80, "bytes": nbytes, "gbps": gbps, "pct_of_copy_bw": 100 * gbps / copy_gbs,
+        "matches_bitsandbytes": matches,
+    }  # fmt: skip
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -113,9 +119,13 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, sh
     """Measure every shape and provider; write the result files. Returns (rows, meta, paths)."""
     rates = rates or common.device_rates(device)
     copy_gbs = rates["copy_bandwidth_gbps"]
-    rows = []
+    rec = common.Recorder("quant", device, out)
     for shape in shapes or (SHAPES[:1] if quick else SHAPES):
-        rows += bench_shape(shape, device, repeats, copy_gbs)
+        if common.wanted("shapes", common.shape_text(shape)):
+            bench_shape(shape, device, repeats, copy_gbs, rec)
+    rows = rec.rows
+    for row in rows:
+        row["vs_bitsandbytes"] = common.ratio(rows, row, "bitsandbytes", ("op", "shape"))
     meta = {
         "suite": "quant", "device": device, "device_name": common.device_name(device),
         "versions": common.versions(), **rates,
@@ -133,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", action="append", type=_shape, help="MxN weight (repeatable)")
     parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="folder for the result files")
+    common.add_filter_arguments(parser)
     args = parser.parse_args(argv)
+    common.apply_filter_arguments(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.device == "cpu":

@@ -1,7 +1,15 @@
 """Shared benchmark plumbing: timing, the device's measured copy bandwidth, result rows and files.
 
 GPU timings use ``triton.testing.do_bench`` (median with p20/p80; it clears the L2 cache before
-each run). CPU timings use ``time.perf_counter`` over repeats and are not kernel results.
+each run), or ``do_bench_cudagraph`` for the small-M rows where launch overhead would dominate. CPU
+timings use ``time.perf_counter`` over repeats and are not kernel results.
+
+Every provider x case is its own try (``Recorder.attempt``): a failing peer becomes a row with an
+``error`` and the rest of the suite runs on. Rows are appended to ``<suite>-<device>-<date>.jsonl``
+as they are measured, so a suite killed at its time limit keeps what it finished. The environment
+variables ``QFT_BENCH_PROVIDERS``, ``QFT_BENCH_SHAPES`` (``NxK``), ``QFT_BENCH_MS`` and
+``QFT_BENCH_FORMATS`` (comma lists; the suites' ``--providers`` / ``--shapes`` / ``--ms`` /
+``--formats`` set them) select what runs.
 """
 
 from __future__ import annotations
@@ -9,10 +17,13 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +32,16 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def time_ms(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, float]:
-    """``(p50, p20, p80)`` milliseconds of ``fn()`` on ``device``."""
+def time_ms(fn: Callable[[], object], device: str, repeats: int, graph: bool = False) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` milliseconds of ``fn()`` on ``device``; ``graph``: replayed as a CUDA graph
+    (GPU only; no Python or launch overhead, the L2 is not flushed)."""
     if device == "cuda":
         import triton.testing
 
-        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        if graph:
+            p50, p20, p80 = triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+        else:
+            p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return p50, p20, p80
     fn()  # warm-up
     samples = []
@@ -77,10 +92,84 @@ def peer_providers() -> list[str]:
     return [*names, "peft-bnb"]
 
 
+FILTERS = ("providers", "shapes", "ms", "formats")
+
+
+def wanted(kind: str, value) -> bool:
+    """True unless ``QFT_BENCH_<KIND>`` lists values and ``value`` is not among them."""
+    listed = os.environ.get(f"QFT_BENCH_{kind.upper()}", "").strip()
+    if not listed:
+        return True
+    return str(value).lower() in {v.strip().lower() for v in listed.split(",")}
+
+
+def shape_text(shape) -> str:
+    """``(N, K)`` as the ``NxK`` the shape filter matches."""
+    return "x".join(str(d) for d in shape)
+
+
+def add_filter_arguments(parser) -> None:
+    """``--providers``, ``--shapes``, ``--ms``, ``--formats``: comma lists exported as QFT_BENCH_*."""
+    for kind in FILTERS:
+        parser.add_argument(f"--{kind}", help=f"comma list: run only these {kind} (QFT_BENCH_{kind.upper()})")
+
+
+def apply_filter_arguments(args) -> None:
+    """Export the filters given on the command line for ``wanted``."""
+    for kind in FILTERS:
+        value = getattr(args, kind, None)
+        if value:
+            os.environ[f"QFT_BENCH_{kind.upper()}"] = value
+
+
+def ratio(rows: list[dict], row: dict, peer: str, same=("op",)) -> float | None:
+    """peer's p50 over ``row``'s for the row of ``peer`` that matches ``row`` in ``same``; None if
+    either has no time (not measured, or an error row)."""
+    if row.get("p50_ms") is None:
+        return None
+    for other in rows:
+        if other["provider"] == peer and other.get("p50_ms") and all(other.get(k) == row.get(k) for k in same):
+            return other["p50_ms"] / row["p50_ms"]
+    return None
+
+
+class Recorder:
+    """The rows of one suite: kept in order, each appended to a JSONL file the moment it exists."""
+
+    def __init__(self, suite: str, device: str, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.suite, self.rows = suite, []
+        self.path = out_dir / f"{result_stem(suite, device)}.jsonl"
+        self.path.write_text("")
+
+    def add(self, row: dict) -> dict:
+        """Keep ``row`` and append it to the JSONL file."""
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        return row
+
+    def attempt(self, label: dict, measure: Callable[[], list[dict]]) -> list[dict]:
+        """Rows of ``measure()``, or one row of ``label`` + ``error`` when it raises (traceback on stderr)."""
+        try:
+            rows = measure()
+        except Exception as exc:  # a failing provider must not take the suite down
+            traceback.print_exc(file=sys.stderr)
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            return [self.add({"suite": self.suite, **label, "error": message})]
+        return [self.add(row) for row in rows]
+
+    def build(self, label: dict, make: Callable[[], object]):
+        """``make()``, or None after an error row of ``label`` (op "build") when it raises."""
+        made = []
+        self.attempt({**label, "op": "build"}, lambda: made.append(make()) or [])
+        return made[0] if made else None
+
+
 def suite_main(argv, doc: str, run_suite, columns, cpu_note: str = "", repeats: bool = True) -> int:
-    """The command line every suite shares: --device, --quick, (--repeats), --out; prints the table."""
+    """The command line every suite shares: --device, --quick, (--repeats), --out, the filters;
+    prints the table."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,9 +177,11 @@ def suite_main(argv, doc: str, run_suite, columns, cpu_note: str = "", repeats: 
     if repeats:
         parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the result files")
+    add_filter_arguments(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    apply_filter_arguments(args)
     if args.device == "cpu" and cpu_note:
         print(cpu_note, file=sys.stderr)
     extra = {"repeats": args.repeats} if repeats else {}
@@ -140,19 +231,28 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     rows = [{**row, "versions": stamp} for row in rows]  # each row stands alone once copied elsewhere
-    stem = f"{suite}-{slug(device_name(device))}-{datetime.date.today().isoformat()}"
+    stem = result_stem(suite, device)
     paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md")]
-    paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # error rows have fewer keys
     with paths[1].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     paths[2].write_text(markdown_table(rows, meta, columns) + "\n")
     return paths
 
 
+def result_stem(suite: str, device: str) -> str:
+    """``<suite>-<device name>-<date>``: the name of a suite's result files."""
+    return f"{suite}-{slug(device_name(device))}-{datetime.date.today().isoformat()}"
+
+
 def markdown_table(rows: list[dict], meta: dict, columns=QUANT_COLUMNS) -> str:
-    """A compact markdown table of the rows, headed by the device and versions."""
+    """A compact markdown table of the rows, headed by the device and versions (and an ``error``
+    column when some row failed)."""
+    if any(row.get("error") for row in rows):
+        columns = [*columns, "error"]
     head = f"**{meta['device_name']}** ({meta['device']}); " + ", ".join(
         f"{k} {v}" for k, v in meta["versions"].items()
     )

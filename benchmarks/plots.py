@@ -12,7 +12,8 @@ def plot_time_vs_m(rows: list[dict], path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["N"], r["K"], r["op"]) for r in rows if "M" in r})
+    rows = [r for r in rows if r.get("M") and r.get("N") and r.get("p50_ms")]  # error rows have no time
+    panels = sorted({(r["N"], r["K"], r["op"]) for r in rows})
     if not panels:
         return None
     cols = min(4, len(panels))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ def benchmarks_dir() -> Path:
 
 
 def run(suites: list[str] | None, device: str | None, quick: bool, out: str | None) -> int:
-    """Run ``suites`` (default: all) on ``device``; returns the exit status."""
+    """Run ``suites`` (default: all) on ``device``; returns the exit status (1 when a suite crashed;
+    the others still run and write their files)."""
     suites = list(suites or SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -49,13 +51,20 @@ def run(suites: list[str] | None, device: str | None, quick: bool, out: str | No
     rates = common.device_rates(device)
     print(f"{common.device_name(device)}: copy {rates['copy_bandwidth_gbps']:.1f} GB/s, "
           f"matmul {rates['matmul_tflops']:.2f} TFLOP/s (measured)\n")  # fmt: skip
+    failed = []
     for suite in suites:
         module = importlib.import_module(f"bench_{suite}")
-        rows, meta, paths = module.run_suite(device, quick, out_dir, rates)
+        try:
+            rows, meta, paths = module.run_suite(device, quick, out_dir, rates)
+        except Exception as exc:  # one suite's crash must not cost the others' numbers
+            traceback.print_exc()
+            print(f"## {suite}: failed: {type(exc).__name__}: {exc}\n")
+            failed.append(suite)
+            continue
         print(f"## {suite}\n")
         print(common.markdown_table(rows, meta, getattr(module, "COLUMNS", common.QUANT_COLUMNS)))
         if suite == "linear":
             png = plots.plot_time_vs_m(rows, paths[0].with_suffix(".png"), f"qft linear + LoRA, {meta['device_name']}")
             paths = [*paths, png] if png else paths
         print("\nwrote " + ", ".join(str(p) for p in paths) + "\n")
-    return 0
+    return 1 if failed else 0

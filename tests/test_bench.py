@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from qft import formats
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_quant
+
+RATES = {"copy_bandwidth_gbps": 10.0, "matmul_tflops": 0.1}  # floors only; not measured in tests
 
 
 def test_bench_quant_writes_rows_side_by_side(tmp_path, capsys):
@@ -51,7 +55,7 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
     expected = {
         "quant": {"qft-reference", "bitsandbytes"},
         "linear": {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"},
-        "lowbit": {"bf16 torch", *(f"qft {f}" for f in ("nf4", "lloyd3", "int3", "lloyd2", "int2"))},
+        "lowbit": {"bf16 torch", "bitsandbytes nf4", *(f"qft {f}" for f in formats.FORMATS)},
         "e2e": {"qft", "peft-bf16", "peft-bnb"},
         "optim": {
             "torch AdamW",
@@ -69,11 +73,70 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
         rows = data["rows"]
         assert {r["provider"] for r in rows} == providers
         for row in rows:
+            assert "error" not in row, row
             assert {"suite", "op", "provider", "shape", "dtype", "device", "p50_ms", "p20_ms", "p80_ms"} <= set(row)
             assert row["suite"] == suite and row["p50_ms"] > 0
         (csv_file,) = tmp_path.glob(f"{suite}-*.csv")
         assert csv_file.read_text().splitlines()[0].startswith("suite,op,provider")
+        (jsonl,) = tmp_path.glob(f"{suite}-*.jsonl")  # appended as measured: the same rows
+        streamed = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        assert [(r["op"], r["provider"]) for r in streamed] == [(r["op"], r["provider"]) for r in rows]
     assert len(list(tmp_path.glob("linear-*.png"))) == 1
+
+
+def test_failing_provider_leaves_an_error_row_and_the_rest(tmp_path, monkeypatch):
+    import bench_linear
+
+    real_build = bench_linear.build
+
+    def build(provider, dense, device):
+        if provider == "peft-bf16":
+            raise RuntimeError("planted failure")
+        return real_build(provider, dense, device)
+
+    monkeypatch.setattr(bench_linear, "build", build)
+    rows, _, paths = bench_linear.run_suite("cpu", True, tmp_path, RATES, repeats=1)
+    errors = [r for r in rows if "error" in r]
+    assert [(r["provider"], r["op"], r["error"]) for r in errors] == [
+        ("peft-bf16", "build", "RuntimeError: planted failure")
+    ] * 2  # both quick cases
+    timed = {r["provider"] for r in rows if "error" not in r}
+    assert timed == {"qft", "peft-bnb", "qft-oft", "peft-oft-bnb"}
+    assert all(r["vs_peft_bf16"] is None and r["vs_peft_bnb"] > 0 for r in rows if "error" not in r)
+    assert "planted failure" in paths[2].read_text()  # the markdown table has an error column
+    assert "planted failure" in next(tmp_path.glob("linear-*.jsonl")).read_text()
+
+
+def test_failing_measurement_keeps_the_other_ops(tmp_path, monkeypatch):
+    import bench_lowbit
+    import common
+
+    real = common.time_ms
+
+    def time_ms(fn, device, repeats, graph=False):
+        if getattr(fn, "__name__", "") == "dequantize":
+            raise ValueError("planted decode failure")
+        return real(fn, device, repeats, graph)
+
+    monkeypatch.setattr(common, "time_ms", time_ms)
+    monkeypatch.setenv("QFT_BENCH_FORMATS", "nf4,int2")
+    rows, _, _ = bench_lowbit.run_suite("cpu", True, tmp_path, RATES, repeats=1)
+    errors = {(r["provider"], r["op"]) for r in rows if "error" in r}
+    assert errors == {("qft nf4", "dequantize"), ("qft int2", "dequantize")}
+    forwards = {r["provider"] for r in rows if r["op"] == "fwd M=1" and "error" not in r}
+    assert forwards == {"bf16 torch", "bitsandbytes nf4", "qft nf4", "qft int2"}
+
+
+def test_filters_select_providers_shapes_and_ms(tmp_path, monkeypatch):
+    import bench_linear
+
+    for kind in ("PROVIDERS", "SHAPES", "MS"):
+        monkeypatch.setenv(f"QFT_BENCH_{kind}", "")  # main() sets them; monkeypatch restores them after
+
+    argv = ["--device", "cpu", "--repeats", "1", "--out", str(tmp_path), "--providers", "qft,peft-bnb"]
+    assert bench_linear.main([*argv, "--shapes", "1024x256", "--ms", "16"]) == 0
+    rows = json.loads(next(tmp_path.glob("linear-*.json")).read_text())["rows"]
+    assert {(r["provider"], r["shape"]) for r in rows} == {("qft", "16x1024x256"), ("peft-bnb", "16x1024x256")}
 
 
 def test_harness_rejects_unknown_suite():
