@@ -19,7 +19,7 @@ def _run(optimizer_cls, params, steps=50, **kwargs):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)  # same draws on every device
         opt.step()
     return params, opt
 
