@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import qft
@@ -88,3 +89,18 @@ def test_shard_model_makes_peft_adapter_layers_units(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_integer_parameters_are_created_frozen_while_sharding():
+    from qft.nn.fsdp import frozen_integer_parameters
+
+    codes = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(codes)  # what torch < the fix did inside fully_shard
+    with frozen_integer_parameters():
+        frozen = torch.nn.Parameter(codes)
+        trained = torch.nn.Parameter(torch.zeros(3))
+    assert type(frozen) is torch.nn.Parameter and not frozen.requires_grad
+    assert trained.requires_grad  # floating parameters keep the default
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(codes)  # restored on exit

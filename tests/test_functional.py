@@ -7,6 +7,7 @@ from torch.utils.checkpoint import checkpoint
 import qft
 from qft import functional as F
 from qft import ops, reference
+from qft.ops import thresholds
 
 
 def _qt(n=24, k=40, block_size=32, double_quant=True):
@@ -223,8 +224,30 @@ def test_gpu_paths_match_reference(dtype, m, k):
     )
     with ops.use_backend("reference"):
         want = ops.quant_linear(x, *args)
-    got = ops.quant_linear(x, *args)
+    with thresholds.forced(fused_max_m=16, gemv_max_m=4):  # every path, whatever the measured table says
+        got = ops.quant_linear(x, *args)
     exact = reference.quant_linear(x.double(), qt.dequantize(dtype).double(), bias.to(dtype).double(),
                                    xa.double(), lora_b.double(), 0.5)  # fmt: skip
     ref_err = (want.double() - exact).abs().max()
     assert (got.double() - exact).abs().max() <= 2 * ref_err + 1e-3 * exact.abs().max()
+
+
+def test_threshold_table_routes_small_m(monkeypatch):
+    import qft.kernels.quant_matmul as fused_module
+
+    def fused_called(*args, **kwargs):
+        raise AssertionError("the fused small-M kernel ran")
+
+    monkeypatch.setattr(fused_module, "quant_matmul", fused_called)
+    qt = qft.quantize(torch.randn(64, 128))
+    x = torch.randn(3, 128)
+    cpu = torch.device("cpu")
+    assert thresholds.fused_max_m(cpu) == thresholds.FUSED_MAX_M["default"] >= 3
+    with ops.use_backend("triton"):
+        with pytest.raises(AssertionError, match="fused small-M kernel ran"):
+            F.quant_linear(x, qt)
+        with thresholds.forced(fused_max_m=0):  # sm90's measured entry: decode + GEMM at every M
+            assert thresholds.fused_max_m(cpu) == 0
+            got = F.quant_linear(x, qt)
+    assert thresholds.fused_max_m(cpu) == thresholds.FUSED_MAX_M["default"]
+    torch.testing.assert_close(got, x @ qt.dequantize(torch.float32).t())

@@ -12,6 +12,10 @@ computes on its shard alone.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
 from qft.nn.lora import LoRALinear
@@ -47,10 +51,35 @@ def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
     units = [m for m in model.modules() if _is_adapter_layer(m)]
     inside = {id(m.base_layer) for m in units}
     units += [m for m in model.modules() if isinstance(m, QuantLinear) and id(m) not in inside]
-    for unit in units:  # disjoint subtrees: the order among them does not matter, all before the root
-        fully_shard(unit, mesh=mesh, **fully_shard_kwargs)
-    fully_shard(model, mesh=mesh, **fully_shard_kwargs)
+    with frozen_integer_parameters():
+        for unit in units:  # disjoint subtrees: the order among them does not matter, all before the root
+            fully_shard(unit, mesh=mesh, **fully_shard_kwargs)
+        fully_shard(model, mesh=mesh, **fully_shard_kwargs)
     return model
+
+
+@contextlib.contextmanager
+def frozen_integer_parameters() -> Iterator[None]:
+    """Inside the block, ``nn.Parameter(t)`` of an integer tensor is created frozen instead of failing.
+
+    FSDP2 in torch before the fix of pytorch issue 177844 (2.11 among them; seen on the GPU machine)
+    wraps each sharded parameter as ``nn.Parameter(dtensor)`` and sets ``requires_grad`` after, so the
+    uint8 flat storage raised "only Tensors of floating point dtype can require gradients" in
+    ``fully_shard``. Fixed versions pass ``requires_grad`` themselves, and are unaffected.
+    """
+    saved = nn.Parameter.__dict__["__new__"]
+    make = saved.__func__ if isinstance(saved, staticmethod) else saved
+
+    def new(cls, data=None, requires_grad=True):
+        if requires_grad and isinstance(data, torch.Tensor) and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return make(cls, data, requires_grad)
+
+    nn.Parameter.__new__ = staticmethod(new)
+    try:
+        yield
+    finally:
+        nn.Parameter.__new__ = saved
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:

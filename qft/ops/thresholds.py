@@ -1,22 +1,43 @@
 """Problem-size switch points between kernel paths, per GPU generation: the one table.
 
-Not yet measured: no session so far had a GPU. The starting values follow bitsandbytes' own
-switch on H100 (REFERENCE.md: its fused 4-bit kernel runs up to M ~16-64 for large weights, then
-dequantize + cuBLAS). The linear benchmark (benchmarks/bench_linear.py) is where they get measured.
+Measured on an H200 (sm90), 2026-11-29, `benchmarks/results/lowbit-nvidia-h200-2026-11-29.md`: at
+8192x28672 the CUDA decode GEMV took 0.49-0.70 ms at M = 1 and 1.2-2.4 ms at M = 4, and the fused
+Triton kernel 7.8-12.2 ms at M = 16, for every format, where dequantize (0.19-0.31 ms) plus the bf16
+cuBLAS product (0.12 ms) takes 0.31-0.43 ms. So on sm90 every M takes decode + cuBLAS until the
+small-M kernels are rebuilt (issue "Small-M kernels built to beat cuBLAS 3x"). Other GPUs keep the
+starting values (bitsandbytes' own switch on H100, REFERENCE.md), unmeasured.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 # Largest M (rows of x) that runs the fused decode-in-matmul Triton kernel; above it the weight is
 # dequantized into a scratch buffer and multiplied by cuBLAS. Keyed by compute capability.
-FUSED_MAX_M: dict[str, int] = {"default": 16}
+FUSED_MAX_M: dict[str, int] = {"default": 16, "sm90": 0}
 # Largest M that runs the CUDA decode GEMV (qft._C.quant_gemv, every format; at most qft._C.max_gemv_rows).
-GEMV_MAX_M: dict[str, int] = {"default": 4}
+GEMV_MAX_M: dict[str, int] = {"default": 4, "sm90": 0}
+
+_forced: list[dict[str, int]] = []
 
 
-def _lookup(table: dict[str, int], device: torch.device) -> int:
+@contextlib.contextmanager
+def forced(fused_max_m: int | None = None, gemv_max_m: int | None = None) -> Iterator[None]:
+    """Use these limits on every device inside the ``with`` block (tests pin each kernel path)."""
+    limits = {k: v for k, v in (("fused", fused_max_m), ("gemv", gemv_max_m)) if v is not None}
+    _forced.append(limits)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _lookup(name: str, table: dict[str, int], device: torch.device) -> int:
+    if _forced and name in _forced[-1]:
+        return _forced[-1][name]
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return table.get(f"sm{major}{minor}", table["default"])
@@ -25,9 +46,9 @@ def _lookup(table: dict[str, int], device: torch.device) -> int:
 
 def fused_max_m(device: torch.device) -> int:
     """The fused-kernel M limit for ``device`` (the default for CPU and unlisted GPUs)."""
-    return _lookup(FUSED_MAX_M, device)
+    return _lookup("fused", FUSED_MAX_M, device)
 
 
 def gemv_max_m(device: torch.device) -> int:
     """The CUDA GEMV M limit for ``device``."""
-    return _lookup(GEMV_MAX_M, device)
+    return _lookup("gemv", GEMV_MAX_M, device)
