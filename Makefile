@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qft-installed
 BENCH_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test bench lint env clean compile-check-gpu-triton
+.PHONY: setup demo test bench lint env clean compile-check-gpu-triton gpu-check-dry-run
 
 setup: $(STAMP)
 
@@ -48,6 +48,17 @@ compile-check-gpu-triton:
 	env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --shard 0/2 & pid=$$!; \
 	  env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --shard 1/2 || exit 1; \
 	  wait $$pid
+
+# benchmarks/gpu_check.sh's stages on CPU (tiny shapes, the interpreter), so the script and the
+# suites cannot rot between GPU sessions; then check every stage's files are in what comes back.
+DRY_OUT ?= /tmp/qft-gpu-check-dry
+gpu-check-dry-run: setup
+	rm -rf $(DRY_OUT)
+	OUT=$(DRY_OUT) QFT_GPU_WORK=$(DRY_OUT)-work PYTHON=$(PY) bash benchmarks/gpu_check.sh --dry-run
+	for stage in install tests quant smallm train optim sanitize paging rest; do \
+	  grep -q "^| $$stage | 0 |" $(DRY_OUT)/summary.md || { echo "stage $$stage missing or failed"; exit 1; }; done
+	for rows in quant/quant smallm/lowbit train/linear optim/optim rest/e2e rest/linear; do \
+	  tar -xzOf $(DRY_OUT)/results.tgz --wildcards "./$$rows-*.jsonl" | grep -q '"p50_ms"' || { echo "no rows: $$rows"; exit 1; }; done
 
 clean:
 	rm -rf build *.egg-info qft/_C*.so .pytest_cache .ruff_cache
