@@ -200,50 +200,73 @@ def host_scalars(lr, beta1, beta2, eps, weight_decay, maximize, step) -> list[fl
     return row
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list on the device without a host synchronization (pinned, asynchronous copy)."""
-    host = torch.tensor(values, dtype=dtype)
+def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or tensor) on the device without a host synchronization (pinned, asynchronous copy)."""
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def adamw_step(entries: list[dict], maps: tuple[torch.Tensor, ...]) -> None:
-    """Update every entry (``param``, ``grad``, ``exp_avg``, ``exp_avg_sq``, optional ``*_absmax``
-    for 8-bit state, ``scalars`` from ``host_scalars``, optional device ``lr`` tensor) in one launch.
+class LaunchPlan:
+    """The tables of one fused launch that do not change from step to step (each tensor's addresses,
+    size and kind of state, and the chunk of every program), on the device, built once for a set of
+    tensors and reused while none of them moves. Per step only the scalar rows travel.
 
-    All params share one dtype, all grads one dtype, and one device; ``maps`` holds the signed and
-    unsigned dynamic maps and their midpoints on that device.
+    ``entries``: dicts with ``param``, ``grad``, ``exp_avg``, ``exp_avg_sq``, optional ``*_absmax``
+    (8-bit state) and optional device ``lr`` tensor; one param dtype, one grad dtype, one device. The
+    plan keeps their addresses, not the tensors: whoever launches it keeps them alive and checks
+    that none has moved (``PagedAdamW`` compares every parameter's and gradient's address).
     """
+
+    def __init__(self, entries: list[dict]):
+        if not entries:
+            raise ValueError("a launch plan needs at least one tensor")
+        self.size = len(entries)
+        first = entries[0]
+        self.device = first["param"].device
+        self.p_kind, self.g_kind = _KINDS[first["param"].dtype], _KINDS[first["grad"].dtype]
+        addresses, numels, eight, chunks = [], [], [], []
+        for t, e in enumerate(entries):
+            p, g = e["param"], e["grad"]
+            if not (p.is_contiguous() and g.is_contiguous()):
+                raise ValueError("the fused AdamW step needs contiguous parameters and gradients")
+            is8 = "exp_avg_absmax" in e
+            row = [0] * int(ADDRESSES)
+            row[PARAM], row[GRAD] = p.data_ptr(), g.data_ptr()
+            row[EXP_AVG], row[EXP_AVG_SQ] = e["exp_avg"].data_ptr(), e["exp_avg_sq"].data_ptr()
+            if is8:
+                row[EXP_AVG_ABSMAX] = e["exp_avg_absmax"].data_ptr()
+                row[EXP_AVG_SQ_ABSMAX] = e["exp_avg_sq_absmax"].data_ptr()
+            if e.get("lr") is not None:
+                row[LR_ADDR] = e["lr"].data_ptr()
+            addresses.append(row)
+            numels.append(p.numel())
+            eight.append(int(is8))
+            chunks.append(torch.stack([torch.full(((p.numel() + CHUNK - 1) // CHUNK,), t, dtype=torch.int64),
+                                       torch.arange(0, p.numel(), CHUNK, dtype=torch.int64)], dim=1))  # fmt: skip
+        self.programs = sum(c.shape[0] for c in chunks)
+        self.addresses = _to_device(addresses, torch.int64, self.device)
+        self.numels = _to_device(numels, torch.int64, self.device)
+        self.eight = _to_device(eight, torch.int32, self.device)
+        self.chunks = _to_device(torch.cat(chunks), torch.int64, self.device)
+        self.by_hand = interpreting() and torch.bfloat16 in (first["param"].dtype, first["grad"].dtype)
+
+    def launch(self, scalars: torch.Tensor, maps: tuple[torch.Tensor, ...]) -> None:
+        """One step of every tensor: ``scalars`` fp32 ``[T, SCALARS]`` (``host_scalars`` rows) on the host;
+        ``maps`` the signed and unsigned dynamic maps and their midpoints on the plan's device."""
+        if scalars.shape != (self.size, int(SCALARS)):
+            raise ValueError(f"scalars must be [{self.size}, {int(SCALARS)}], got {tuple(scalars.shape)}")
+        self.scalars = _to_device(scalars, torch.float32, self.device)  # held until the next launch
+        _adamw_multi_kernel[(self.programs,)](
+            self.addresses, self.numels, self.scalars, self.eight, self.chunks, *maps, P_KIND=self.p_kind,
+            G_KIND=self.g_kind, BY_HAND=self.by_hand, CHUNK=CHUNK, QBLOCK=QBLOCK,
+        )  # fmt: skip
+
+
+def adamw_step(entries: list[dict], maps: tuple[torch.Tensor, ...]) -> None:
+    """Update every entry (as ``LaunchPlan`` takes them, each with its ``scalars`` row from
+    ``host_scalars``) in one launch, building the plan for this step only."""
     if not entries:
         return
-    device = entries[0]["param"].device
-    p_kind, g_kind = _KINDS[entries[0]["param"].dtype], _KINDS[entries[0]["grad"].dtype]
-    addresses, numels, scalars, eight, chunks = [], [], [], [], []
-    for t, e in enumerate(entries):
-        p, g = e["param"], e["grad"]
-        if not (p.is_contiguous() and g.is_contiguous()):
-            raise ValueError("the fused AdamW step needs contiguous parameters and gradients")
-        is8 = "exp_avg_absmax" in e
-        lr = e.get("lr")
-        row = [0] * int(ADDRESSES)
-        row[PARAM], row[GRAD] = p.data_ptr(), g.data_ptr()
-        row[EXP_AVG], row[EXP_AVG_SQ] = e["exp_avg"].data_ptr(), e["exp_avg_sq"].data_ptr()
-        if is8:
-            row[EXP_AVG_ABSMAX] = e["exp_avg_absmax"].data_ptr()
-            row[EXP_AVG_SQ_ABSMAX] = e["exp_avg_sq_absmax"].data_ptr()
-        if lr is not None:
-            row[LR_ADDR] = lr.data_ptr()
-        addresses.append(row)
-        numels.append(p.numel())
-        scalars.append(e["scalars"])
-        eight.append(int(is8))
-        chunks.extend([t, start] for start in range(0, p.numel(), CHUNK))
-    by_hand = interpreting() and torch.bfloat16 in (entries[0]["param"].dtype, entries[0]["grad"].dtype)
-    # Every tensor pointer stays alive in ``entries`` until the launch is queued.
-    _adamw_multi_kernel[(len(chunks),)](
-        _to_device(addresses, torch.int64, device), _to_device(numels, torch.int64, device),
-        _to_device(scalars, torch.float32, device), _to_device(eight, torch.int32, device),
-        _to_device(chunks, torch.int64, device), *maps, P_KIND=p_kind, G_KIND=g_kind, BY_HAND=by_hand,
-        CHUNK=CHUNK, QBLOCK=QBLOCK,
-    )  # fmt: skip
+    LaunchPlan(entries).launch(torch.tensor([e["scalars"] for e in entries], dtype=torch.float32), maps)

@@ -144,3 +144,16 @@ def test_harness_rejects_unknown_suite():
 
     with pytest.raises(bench.BenchError, match="--suite must be among"):
         bench.run(["fast"], "cpu", True, None)
+
+
+def test_optim_host_bench_appends_labelled_rows(tmp_path):
+    import optim_host
+
+    for label in ("before", "after"):
+        assert optim_host.main(["--layers", "1", "--repeats", "2", "--label", label, "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in next(tmp_path.glob("optim-host-*.jsonl")).read_text().splitlines()]
+    assert [(r["code"], r["provider"]) for r in rows] == [
+        (label, f"qft {name}") for label in ("before", "after") for name in ("PagedAdamW", "PagedAdamW8bit")
+    ]
+    assert all(r["tensors"] == 14 and r["host_ms"] > 0 for r in rows)
+    assert next(tmp_path.glob("optim-host-*.md")).read_text().count("| after |") == 2

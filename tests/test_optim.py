@@ -1,5 +1,6 @@
 """qft.optim: PagedAdamW (32-bit), AdamW8bit, PagedAdamW8bit on CPU."""
 
+import contextlib
 import copy
 
 import pytest
@@ -210,8 +211,8 @@ def test_fused_step_is_one_launch_per_parameter_dtype(monkeypatch):
     from qft.kernels import adamw
 
     launches = []
-    real = adamw.adamw_step
-    monkeypatch.setattr(adamw, "adamw_step", lambda entries, maps: launches.append(len(entries)) or real(entries, maps))
+    real = adamw.LaunchPlan.launch
+    monkeypatch.setattr(adamw.LaunchPlan, "launch", lambda plan, *a: launches.append(plan.size) or real(plan, *a))
     params = [p.requires_grad_() for p in [*_params(), torch.randn(40, 8, dtype=torch.bfloat16)]]
     opt = PagedAdamW8bit(params)
     for p in params:
@@ -260,3 +261,58 @@ def test_table_lookup_codes_equal_bucketize(signed):
     x = torch.cat([uniform, tiny if signed else tiny.abs(), mids, torch.nextafter(mids, torch.tensor(2.0)),
                    torch.nextafter(mids, torch.tensor(-2.0)), edges if signed else edges.abs()])  # fmt: skip
     assert torch.equal(quant_state.nearest_codes(x, signed), torch.bucketize(x, mids))
+
+
+def test_fused_step_reuses_its_launch_plan_while_nothing_moves(monkeypatch):
+    from qft import ops
+    from qft.kernels import adamw
+
+    built = []
+    real_init = adamw.LaunchPlan.__init__
+    monkeypatch.setattr(adamw.LaunchPlan, "__init__", lambda plan, entries: built.append(1) or real_init(plan, entries))
+    params = [p.requires_grad_() for p in _params()]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = PagedAdamW8bit(params, lr=1e-2, min_8bit_size=300)
+    g = torch.Generator().manual_seed(1)
+    with ops.use_backend("triton"):
+        for _ in range(4):
+            for p in params:
+                p.grad.copy_(torch.randn(p.shape, generator=g))  # gradients written in place
+            opt.step()
+        assert len(built) == 1
+        params[1].grad = params[1].grad.clone()  # a gradient at a new address: the plan is rebuilt
+        opt.step()
+    assert len(built) == 2
+    assert all(float(opt.state[p]["step"]) == 5 for p in params)
+
+
+def test_fused_step_with_a_missing_gradient_matches_the_torch_ops_step():
+    from qft import ops
+
+    def run(fused):
+        params = [p.clone().requires_grad_() for p in _params()]
+        opt = PagedAdamW(params, lr=1e-2, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        with ops.use_backend("triton") if fused else contextlib.nullcontext():
+            for step in range(5):
+                for i, p in enumerate(params):  # the second tensor has no gradient on steps 1 and 2
+                    p.grad = None if i == 1 and step in (1, 2) else torch.randn(p.shape, generator=g)
+                opt.step()
+        return params, [float(opt.state[p]["step"]) for p in params]
+
+    (plain, plain_steps), (fused, fused_steps) = run(False), run(True)
+    assert plain_steps == fused_steps == [5.0, 3.0, 5.0]
+    for a, b in zip(plain, fused, strict=True):
+        torch.testing.assert_close(b, a, rtol=2**-22, atol=2**-22 * a.abs().max().item())
+
+
+def test_page_in_refuses_more_state_than_the_gpu_has_free(monkeypatch):
+    from qft.optim import paging
+
+    state = [torch.zeros(50), torch.zeros(10)]  # 240 bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10_000))
+    paging.check_fits(state)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200, 10_000))
+    with pytest.raises(MemoryError, match="240 bytes of optimizer state"):
+        paging.check_fits(state)

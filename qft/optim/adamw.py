@@ -22,12 +22,17 @@ import torch
 from qft.ops.dispatch import FLOAT_DTYPES, backend_for
 from qft.optim import paging, quant_state
 
+# State entries the fused kernel reads (the absmax pair only with 8-bit state).
+_STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+
 _CPU_PAGING_WARNED = False
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2 parameters and gradients); other tensors as they are."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return (
+        t if type(t) is torch.Tensor or type(t) is torch.nn.Parameter else t.to_local() if hasattr(t, "to_local") else t
+    )
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:
@@ -63,6 +68,8 @@ class PagedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.optim_bits, self.paged, self.min_8bit_size = optim_bits, paged, min_8bit_size
         self._paged_out = False
+        self._plans: dict[tuple, object] = {}  # (device, param dtype, grad dtype) -> LaunchPlan of the last step
+        self._state_version = 0  # bumped whenever state tensors are created or replaced: plans are rebuilt
 
     def _eight_bit(self, p: torch.Tensor) -> bool:
         return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
@@ -98,53 +105,80 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self._paged_out:
             self.page_in()
-        fused: dict[tuple, list[dict]] = {}
-        for group in self.param_groups:
+        fused: dict[tuple, list[tuple]] = {}
+        backends: dict[torch.device, str] = {}  # this loop runs per tensor: look each device up once
+        for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, eps, wd, maximize = group["lr"], group["eps"], group["weight_decay"], group["maximize"]
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("PagedAdamW does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p))
-                param, grad = _local(p), _local(p.grad)  # a DTensor (FSDP2) updates its local shard
-                if self._fusable(param, grad):
-                    key = (param.device, param.dtype, grad.dtype)
-                    entry = self._fused_entry(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
-                    fused.setdefault(key, []).append(entry)
+                    self._state_version += 1
+                param, grad = _local(p), _local(grad)  # a DTensor (FSDP2) updates its local shard
+                device = param.device
+                if device not in backends:
+                    backends[device] = backend_for(device)
+                if backends[device] != "reference" and self._fusable(param, grad):
+                    fused.setdefault((param.device, param.dtype, grad.dtype), []).append((index, param, grad, state))
                 else:
                     self._update(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
-        if fused:
-            from qft.kernels.adamw import adamw_step
-
-            for (device, _, _), entries in fused.items():  # one launch per (device, param dtype, grad dtype)
-                adamw_step(entries, quant_state.tables(device))
+        for key, members in fused.items():  # one launch per (device, param dtype, grad dtype)
+            self._fused_step(key, members)
         return loss
+
+    def _fused_step(self, key: tuple, members: list[tuple]) -> None:
+        """Advance ``members`` ((group index, param, grad, state)) by one fused launch, reusing the launch
+        plan of the last step while the same tensors sit at the same addresses (the usual case)."""
+        from qft.kernels.adamw import LaunchPlan, host_scalars
+
+        device = key[0]
+        device_lrs = {}  # group index -> fp32 lr on the device, for tensor learning rates that live there
+        for index in {m[0] for m in members}:
+            lr = self.param_groups[index]["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+                device_lrs[index] = lr.to(device, torch.float32)
+        # The plan keeps addresses, not tensors (holding last step's gradients would keep their memory
+        # and move the next ones elsewhere): it is reused only while every address is the same.
+        signature = [self._state_version, *((i, t.data_ptr()) for i, t in sorted(device_lrs.items()))]
+        for _, param, grad, _ in members:
+            signature += (param.data_ptr(), grad.data_ptr())
+        plan = self._plans.get(key)
+        if plan is None or plan.signature != signature:
+            entries = []
+            for index, param, grad, state in members:
+                entry = {name: state[name] for name in _STATE_NAMES if name in state}
+                entry.update(param=param, grad=grad, lr=device_lrs.get(index))
+                entries.append(entry)
+            plan = LaunchPlan(entries)
+            plan.signature = signature
+            plan.steps = [state["step"] for _, _, _, state in members]
+            # Tensors that share a group and a step count share a scalar row (usually all of them).
+            combos = sorted({(index, float(state["step"])) for index, _, _, state in members})
+            plan.combos = combos
+            plan.row_of = torch.tensor([combos.index((index, float(state["step"]))) for index, _, _, state in members])
+            self._plans[key] = plan
+        torch._foreach_add_(plan.steps, 1.0)  # CPU step counts, as torch.optim.AdamW keeps them
+        plan.combos = [(index, step + 1) for index, step in plan.combos]
+        rows = []
+        for index, step in plan.combos:
+            group = self.param_groups[index]
+            lr = group["lr"]
+            host_lr = lr.item() if isinstance(lr, torch.Tensor) and index not in device_lrs else lr
+            rows.append(host_scalars(host_lr, *group["betas"], group["eps"], group["weight_decay"],
+                                     group["maximize"], step))  # fmt: skip
+        plan.launch(torch.tensor(rows, dtype=torch.float32)[plan.row_of], quant_state.tables(device))
 
     @staticmethod
     def _fusable(p: torch.Tensor, grad: torch.Tensor) -> bool:
-        """GPU parameters (or any, with the Triton backend forced) take the fused multi-tensor step."""
-        if backend_for(p.device) == "reference" or p.dtype not in FLOAT_DTYPES:
-            return False
-        return grad.dtype in FLOAT_DTYPES and p.is_contiguous() and grad.is_contiguous()
-
-    @staticmethod
-    def _fused_entry(p, grad, state, lr, beta1, beta2, eps, wd, maximize) -> dict:
-        from qft.kernels.adamw import host_scalars
-
-        state["step"] += 1  # a CPU tensor, as in torch.optim.AdamW: reading it never waits for the GPU
-        device_lr = isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
-        host_lr = lr.item() if isinstance(lr, torch.Tensor) and not device_lr else lr
-        entry = {key: state[key] for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
-                 if key in state}  # fmt: skip
-        entry.update(param=p, grad=grad, scalars=host_scalars(host_lr, beta1, beta2, eps, wd, maximize,
-                                                                 state["step"].item()))  # fmt: skip
-        if device_lr:
-            entry["lr"] = lr.to(p.device, torch.float32)
-        return entry
+        """Off the reference backend (GPU parameters, or any with the Triton backend forced), float
+        contiguous parameters and gradients take the fused multi-tensor step."""
+        return p.dtype in FLOAT_DTYPES and grad.dtype in FLOAT_DTYPES and p.is_contiguous() and grad.is_contiguous()
 
     def _update(self, p, grad, state, lr, beta1, beta2, eps, wd, maximize) -> None:
         grad = -grad if maximize else grad
@@ -196,20 +230,24 @@ class PagedAdamW(torch.optim.Optimizer):
             host.copy_(value, non_blocking=True)
             state[key] = host
             state.setdefault("_device", value.device)
+        self._state_version += 1
         self._paged_out = True
 
     def page_in(self) -> None:
-        """Bring paged-out state back to its parameters' device (``step`` does this by itself)."""
+        """Bring paged-out state back to its parameters' device (``step`` does this by itself).
+        ``MemoryError`` (nothing moved) when the GPU has less free memory than the state needs."""
         if self.paged and paging.available() and self._has_gpu_state():
-            for _, _, value in self._state_tensors():
-                if value.is_cuda:
-                    paging.prefetch(value, to_host=False)
+            on_gpu = [value for _, _, value in self._state_tensors() if value.is_cuda]
+            paging.check_fits(on_gpu)  # prefetching more than is free would oversubscribe the GPU
+            for value in on_gpu:
+                paging.prefetch(value, to_host=False)
             self._paged_out = False
             return
         for state, key, value in list(self._state_tensors()):
             device = state.get("_device")
             if device is not None and value.device != device:
                 state[key] = value.to(device, non_blocking=True)
+        self._state_version += 1
         self._paged_out = False
 
     def _has_gpu_state(self) -> bool:
@@ -239,6 +277,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"state {name!r} of parameter {key} is {tuple(got.shape)} {got.dtype}, "
                                      f"expected {tuple(want.shape)} {want.dtype}")  # fmt: skip
         super().load_state_dict(state_dict)
+        self._state_version += 1
 
 
 def _warn_cpu_paging() -> None:

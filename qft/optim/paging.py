@@ -56,6 +56,18 @@ def managed_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return tensor.zero_()
 
 
+def check_fits(tensors: list[torch.Tensor]) -> None:
+    """``MemoryError`` when the managed ``tensors`` (on one GPU each) need more bytes than their GPUs
+    have free: prefetching them there would oversubscribe the card."""
+    need: dict[torch.device, int] = {}
+    for t in tensors:
+        need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
+    for device, nbytes in need.items():
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes > free:
+            raise MemoryError(f"refusing to page in {nbytes} bytes of optimizer state: {device} has {free} bytes free")
+
+
 def prefetch(tensor: torch.Tensor, to_host: bool) -> bool:
     """Move a managed tensor's pages to the host or to its GPU; False where the GPU cannot prefetch."""
     device = -1 if to_host else tensor.device.index
