@@ -37,7 +37,8 @@ lint: setup
 env: setup
 	$(PY) -P -m qft env
 
-# Every Triton kernel compiled for sm_90 with the GPU machine's Triton (3.6; `make test` checks the
+# Every Triton launch the dispatcher can produce (every format, dtype, option and path; 177 launches)
+# compiled for sm_90 with the GPU machine's Triton (3.6; `make test` compiles a quick set with the
 # pinned 3.9). A small venv of its own: torch (CPU) + that Triton + qft without the CUDA extension.
 GPU_TRITON ?= 3.6.0
 GPU_VENV := .venv-triton-$(GPU_TRITON)
@@ -45,8 +46,8 @@ compile-check-gpu-triton:
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install -q torch==2.13.0 triton==$(GPU_TRITON) numpy safetensors setuptools wheel pybind11 ninja
 	QFT_SKIP_CUDA_BUILD=1 $(GPU_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-	env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --shard 0/2 & pid=$$!; \
-	  env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --shard 1/2 || exit 1; \
+	env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --dispatch --shard 0/2 & pid=$$!; \
+	  env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --dispatch --shard 1/2 || exit 1; \
 	  wait $$pid
 
 # benchmarks/gpu_check.sh's stages on CPU (tiny shapes, the interpreter), so the script and the

@@ -23,12 +23,12 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import common  # noqa: E402
-import torch  # noqa: E402
-from bench_optim import lora_shapes  # noqa: E402
+import common
+import torch
+from bench_optim import lora_shapes
 
-import qft  # noqa: E402
-from qft import ops  # noqa: E402
+import qft
+from qft import ops
 
 
 class _NoLaunch:

@@ -145,21 +145,73 @@ def _launch_everything(full: bool):
         adamw.adamw_step(entries, maps)
 
 
+def _launch_through_dispatcher():
+    """Drive the public API the way users reach the kernels (Triton backend forced, every small-M
+    path enabled), so the launches recorded are the ones the dispatcher can produce: every format,
+    double quantization or not, every float dtype, LoRA and bias or not, M on either side of the fused
+    kernel's limit, forward and backward, OFT at every block size the kernels take, the optimizer
+    over every parameter / gradient dtype pair. Nothing runs: outputs are empty tensors."""
+    import qft
+    from qft import formats, ops
+    from qft import functional as F
+    from qft.ops import thresholds
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    torch.manual_seed(0)
+    with ops.use_backend("triton"), thresholds.forced(fused_max_m=16, gemv_max_m=0):
+        for fmt in sorted(formats.FORMATS):
+            for double_quant in (False, True):
+                for dtype in dtypes:
+                    qt = qft.quantize(torch.randn(96, 128, dtype=dtype), fmt, 64, double_quant)
+                    qt.dequantize(dtype)
+                    for m in (5, 40):
+                        x = torch.randn(m, 128, dtype=dtype, requires_grad=True)
+                        F.quant_linear(x, qt, torch.randn(96, dtype=dtype))
+                        a = torch.randn(8, 128, requires_grad=True)
+                        b = torch.randn(96, 8, requires_grad=True)
+                        F.lora_linear(x, qt, a, b, 0.5).sum().backward()
+        qt = qft.quantize(torch.randn(96, 128), "nf4", 64, True)
+        for block in (8, 16, 32, 64):
+            for dtype in dtypes:
+                for m in (5, 40):
+                    x = torch.randn(m, 128, dtype=dtype, requires_grad=True)
+                    w = (0.05 * torch.randn(128 // block, block * (block - 1) // 2)).requires_grad_()
+                    F.oft_linear(x, qt, w, block).float().sum().backward()
+        for p_dtype, g_dtype in [(d, d) for d in dtypes] + [(torch.float32, torch.bfloat16)]:
+            for optimizer in (qft.optim.PagedAdamW, qft.optim.PagedAdamW8bit):
+                params = [torch.randn(5000).to(p_dtype).requires_grad_(), torch.randn(300).to(p_dtype).requires_grad_()]
+                for p in params:
+                    if g_dtype != p_dtype and hasattr(p, "grad_dtype"):
+                        p.grad_dtype = None  # torch >= 2.10 checks gradient dtypes unless told not to
+                    p.grad = torch.randn(p.shape).to(g_dtype)
+                optimizer(params, min_8bit_size=4096).step()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", type=int, default=90, help="sm version to compile for")
     parser.add_argument("--full", action="store_true", help="every dtype x format x option (slow)")
+    parser.add_argument("--dispatch", action="store_true", help="the launches the dispatcher can produce")
+    parser.add_argument("--list", action="store_true", help="print the distinct launches, compile nothing")
     parser.add_argument("--shard", default="0/1", help="k/n: compile every n-th distinct launch from k")
     args = parser.parse_args()
     k, n = (int(v) for v in args.shard.split("/"))
     target = GPUTarget("cuda", args.arch, 32)
     _record_all()
-    _launch_everything(args.full)
+    if args.dispatch:
+        _launch_through_dispatcher()
+    else:
+        _launch_everything(args.full)
     launches = {}
     for name, fn, call_args, kwargs in CALLS:
         signature, constexprs = _signature(fn, call_args, kwargs)
         key = (name, tuple(sorted(signature.items())), tuple(sorted((c, repr(v)) for c, v in constexprs.items())))
         launches.setdefault(key, (name, fn, signature, constexprs))
+    if args.list:
+        for name, _, _, constexprs in launches.values():
+            print(f"{name} {', '.join(f'{c}={v}' for c, v in constexprs.items() if v is not None)}")
+        print(f"{len(launches)} distinct launches")
+        return 0
     seen, failures = list(launches.values())[k::n], 0
     for name, fn, signature, constexprs in seen:
         label = f"{name} {', '.join(f'{k}={v}' for k, v in constexprs.items() if v is not None)}"
