@@ -20,7 +20,7 @@ from qft import formats, reference
 from qft.ops import cuda_calls, scratch, thresholds
 from qft.ops.dispatch import FLOAT_DTYPES, backend_for, cuda_stream, device_guard
 from qft.ops.oft import oft_rotate, triton_rotates
-from qft.ops.quant import check_quantized_parts, dequantize_4bit_into, dequantize_lowbit_into
+from qft.ops.quant import check_quantized_parts, cuda_weight_parts, dequantize_4bit_into, dequantize_lowbit_into
 
 
 def _decode(backend, packed, absmax, nested_absmax, offset, zero, block_size, fmt, shape, dtype, nested_block_size):
@@ -111,23 +111,19 @@ def _gemv_cuda(x, packed, absmax, nested_absmax, offset, zero, block_size, fmt, 
     m = x.shape[0]
     if m > cuda_calls.max_gemv_rows():
         raise ValueError(f"quant_gemv serves at most {cuda_calls.max_gemv_rows()} rows, got {m}")
-    spec = formats.get_format(fmt)
     # Locals keep every contiguous copy alive until the launch has been queued.
-    x, packed, absmax = x.contiguous(), packed.contiguous(), absmax.contiguous()
-    if nested_absmax is not None:
-        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
-    else:
-        offset = None
-    zero = zero.contiguous() if spec.affine else None
-    code = None if spec.affine else formats.code(fmt, x.device)
+    x = x.contiguous()
+    packed, absmax, nested_absmax, offset, zero, code = cuda_weight_parts(packed, absmax, nested_absmax, offset,
+                                                                          zero, fmt)  # fmt: skip
     bias = bias.to(x.dtype).contiguous() if bias is not None else None
     xa = xa.float().contiguous() if xa is not None else None
     lora_b = lora_b.float().contiguous() if lora_b is not None else None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     with device_guard(x.device):
         cuda_calls.quant_gemv(
-            x, packed, spec.bits, zero, absmax, nested_absmax, offset, formats.dynamic_map(x.device), code,
-            block_size, nested_block_size, bias, xa, lora_b, s, y, cuda_stream(x.device),
+            x, packed, formats.get_format(fmt).bits, zero, absmax, nested_absmax, offset,
+            formats.dynamic_map(x.device), code, block_size, nested_block_size, bias, xa, lora_b, s, y,
+            cuda_stream(x.device),
         )  # fmt: skip
     return y
 

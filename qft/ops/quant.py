@@ -244,18 +244,28 @@ def dequantize_lowbit_into(
     return decoded if out is None else out.copy_(decoded)
 
 
-def _dequantize_lowbit_cuda(packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nbs, out):
-    spec = formats.get_format(fmt)
-    if out is None:
-        out = torch.empty(numel, dtype=dtype, device=packed.device)
-    # Locals keep every contiguous copy alive until the launch has been queued.
+def cuda_weight_parts(packed, absmax, nested_absmax, offset, zero, fmt: str) -> tuple:
+    """A quantized weight's parts as the CUDA kernels read them: contiguous, ``offset`` only with
+    nested scales, ``zero`` for affine formats and else the format's code book on the weight's device.
+    Returns ``(packed, absmax, nested_absmax, offset, zero, code)``; callers hold them until launch."""
+    affine = formats.get_format(fmt).affine
     packed, absmax = packed.contiguous(), absmax.contiguous()
     if nested_absmax is not None:
         nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
     else:
         offset = None
-    zero = zero.contiguous() if spec.affine else None
-    code = None if spec.affine else formats.code(fmt, packed.device)
+    zero = zero.contiguous() if affine else None
+    code = None if affine else formats.code(fmt, packed.device)
+    return packed, absmax, nested_absmax, offset, zero, code
+
+
+def _dequantize_lowbit_cuda(packed, absmax, nested_absmax, offset, zero, block_size, fmt, numel, dtype, nbs, out):
+    spec = formats.get_format(fmt)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+    # Locals keep every contiguous copy alive until the launch has been queued.
+    packed, absmax, nested_absmax, offset, zero, code = cuda_weight_parts(packed, absmax, nested_absmax, offset,
+                                                                          zero, fmt)  # fmt: skip
     dmap = formats.dynamic_map(packed.device)
     with device_guard(packed.device):
         cuda_calls.dequantize_lowbit(
