@@ -51,14 +51,14 @@ def base():
     return qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
 
 
-def _trainer(base, out, max_steps):
+def _trainer(base, out, max_steps, save_steps=STEPS // 2):
     torch.manual_seed(0)  # LoRA A's initialization draws from the global generator
     model = get_peft_model(copy.deepcopy(base), qft_peft.register(LoraConfig(r=8, lora_alpha=16,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                            "down_proj"])))  # fmt: skip
     args = TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=2e-2,
-        lr_scheduler_type="constant", logging_steps=1, save_steps=STEPS // 2, report_to=[], use_cpu=True,
+        lr_scheduler_type="constant", logging_steps=1, save_steps=save_steps, report_to=[], use_cpu=True,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
@@ -83,3 +83,13 @@ def test_trainer_trains_and_resumes_on_the_same_curve(base, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "half" / f"checkpoint-{STEPS // 2}"))
     for step in range(STEPS // 2 + 1, STEPS + 1):
         assert after.losses[step] == full.losses[step], step  # bit-identical: state and RNG resume exactly
+    # Resumed twice in a row (a checkpoint written by a resumed run, loaded again): the same curve. The
+    # second load used to be refused (8-bit state cast to fp32 by torch's load_state_dict).
+    third = STEPS // 3
+    _trainer(base, tmp_path / "chain", third, save_steps=third)[0].train()
+    middle, _ = _trainer(base, tmp_path / "chain", 2 * third, save_steps=third)
+    middle.train(resume_from_checkpoint=str(tmp_path / "chain" / f"checkpoint-{third}"))
+    last, tail = _trainer(base, tmp_path / "chain", STEPS, save_steps=third)
+    last.train(resume_from_checkpoint=str(tmp_path / "chain" / f"checkpoint-{2 * third}"))
+    for step in range(2 * third + 1, STEPS + 1):
+        assert tail.losses[step] == full.losses[step], step

@@ -82,19 +82,49 @@ class PagedAdamW(torch.optim.Optimizer):
             return paging.managed_zeros(shape, dtype, p.device)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
+    def _state_spec(self, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each state tensor of ``p``: fp32 moments, or 8-bit codes with fp32 block
+        scales (8-bit or not by the whole tensor; the shapes are this rank's shard of a DTensor)."""
+        eight, local = self._eight_bit(p), _local(p)
+        if eight:
+            blocks = -(-local.numel() // quant_state.BLOCK)
+            codes, absmax = ((local.numel(),), torch.uint8), ((blocks,), torch.float32)
+            return {"exp_avg": codes, "exp_avg_sq": codes, "exp_avg_absmax": absmax, "exp_avg_sq_absmax": absmax}
+        moments = (tuple(local.shape), torch.float32)
+        return {"exp_avg": moments, "exp_avg_sq": moments}
+
     def _init_state(self, p: torch.Tensor) -> dict:
         state = {"step": torch.tensor(0.0)}
-        eight, p = self._eight_bit(p), _local(p)  # 8-bit or not by the whole tensor; state for this rank's shard
+        eight, local = self._eight_bit(p), _local(p)
         if eight:
-            zeros = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            zeros = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 codes, absmax = quant_state.quantize(zeros, signed)
-                state[name] = self._zeros(codes.shape, torch.uint8, p).copy_(codes)
-                state[f"{name}_absmax"] = self._zeros(absmax.shape, torch.float32, p).copy_(absmax)
+                state[name] = self._zeros(codes.shape, torch.uint8, local).copy_(codes)
+                state[f"{name}_absmax"] = self._zeros(absmax.shape, torch.float32, local).copy_(absmax)
         else:
-            state["exp_avg"] = self._zeros(p.shape, torch.float32, p)
-            state["exp_avg_sq"] = self._zeros(p.shape, torch.float32, p)
+            state["exp_avg"] = self._zeros(local.shape, torch.float32, local)
+            state["exp_avg_sq"] = self._zeros(local.shape, torch.float32, local)
         return state
+
+    def _check_state(self, p: torch.Tensor, state: dict, where: str) -> None:
+        """``ValueError`` unless every state tensor has the shape and dtype of ``_state_spec``: the fused
+        kernel reads them through raw fp32 / uint8 addresses, so nothing else may reach it."""
+        spec = self._state_spec(p)
+        names = set(state) - {"step", "_device"}
+        if names != set(spec) or "step" not in state:
+            raise ValueError(f"{where} has entries {sorted(state)}, expected {sorted([*spec, 'step'])}")
+        for name, (shape, dtype) in spec.items():
+            got = state[name]
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape or got.dtype != dtype:
+                what = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
+                raise ValueError(f"{where}: {name!r} is {what}, expected {shape} {dtype}")
+        step = state["step"]
+        value = (
+            float(step) if isinstance(step, (int, float, torch.Tensor)) and torch.as_tensor(step).numel() == 1 else None
+        )
+        if value is None or not math.isfinite(value) or value < 0 or value != int(value):
+            raise ValueError(f"{where}: 'step' must be a whole number of steps, got {step!r}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -125,16 +155,18 @@ class PagedAdamW(torch.optim.Optimizer):
                 if device not in backends:
                     backends[device] = backend_for(device)
                 if backends[device] != "reference" and self._fusable(param, grad):
-                    fused.setdefault((param.device, param.dtype, grad.dtype), []).append((index, param, grad, state))
+                    fused.setdefault((param.device, param.dtype, grad.dtype), []).append((index, p, param, grad, state))
                 else:
+                    self._check_state(p, state, f"optimizer state of a {tuple(p.shape)} parameter")
                     self._update(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
         for key, members in fused.items():  # one launch per (device, param dtype, grad dtype)
             self._fused_step(key, members)
         return loss
 
     def _fused_step(self, key: tuple, members: list[tuple]) -> None:
-        """Advance ``members`` ((group index, param, grad, state)) by one fused launch, reusing the launch
-        plan of the last step while the same tensors sit at the same addresses (the usual case)."""
+        """Advance ``members`` ((group index, parameter, its local tensor, grad, state)) by one fused
+        launch, reusing the launch plan of the last step while the same tensors sit at the same
+        addresses (the usual case)."""
         from qft.kernels.adamw import LaunchPlan, host_scalars
 
         device = key[0]
@@ -146,22 +178,23 @@ class PagedAdamW(torch.optim.Optimizer):
         # The plan keeps addresses, not tensors (holding last step's gradients would keep their memory
         # and move the next ones elsewhere): it is reused only while every address is the same.
         signature = [self._state_version, *((i, t.data_ptr()) for i, t in sorted(device_lrs.items()))]
-        for _, param, grad, _ in members:
-            signature += (param.data_ptr(), grad.data_ptr())
+        for _, _, param, grad, state in members:  # exp_avg: state replaced behind the optimizer's back
+            signature += (param.data_ptr(), grad.data_ptr(), state["exp_avg"].data_ptr())
         plan = self._plans.get(key)
         if plan is None or plan.signature != signature:
             entries = []
-            for index, param, grad, state in members:
+            for index, p, param, grad, state in members:
+                self._check_state(p, state, f"optimizer state of a {tuple(p.shape)} parameter")
                 entry = {name: state[name] for name in _STATE_NAMES if name in state}
                 entry.update(param=param, grad=grad, lr=device_lrs.get(index))
                 entries.append(entry)
             plan = LaunchPlan(entries)
             plan.signature = signature
-            plan.steps = [state["step"] for _, _, _, state in members]
+            plan.steps = [state["step"] for *_, state in members]
             # Tensors that share a group and a step count share a scalar row (usually all of them).
-            combos = sorted({(index, float(state["step"])) for index, _, _, state in members})
+            combos = sorted({(index, float(state["step"])) for index, *_, state in members})
             plan.combos = combos
-            plan.row_of = torch.tensor([combos.index((index, float(state["step"]))) for index, _, _, state in members])
+            plan.row_of = torch.tensor([combos.index((index, float(state["step"]))) for index, *_, state in members])
             self._plans[key] = plan
         torch._foreach_add_(plan.steps, 1.0)  # CPU step counts, as torch.optim.AdamW keeps them
         plan.combos = [(index, step + 1) for index, step in plan.combos]
@@ -254,29 +287,43 @@ class PagedAdamW(torch.optim.Optimizer):
         return any(p.is_cuda for group in self.param_groups for p in group["params"])
 
     def load_state_dict(self, state_dict) -> None:
-        """torch's ``load_state_dict`` after checking every state entry fits this optimizer; on a
-        mismatch nothing is loaded (ValueError naming the parameter)."""
+        """torch's ``load_state_dict``, keeping this optimizer's own state dtypes: every entry is checked
+        first (``ValueError`` naming the parameter; nothing loaded), and after torch's load, which casts
+        state tensors to their parameter's dtype (lossy for bf16 parameters: fp32 moments, 8-bit codes
+        and their fp32 scales), the checked tensors are copied back into fresh storage of their own
+        dtype (managed memory when paged on a GPU), so resumes are bit-exact and repeatable."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or "state" not in state_dict:
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
             raise ValueError("state_dict must come from Optimizer.state_dict() (param_groups and state)")
         params = [p for group in self.param_groups for p in group["params"]]
-        ids = [i for group in groups for i in group.get("params", [])]
+        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise ValueError("state_dict param_groups must be dicts with a 'params' list")
+        ids = [i for group in groups for i in group["params"]]
         if len(ids) != len(params):
             raise ValueError(f"loaded state_dict has {len(ids)} parameters, this optimizer has {len(params)}")
         by_id = dict(zip(ids, params, strict=True))
+        sources = {}
         for key, state in state_dict["state"].items():
             p = by_id.get(key)
             if p is None:
                 raise ValueError(f"state for parameter {key} has no parameter here")
-            expected = self._init_state(p)
-            if set(state) - {"_device"} != set(expected):
-                raise ValueError(f"state of parameter {key} has entries {sorted(state)}, expected {sorted(expected)}")
-            for name, want in expected.items():
-                got = state[name]
-                if name != "step" and (got.shape != want.shape or got.dtype != want.dtype):
-                    raise ValueError(f"state {name!r} of parameter {key} is {tuple(got.shape)} {got.dtype}, "
-                                     f"expected {tuple(want.shape)} {want.dtype}")  # fmt: skip
+            if not isinstance(state, dict):
+                raise ValueError(f"state of parameter {key} must be a dict, got {type(state).__name__}")
+            self._check_state(p, state, f"state of parameter {key}")
+            sources[key] = {name: state[name] for name in self._state_spec(p)}
+            sources[key]["step"] = float(state["step"])
         super().load_state_dict(state_dict)
+        for key, named in sources.items():
+            p = by_id[key]
+            local = _local(p)
+            state = self.state[p]
+            state.pop("_device", None)
+            for name, value in named.items():
+                if name == "step":
+                    state[name] = torch.tensor(value, dtype=torch.float32)  # torch's convention: CPU fp32
+                else:
+                    state[name] = self._zeros(value.shape, value.dtype, local).copy_(value)
+        self._paged_out = False
         self._state_version += 1
 
 
