@@ -190,13 +190,17 @@ class PagedAdamW(torch.optim.Optimizer):
                 entries.append(entry)
             plan = LaunchPlan(entries)
             plan.signature = signature
-            plan.steps = [state["step"] for *_, state in members]
+            # Each state's "step" stays a CPU fp32 scalar tensor (torch.optim.AdamW's convention, so
+            # checkpoints load either way), but a view into one tensor per plan: one add per step.
+            plan.steps = torch.tensor([float(state["step"]) for *_, state in members], dtype=torch.float32)
+            for i, (*_, state) in enumerate(members):
+                state["step"] = plan.steps[i]
             # Tensors that share a group and a step count share a scalar row (usually all of them).
             combos = sorted({(index, float(state["step"])) for index, *_, state in members})
             plan.combos = combos
             plan.row_of = torch.tensor([combos.index((index, float(state["step"]))) for index, *_, state in members])
             self._plans[key] = plan
-        torch._foreach_add_(plan.steps, 1.0)  # CPU step counts, as torch.optim.AdamW keeps them
+        plan.steps.add_(1.0)
         plan.combos = [(index, step + 1) for index, step in plan.combos]
         rows = []
         for index, step in plan.combos:
