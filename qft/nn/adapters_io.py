@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qft.nn.config import LoRAConfig
-from qft.nn.model import add_adapters, lora_layers, oft_layers
+from qft.nn.model import build_adapters, install_adapters, lora_layers, oft_layers
 from qft.nn.oft import OFTConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,8 +78,20 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _read_config(path) -> LoRAConfig | OFTConfig:
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        raw = json.load(f)
+    """The adapter config in folder ``path``; ``ValueError`` naming the file when it is malformed."""
+    file = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError("it must hold a JSON object")
+        return _config_from_peft(raw, path)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"{file}: not a usable PEFT adapter config: {what}") from exc
+
+
+def _config_from_peft(raw: dict, path) -> LoRAConfig | OFTConfig:
     kind = raw.get("peft_type", "LORA")
     if kind == "OFT":
         if not raw.get("oft_block_size"):
@@ -100,12 +112,18 @@ def _read_config(path) -> LoRAConfig | OFTConfig:
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load adapters saved by ``save_adapters`` or PEFT into ``model``; returns ``model``.
 
-    A model without adapters gets them first, from the folder's ``adapter_config.json``. Every key
-    and shape is checked before anything is copied: an adapter for another model raises ValueError
-    and leaves the model unchanged.
+    A model without adapters gets them from the folder's ``adapter_config.json``. The config and every
+    key and shape are read and checked before the model is touched (fresh adapters are built aside and
+    installed only once their weights are in): a bad file raises ValueError and leaves the model as it
+    was.
     """
+    fresh = None
     if not lora_layers(model) and not oft_layers(model):
-        add_adapters(model, _read_config(path))
+        config = _read_config(path)
+        fresh = build_adapters(model, config)
+        layers, parts = fresh, ("oft_R",) if isinstance(config, OFTConfig) else ("lora_A", "lora_B")
+    else:
+        layers, parts = _adapter_layers(model)
     weights_file = path if os.path.isfile(path) else os.path.join(path, WEIGHTS_NAME)
     loaded = {}
     for key, tensor in load_file(weights_file).items():
@@ -113,7 +131,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if match is None:
             raise ValueError(f"{weights_file}: {key!r} is not a LoRA weight key")
         loaded[(match["module"], match["part"])] = tensor
-    layers, parts = _adapter_layers(model)
     expected = {(name, part) for name in layers for part in parts}
     missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
     if missing or unexpected:
@@ -125,4 +142,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for (name, part), tensor in loaded.items():
             getattr(layers[name], part).weight.copy_(tensor)
+    if fresh is not None:
+        install_adapters(model, fresh)
     return model

@@ -77,6 +77,14 @@ def add_adapters(
     With ``config.init == "loftq"`` the targets must still be full-precision ``nn.Linear``: each is
     quantized with ``quant_config`` and gets LoftQ-initialised adapters.
     """
+    return install_adapters(model, build_adapters(model, config, quant_config))
+
+
+def build_adapters(
+    model: nn.Module, config: LoRAConfig | OFTConfig, quant_config: QuantConfig | None = None
+) -> dict[str, nn.Module]:
+    """The adapter layers ``add_adapters`` would install, by module name, built but not installed:
+    ``model`` is not changed (``install_adapters`` does that)."""
     if not isinstance(config, (LoRAConfig, OFTConfig)):
         raise TypeError(f"config must be a LoRAConfig or OFTConfig, got {type(config).__name__}")
     loftq = isinstance(config, LoRAConfig) and config.init == "loftq"
@@ -96,15 +104,19 @@ def add_adapters(
     if not targets:
         raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
     if loftq:
-        replacements = {name: LoRALinear.with_loftq(module, config, quant_config) for name, module in targets.items()}
-    elif isinstance(config, OFTConfig):
-        replacements = {name: OFTLinear(module, config) for name, module in targets.items()}
-    else:
-        replacements = {name: LoRALinear(module, config) for name, module in targets.items()}
-    _swap(model, replacements)
+        return {name: LoRALinear.with_loftq(module, config, quant_config) for name, module in targets.items()}
+    if isinstance(config, OFTConfig):
+        return {name: OFTLinear(module, config) for name, module in targets.items()}
+    return {name: LoRALinear(module, config) for name, module in targets.items()}
+
+
+def install_adapters(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
+    """Swap ``layers`` (from ``build_adapters``) into ``model`` and freeze all but the adapter
+    parameters (PEFT's freezing); returns ``model``."""
+    _swap(model, layers)
     for param in model.parameters():
         param.requires_grad = False
-    for layer in replacements.values():
+    for layer in layers.values():
         for name, param in layer.named_parameters():
             param.requires_grad = name.startswith(("lora_A.", "lora_B.", "oft_R."))
     return model
