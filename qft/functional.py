@@ -8,6 +8,8 @@ packed weight itself. Never a dequantized weight (backward decodes it again) nor
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 
@@ -17,6 +19,32 @@ from qft import ops, reference_oft
 from qft.tensor import QuantizedTensor
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives ``F.linear`` on x's device right now, or None when off."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(dtype: torch.dtype, *tensors):
+    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+
+
+def _without_autocast(backward):
+    """Run a backward with autocast off: it computes in the dtypes its forward chose, also when
+    ``.backward()`` is called inside an autocast region."""
+
+    @functools.wraps(backward)
+    def run(ctx, grad):
+        device_type = grad.device.type
+        off = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+        with off:
+            return backward(ctx, grad)
+
+    return run
 
 
 def _weight_args(qt: QuantizedTensor) -> tuple:
@@ -34,6 +62,7 @@ class _QuantLinear(torch.autograd.Function):
         )  # fmt: skip
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad):
         qt = ctx.qt
         grad_x = grad_bias = None
@@ -69,6 +98,7 @@ class _LoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad):
         x2d, lora_A, lora_B, xa, mask = ctx.saved_tensors
         qt, scaling, dropout = ctx.qt, ctx.scaling, ctx.dropout
@@ -122,9 +152,15 @@ def quant_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
         bias: optional ``[out]``; gets a gradient if it requires one.
 
     Returns ``[..., out]``. Saved for backward: nothing but ``qt`` (W is decoded again for grad_x).
+    Under ``torch.autocast`` it computes as ``nn.Linear`` does: x and bias in the autocast dtype.
     """
     _check_x(x, qt)
     _check_bias(bias, qt)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            x, bias = _cast(dtype, x, bias)
+            return quant_linear(x, qt, bias)
     lead = x.shape[:-1]
     y = _QuantLinear.apply(x.reshape(-1, x.shape[-1]), bias, qt)
     return y.view(*lead, qt.shape[0])
@@ -171,6 +207,11 @@ def lora_linear(
         raise TypeError(f"scaling must be a finite number, got {scaling!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # as PEFT's LoRA over nn.Linear: base and adapters in the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x, lora_A, lora_B, bias = _cast(dtype, x, lora_A, lora_B, bias)
+            return lora_linear(x, qt, lora_A, lora_B, scaling, bias, dropout)
     lead = x.shape[:-1]
     y = _LoRALinear.apply(x.reshape(-1, in_features), lora_A, lora_B, bias, qt, float(scaling), float(dropout))
     return y.view(*lead, out_features)
@@ -188,6 +229,7 @@ class _OFTLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad):
         x2d, rot = ctx.saved_tensors
         qt = ctx.qt
@@ -264,6 +306,11 @@ def oft_linear(
         raise ValueError(f"oft_weight must have {blocks} rows (or 1 when shared), got {oft_weight.shape[0]}")
     if isinstance(cayley_neumann_terms, bool) or not isinstance(cayley_neumann_terms, int) or cayley_neumann_terms < 1:
         raise ValueError(f"cayley_neumann_terms must be a positive int, got {cayley_neumann_terms!r}")
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # x and bias in the autocast dtype; R is built and applied in fp32 as always
+        with torch.autocast(x.device.type, enabled=False):
+            x, bias = _cast(dtype, x, bias)
+            return oft_linear(x, qt, oft_weight, block_size, bias, cayley_neumann_terms, use_cayley_neumann)
     rot = oft_rotation(oft_weight, block_size, blocks, cayley_neumann_terms, use_cayley_neumann)
     lead = x.shape[:-1]
     y = _OFTLinear.apply(x.reshape(-1, in_features), rot, bias, qt)

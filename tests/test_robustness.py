@@ -71,3 +71,61 @@ def test_failed_load_into_a_model_without_adapters_leaves_it_unchanged(saved, da
     qft.load_adapters(model, tmp / "good")  # the right file still loads afterwards
     x = torch.randn(3, 64)
     torch.testing.assert_close(model(x), source(x))
+
+
+def _layers():
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    quant = qft.nn.QuantLinear.from_linear(dense)
+    lora = nn.Sequential(qft.nn.QuantLinear.from_linear(dense))
+    qft.add_adapters(lora, qft.LoRAConfig(r=4, target_modules=("0",)))
+    oft = nn.Sequential(qft.nn.QuantLinear.from_linear(dense))
+    qft.add_adapters(oft, qft.OFTConfig(block_size=16, target_modules=("0",)))
+    plain_lora = nn.Sequential(nn.Linear(64, 32))
+    qft.add_adapters(plain_lora, qft.LoRAConfig(r=4, target_modules=("0",)))
+    for model in (lora, oft, plain_lora):
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "oft_R" in name:
+                nn.init.normal_(p, std=0.1)
+    return {"nn.Linear": dense, "QuantLinear": quant, "LoRA": lora, "OFT": oft, "LoRA over nn.Linear": plain_lora}
+
+
+@pytest.mark.parametrize("name", ["nn.Linear", "QuantLinear", "LoRA", "OFT", "LoRA over nn.Linear"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_outputs_follow_nn_linear(name, dtype):
+    layer = _layers()[name]
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+        want = nn.Linear(64, 32)(x)
+    assert y.dtype == want.dtype == dtype
+    y.float().square().sum().backward()  # backward outside the region, as training loops do
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.dtype == p.dtype == torch.float32 for p in trainable)
+    with torch.no_grad():  # the same as computing in that dtype by hand, up to its rounding
+        reference = layer.to(dtype)(x.detach().to(dtype)) if name == "nn.Linear" else None
+    if reference is not None:
+        torch.testing.assert_close(y, reference)
+
+
+def test_autocast_lora_equals_the_layer_run_in_that_dtype():
+    layers = _layers()
+    lora = layers["LoRA"]
+    x = torch.randn(5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora(x)
+    base, a, b = lora[0].base_layer, lora[0].lora_A.weight, lora[0].lora_B.weight
+    xb = x.bfloat16()
+    with torch.no_grad():
+        want = qft.functional.lora_linear(xb, base.quantized, a.bfloat16(), b.bfloat16(), lora[0].scaling,
+                                          base.bias.bfloat16())  # fmt: skip
+    assert torch.equal(y, want)
+
+
+def test_backward_inside_an_autocast_region():
+    lora = _layers()["LoRA"]
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lora(x).float().sum().backward()
+    assert lora[0].lora_A.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

@@ -51,7 +51,7 @@ def base():
     return qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
 
 
-def _trainer(base, out, max_steps, save_steps=STEPS // 2):
+def _trainer(base, out, max_steps, save_steps=STEPS // 2, **overrides):
     torch.manual_seed(0)  # LoRA A's initialization draws from the global generator
     model = get_peft_model(copy.deepcopy(base), qft_peft.register(LoraConfig(r=8, lora_alpha=16,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -60,7 +60,7 @@ def _trainer(base, out, max_steps, save_steps=STEPS // 2):
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=2e-2,
         lr_scheduler_type="constant", logging_steps=1, save_steps=save_steps, report_to=[], use_cpu=True,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0, disable_tqdm=True, **overrides,
     )  # fmt: skip
     losses = _Losses()
     trainer = Trainer(model=model, args=args, train_dataset=_Counting(), callbacks=[losses],
@@ -93,3 +93,11 @@ def test_trainer_trains_and_resumes_on_the_same_curve(base, tmp_path):
     last.train(resume_from_checkpoint=str(tmp_path / "chain" / f"checkpoint-{2 * third}"))
     for step in range(2 * third + 1, STEPS + 1):
         assert tail.losses[step] == full.losses[step], step
+
+
+def test_trainer_with_bf16_autocast_trains(base, tmp_path):
+    # bf16=True on CPU runs the model under torch.autocast("cpu", bfloat16): it failed at step 1.
+    trainer, losses = _trainer(base, tmp_path / "bf16", 6, save_steps=100, bf16=True)
+    trainer.train()
+    assert len(losses.losses) == 6 and all(torch.isfinite(torch.tensor(v)) for v in losses.losses.values())
+    assert losses.losses[6] < losses.losses[1]
