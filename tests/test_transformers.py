@@ -51,6 +51,13 @@ def test_save_pretrained_round_trips_bit_exactly_without_a_config(float_dir, tmp
     assert saved.keys() == reloaded.keys()
     assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
     assert torch.equal(_logits(model), _logits(loaded))
+    # A pre-quantized model saves again (the deserialize step has a reverse): the same files, twice.
+    loaded.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+
+    first, second = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "again")), _logits(model))
 
 
 def test_bitsandbytes_checkpoint_loads_into_qft_layers_byte_for_byte(float_dir, tmp_path):

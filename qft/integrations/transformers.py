@@ -163,6 +163,19 @@ class _QftDeserialize(_QuantizerOp):
         _mark_loaded(self.hf_quantizer, module, name, missing_keys)
         return {}
 
+    @property
+    def reverse_op(self) -> ConversionOps:
+        """Saving needs no conversion back: a QuantLinear's state dict already holds its checkpoint
+        entries under the names this op reads."""
+        return _AsStored()
+
+
+class _AsStored(ConversionOps):
+    """The save-time reverse of ``_QftDeserialize``: the entries as the layer's state dict has them."""
+
+    def convert(self, input_dict, **kwargs):
+        return input_dict
+
 
 @register_quantizer(METHOD)
 class QftHfQuantizer(HfQuantizer):
