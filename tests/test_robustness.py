@@ -129,3 +129,70 @@ def test_backward_inside_an_autocast_region():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lora(x).float().sum().backward()
     assert lora[0].lora_A.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def _dense_twin(qmodel):
+    """An nn.Linear TwoLayer holding the quantized model's decoded weights (PEFT's LoRA runs over it)."""
+    from peft_models import TwoLayer
+
+    dense = TwoLayer()
+    for name in ("fc1", "fc2"):
+        q = getattr(qmodel, name)
+        getattr(dense, name).weight.data = q.dequantize(torch.float32)
+        getattr(dense, name).bias.data = q.bias.detach().clone()
+    return dense
+
+
+def test_peft_patterns_and_a_regex_target_load_as_peft_reads_them(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from peft_models import TwoLayer
+
+    torch.manual_seed(0)
+    qmodel = qft.quantize_(TwoLayer())
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=r"fc\d", rank_pattern={"fc2": 4}, alpha_pattern={"fc1": 2})
+    peft_model = get_peft_model(_dense_twin(qmodel), config)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p)
+    peft_model.save_pretrained(tmp_path / "peft")
+    qft.load_adapters(qmodel, tmp_path / "peft")
+    layers = qft.nn.lora_layers(qmodel)
+    assert {n: (m.r, m.scaling) for n, m in layers.items()} == {"fc1": (8, 2 / 8), "fc2": (4, 16 / 4)}
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), peft_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_qft_patterns_save_as_peft_reads_them(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from peft_models import TwoLayer
+
+    torch.manual_seed(0)
+    qmodel = qft.quantize_(TwoLayer())
+    dense = _dense_twin(qmodel)
+    config = qft.LoRAConfig(r=8, alpha=16, target_modules=("fc1", "fc2"), rank_pattern={"fc2": 4},
+                            alpha_pattern={"fc1": 2})  # fmt: skip
+    qft.add_adapters(qmodel, config)
+    for name, p in qmodel.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p)
+    qft.save_adapters(qmodel, tmp_path / "qft")
+    peft_model = PeftModel.from_pretrained(dense, tmp_path / "qft")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), peft_model(x), rtol=1e-5, atol=1e-5)
+    assert qft.nn.lora_layers(qmodel)["fc2"].lora_A.weight.shape == (4, 128)
+
+
+def test_a_target_string_is_one_regular_expression():
+    config = qft.LoRAConfig(target_modules=r".*\.q_proj")
+    assert config.matches("layers.0.q_proj") and not config.matches("q_proj") and not config.matches("layers.0.k")
+    assert qft.OFTConfig(target_modules="fc1").matches("fc1") and not qft.OFTConfig(target_modules="fc1").matches(
+        "a.fc1"
+    )
+    with pytest.raises(ValueError, match="not a regular expression"):
+        qft.LoRAConfig(target_modules="fc[")
+    with pytest.raises(ValueError, match=r"rank_pattern\['fc1'\] must be a positive int"):
+        qft.LoRAConfig(target_modules=("fc1",), rank_pattern={"fc1": 0})

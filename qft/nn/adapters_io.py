@@ -46,8 +46,9 @@ def _shared_config(model: nn.Module):
 
 
 def _peft_config(config) -> dict:
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     common = {"task_type": None, "base_model_name_or_path": None, "inference_mode": True, "bias": "none",
-              "target_modules": list(config.target_modules), "modules_to_save": None}  # fmt: skip
+              "target_modules": targets, "modules_to_save": None}  # fmt: skip
     if isinstance(config, OFTConfig):
         return {
             "peft_type": "OFT", **common, "r": 0, "oft_block_size": config.block_size, "module_dropout": 0.0,
@@ -58,6 +59,7 @@ def _peft_config(config) -> dict:
     return {
         "peft_type": "LORA", **common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora, "fan_in_fan_out": False, "init_lora_weights": True,
+        "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
     }  # fmt: skip
 
 
@@ -99,14 +101,24 @@ def _config_from_peft(raw: dict, path) -> LoRAConfig | OFTConfig:
         return OFTConfig(
             block_size=raw["oft_block_size"], cayley_neumann_terms=raw.get("num_cayley_neumann_terms", 5),
             use_cayley_neumann=raw.get("use_cayley_neumann", True), block_share=raw.get("block_share", False),
-            coft=raw.get("coft", False), eps=raw.get("eps", 6e-5), target_modules=tuple(raw["target_modules"]),
+            coft=raw.get("coft", False), eps=raw.get("eps", 6e-5), target_modules=_targets(raw["target_modules"]),
         )  # fmt: skip
     if kind != "LORA":
         raise ValueError(f"{path} holds a {kind} adapter; qft reads LoRA and OFT")
     return LoRAConfig(
         r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=raw.get("lora_dropout", 0.0),
-        target_modules=tuple(raw["target_modules"]), use_rslora=raw.get("use_rslora", False),
+        target_modules=_targets(raw["target_modules"]), use_rslora=raw.get("use_rslora", False),
+        rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
     )  # fmt: skip
+
+
+def _targets(raw) -> str | tuple[str, ...]:
+    """PEFT's target_modules: a string is one regular expression, a list names modules."""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, list):
+        raise ValueError(f"target_modules must be a string or a list, got {raw!r}")
+    return tuple(raw)
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:

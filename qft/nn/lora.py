@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -24,31 +25,34 @@ class LoRALinear(nn.Module):
     as one fused ``qft.functional.lora_linear``.
     """
 
-    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, name: str = "") -> None:
         super().__init__()
         if not isinstance(base_layer, (QuantLinear, nn.Linear)):
             raise TypeError(f"base_layer must be a QuantLinear or nn.Linear, got {type(base_layer).__name__}")
         if not isinstance(config, LoRAConfig):
             raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
         self.base_layer = base_layer
-        self.config = config
+        self.config = config  # the model-wide config; ``name`` picks this layer's rank_pattern / alpha_pattern entry
+        self.r = config.rank_for(name)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         kwargs = {"bias": False, "device": _device_of(base_layer), "dtype": config.adapter_dtype}
-        self.lora_A = nn.Linear(self.in_features, config.r, **kwargs)
-        self.lora_B = nn.Linear(config.r, self.out_features, **kwargs)
+        self.lora_A = nn.Linear(self.in_features, self.r, **kwargs)
+        self.lora_B = nn.Linear(self.r, self.out_features, **kwargs)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.scaling = config.scaling
+        self.scaling = config.scaling_for(name)
         self.merged = False
 
     @classmethod
-    def with_loftq(cls, linear: nn.Linear, config: LoRAConfig, quant_config: QuantConfig) -> LoRALinear:
+    def with_loftq(cls, linear: nn.Linear, config: LoRAConfig, quant_config: QuantConfig, name: str = "") -> LoRALinear:
         """Quantize ``linear`` with ``quant_config`` and start A, B from LoftQ (``qft.nn.loftq``)."""
         from qft.nn.loftq import loftq
 
-        qt, a, b = loftq(linear.weight, quant_config, config)
+        own = dataclasses.replace(config, r=config.rank_for(name), alpha=config.alpha_for(name), rank_pattern={},
+                                  alpha_pattern={})  # fmt: skip
+        qt, a, b = loftq(linear.weight, quant_config, own)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        layer = cls(QuantLinear(qt, bias), config)
+        layer = cls(QuantLinear(qt, bias), config, name)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
@@ -91,4 +95,4 @@ class LoRALinear(nn.Module):
             base.weight += delta.to(base.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"r={self.config.r}, scaling={self.scaling:g}, dropout={self.config.dropout}, merged={self.merged}"
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.config.dropout}, merged={self.merged}"

@@ -104,10 +104,10 @@ def build_adapters(
     if not targets:
         raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
     if loftq:
-        return {name: LoRALinear.with_loftq(module, config, quant_config) for name, module in targets.items()}
+        return {name: LoRALinear.with_loftq(module, config, quant_config, name) for name, module in targets.items()}
     if isinstance(config, OFTConfig):
         return {name: OFTLinear(module, config) for name, module in targets.items()}
-    return {name: LoRALinear(module, config) for name, module in targets.items()}
+    return {name: LoRALinear(module, config, name) for name, module in targets.items()}
 
 
 def install_adapters(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:

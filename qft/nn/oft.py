@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qft import functional, ops, reference_oft
+from qft.nn.config import checked_targets, target_matches
 from qft.nn.quant_linear import QuantLinear
 
 
@@ -30,7 +31,7 @@ class OFTConfig:
     block_share: bool = False
     coft: bool = False
     eps: float = 6e-5
-    target_modules: tuple[str, ...] = field(default_factory=tuple)
+    target_modules: tuple[str, ...] | str = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
@@ -40,14 +41,12 @@ class OFTConfig:
             raise ValueError(f"cayley_neumann_terms must be a positive int, got {n!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or self.eps <= 0:
             raise ValueError(f"eps must be a positive number, got {self.eps!r}")
-        targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"target_modules must name at least one module, got {self.target_modules!r}")
-        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
 
     def matches(self, name: str) -> bool:
-        """True when module ``name`` is one of the targets (PEFT's suffix rule)."""
-        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+        """True when module ``name`` is one of the targets (PEFT's rules: a whole-name regular
+        expression for a string, else equal to or ending in ``"." + target``)."""
+        return target_matches(self.target_modules, name)
 
 
 class _Rotation(nn.Module):
