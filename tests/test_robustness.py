@@ -196,3 +196,24 @@ def test_a_target_string_is_one_regular_expression():
         qft.LoRAConfig(target_modules="fc[")
     with pytest.raises(ValueError, match=r"rank_pattern\['fc1'\] must be a positive int"):
         qft.LoRAConfig(target_modules=("fc1",), rank_pattern={"fc1": 0})
+
+
+@pytest.mark.parametrize("safe_merge", [True, False])
+def test_a_refused_peft_merge_leaves_the_layer_unmerged_and_unchanged(safe_merge):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from peft_models import TwoLayer
+
+    from qft.integrations import peft as qft_peft
+
+    torch.manual_seed(0)
+    model = get_peft_model(qft.quantize_(TwoLayer()), qft_peft.register(LoraConfig(r=4, target_modules=["fc1"])))
+    layer = model.base_model.model.fc1
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(float("inf"))  # a diverged adapter: its delta is not finite
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="NaNs in the merged weight" if safe_merge else "finite"):
+        layer.merge(safe_merge=safe_merge)
+    assert not layer.merged and layer.merged_adapters == []
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -83,30 +83,31 @@ class QftLoraLinear(nn.Module, LoraLayer):
         return self.scaling[adapter] * (self.lora_B[adapter].weight.float() @ self.lora_A[adapter].weight.float())
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold the adapters into the base weight (re-quantized)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = None
+        """Fold the adapters into the base weight (re-quantized). The layer is marked merged only once
+        the new weight is in: a refused merge (non-finite with ``safe_merge``, or any failure to
+        re-quantize) leaves it unmerged and unchanged."""
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lora_A]
+        if not adapter_names:
+            return
+        weight = self.get_base_weight()
         for name in adapter_names:
-            if name in self.lora_A:
-                weight = self.get_base_weight() if weight is None else weight
-                weight = weight + self.get_delta_weight(name)
-                self.merged_adapters.append(name)
-        if weight is not None:
-            if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(f"NaNs in the merged weight of adapters {adapter_names}")
-            self.set_base_weight(weight)
+            weight = weight + self.get_delta_weight(name)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs in the merged weight of adapters {adapter_names}")
+        self.set_base_weight(weight)
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
-        """Take the merged adapters back out (re-quantized again)."""
+        """Take the merged adapters back out (re-quantized again); nothing changes if that fails."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         weight = self.get_base_weight()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        for name in self.merged_adapters:
             if name in self.lora_A:
                 weight = weight - self.get_delta_weight(name)
         self.set_base_weight(weight)
+        self.merged_adapters.clear()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """PEFT's LoRA forward; one active adapter on an unmerged layer takes qft's fused path."""
