@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from qft import formats, reference, reference_lowbit
-from qft.tensor import QuantizedTensor
+from qft.tensor import QuantizedTensor, check_finite_scales
 
 
 def _pack(codes: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
@@ -42,11 +42,12 @@ def from_hqq(layer) -> QuantizedTensor:
     shape = torch.Size(meta["shape"])
     numel = shape.numel()
     codes = Quantizer.unpack[meta["packing"]](layer.W_q, dtype=torch.uint8).reshape(-1)[:numel]
-    return QuantizedTensor(
+    qt = QuantizedTensor(
         packed=_pack(codes, int(meta["nbits"]), fmt), absmax=meta["scale"].float().reshape(-1),
         nested_absmax=None, offset=None, shape=shape, dtype=meta["compute_dtype"], format=fmt,
         block_size=int(meta["group_size"]), zero=meta["zero"].to(torch.float16).reshape(-1),
     )  # fmt: skip
+    return check_finite_scales(qt)
 
 
 def unpack_gptq_columns(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -115,4 +116,4 @@ def from_gptq(
         nested_absmax=None, offset=None, shape=torch.Size((out_features, in_features)), dtype=scales.dtype,
         format=fmt, block_size=group_size, zero=zeros.t().to(torch.float16).reshape(-1),
     )  # fmt: skip
-    return qt, perm
+    return check_finite_scales(qt), perm

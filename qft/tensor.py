@@ -148,7 +148,7 @@ class QuantizedTensor:
         dtype = getattr(torch, str(meta["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"state dict names an unknown dtype {meta['dtype']!r}")
-        return cls(
+        qt = cls(
             packed=state["packed"], absmax=state["absmax"],
             nested_absmax=state.get("nested_absmax"), offset=state.get("offset"),
             shape=torch.Size(meta["shape"]), dtype=dtype, format=meta["format"],
@@ -156,6 +156,7 @@ class QuantizedTensor:
             nested_block_size=meta["nested_block_size"] if nested else formats.NESTED_BLOCK_SIZE,
             zero=state.get("zero"),
         )  # fmt: skip
+        return check_finite_scales(qt)
 
     @classmethod
     def empty(cls, shape, dtype: torch.dtype, format: str = "nf4", block_size: int = formats.DEFAULT_BLOCK_SIZE,
@@ -186,7 +187,7 @@ class QuantizedTensor:
         """
         from qft import bnb_interop
 
-        return bnb_interop.from_bnb(cls, packed, quant_state)
+        return check_finite_scales(bnb_interop.from_bnb(cls, packed, quant_state))
 
     def to_bnb(self):
         """``(packed uint8 [n/2, 1], bitsandbytes.functional.QuantState)`` sharing this tensor's data."""
@@ -217,6 +218,26 @@ def _validate(qt: QuantizedTensor) -> None:
         qt.packed, qt.absmax, qt.nested_absmax, qt.offset, qt.numel, qt.block_size, qt.nested_block_size,
         qt.format, qt.zero,
     )  # fmt: skip
+    # The right count in the wrong shape ([n, 1] scales) would broadcast in the decode: the parts are
+    # flat and the offset a scalar. (Metadata only: this runs on every forward's view of a layer.)
+    for name in ("packed", "absmax", "nested_absmax", "zero"):
+        part = getattr(qt, name)
+        if part is not None and part.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(part.shape)}")
+    if qt.offset is not None and qt.offset.dim() != 0:
+        raise ValueError(f"offset must be a 0-dim scalar, got shape {tuple(qt.offset.shape)}")
+
+
+def check_finite_scales(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt``, or ``ValueError`` when a stored scale, offset or zero is NaN or Inf (such a weight
+    decodes to NaN). For parts that come from outside (checkpoints, other libraries): it reads the
+    values, a device synchronization on a GPU."""
+    for name in ("absmax", "nested_absmax", "offset", "zero"):
+        part = getattr(qt, name)
+        if part is not None and part.is_floating_point() and part.device.type != "meta":
+            if not bool(torch.isfinite(part).all()):
+                raise ValueError(f"{name} holds NaN or Inf: the stored weight cannot be decoded")
+    return qt
 
 
 def _json_to_tensor(obj: dict) -> torch.Tensor:

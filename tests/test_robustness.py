@@ -217,3 +217,50 @@ def test_a_refused_peft_merge_leaves_the_layer_unmerged_and_unchanged(safe_merge
     assert not layer.merged and layer.merged_adapters == []
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_scales_of_the_right_count_in_the_wrong_shape_are_refused():
+    qt = qft.quantize(torch.randn(32, 64), "nf4", 64, True)
+    with pytest.raises(ValueError, match=r"absmax must be 1-D, got shape \(32, 1\)"):
+        qft.QuantizedTensor(qt.packed, qt.absmax.view(-1, 1), qt.nested_absmax, qt.offset, qt.shape, qt.dtype,
+                            "nf4", 64)  # fmt: skip
+    with pytest.raises(ValueError, match="offset must be a 0-dim scalar"):
+        qft.QuantizedTensor(qt.packed, qt.absmax, qt.nested_absmax, qt.offset.view(1), qt.shape, qt.dtype, "nf4", 64)
+    layer = qft.nn.QuantLinear(qt)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = dict(before)
+    bad["weight.absmax"] = bad["weight.absmax"].view(-1, 1)
+    with pytest.raises(RuntimeError, match="absmax must be 1-D"):  # torch's load_state_dict wraps the error
+        layer.load_state_dict(bad)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("part", ["weight.absmax", "weight.nested_absmax", "offset"])
+def test_non_finite_stored_scales_are_refused_at_load(part):
+    double_quant = part != "weight.absmax"  # with double quantization absmax holds uint8 codes
+    layer = qft.nn.QuantLinear(qft.quantize(torch.randn(32, 64), "nf4", 64, double_quant))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    target = qft.nn.QuantLinear(qft.quantize(torch.randn(32, 64), "nf4", 64, double_quant))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    if part == "offset":  # bitsandbytes' layout keeps the offset in the JSON quant state
+        key = next(k for k in state if k.startswith("weight.quant_state."))
+        meta = json.loads(bytes(state[key].tolist()).decode())
+        meta["nested_offset"] = float("nan")
+        state[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    else:
+        state[part] = state[part].clone().fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        target.load_state_dict(state)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+
+
+def test_bitsandbytes_state_with_a_wrong_shape_or_nan_is_refused():
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    packed, state = bnb_functional.quantize_4bit(torch.randn(32, 64), blocksize=64, quant_type="nf4")
+    qft.QuantizedTensor.from_bnb(packed, state)
+    state.absmax = state.absmax.view(-1, 1)
+    with pytest.raises(ValueError, match="absmax must be 1-D"):
+        qft.QuantizedTensor.from_bnb(packed, state)
+    state.absmax = state.absmax.view(-1).clone().fill_(float("nan"))
+    with pytest.raises(ValueError, match="absmax holds NaN"):
+        qft.QuantizedTensor.from_bnb(packed, state)

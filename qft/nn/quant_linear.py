@@ -20,7 +20,7 @@ from torch import nn
 from qft import formats, functional
 from qft.nn import flat_storage
 from qft.nn.config import QuantConfig
-from qft.tensor import QuantizedTensor, quantize
+from qft.tensor import QuantizedTensor, check_finite_scales, quantize
 
 _PARTS = ("packed", "absmax", "nested_absmax", "offset", "zero")
 PART_BUFFERS = tuple(f"weight_{part}" for part in _PARTS)  # the buffers holding the weight (unflattened)
@@ -260,7 +260,7 @@ def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: Qu
     stored = formats.packed_dtype(spec.bits)
     packed = weight if weight.dtype == stored else weight.contiguous().view(stored)
     device = packed.device
-    return QuantizedTensor(
+    qt = QuantizedTensor(
         packed=packed.reshape(-1), absmax=state[prefix + "weight.absmax"],
         nested_absmax=state[prefix + "weight.nested_absmax"] if nested else None,
         offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device) if nested else None,
@@ -268,3 +268,4 @@ def _quantized_from_state(state, prefix: str, shape: tuple[int, int], module: Qu
         nested_block_size=int(meta.get("nested_blocksize", formats.NESTED_BLOCK_SIZE)),
         zero=state.get(prefix + "weight.zero"),
     )  # fmt: skip
+    return check_finite_scales(qt)
