@@ -264,3 +264,46 @@ def test_bitsandbytes_state_with_a_wrong_shape_or_nan_is_refused():
     state.absmax = state.absmax.view(-1).clone().fill_(float("nan"))
     with pytest.raises(ValueError, match="absmax holds NaN"):
         qft.QuantizedTensor.from_bnb(packed, state)
+
+
+def test_threads_never_share_a_scratch_buffer():
+    import threading
+
+    from qft.ops import scratch
+
+    mine = scratch.buffer(torch.device("cpu"), torch.float32, 100)
+    assert scratch.buffer(torch.device("cpu"), torch.float32, 50).data_ptr() == mine.data_ptr()  # reused
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(scratch.buffer(torch.device("cpu"), torch.float32, 100)))
+    thread.start()
+    thread.join()
+    assert theirs[0].data_ptr() != mine.data_ptr()
+
+
+def test_two_threads_running_large_m_layers_get_their_own_weights():
+    import threading
+
+    from qft import ops
+
+    torch.manual_seed(0)
+    layers = [qft.quantize(torch.randn(48, 64)) for _ in range(2)]
+    x = torch.randn(40, 64)  # M above the fused kernel's limit: decode into scratch, then the GEMM
+    want = [x @ qt.dequantize(torch.float32).t() for qt in layers]
+    barrier, got, errors = threading.Barrier(2), [None, None], []
+
+    def run(i):
+        try:
+            with ops.use_backend("triton"):
+                barrier.wait()
+                for _ in range(3):
+                    got[i] = qft.functional.quant_linear(x, layers[i])
+                    assert torch.equal(got[i], want[i])
+        except Exception as exc:  # reported below: a thread's assertion does not fail the test by itself
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
