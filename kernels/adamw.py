@@ -138,9 +138,10 @@ def _step_8bit_state(p_addr, g_addr, m_addr, v_addr, m_absmax_addr, v_absmax_add
     v = tl.load(unsigned_map_ptr + tl.load(v_codes + offs, mask=mask, other=0).to(tl.int32))
     v = v * tl.load(v_absmax + block_ids, mask=block_ok, other=0.0)[:, None]
     p, m, v = _adamw(p, g, m, v, s_ptr, lr_addr)
-    # Padding past numel must not enter a block's absmax (the reference pads with zeros).
-    m = tl.where(mask, m, 0.0)
-    v = tl.where(mask, v, 0.0)
+    # Padding past numel must not enter a block's absmax (the reference pads with zeros), nor may a
+    # NaN (one NaN gradient would poison its whole block): both are stored as 0, as the reference does.
+    m = tl.where(mask & (m == m), m, 0.0)
+    v = tl.where(mask & (v == v), v, 0.0)
     codes, absmax = _encode(m, signed_mid_ptr)
     tl.store(m_codes + offs, codes, mask=mask)
     tl.store(m_absmax + block_ids, absmax, mask=block_ok)

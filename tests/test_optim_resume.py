@@ -121,3 +121,20 @@ def test_malformed_state_dicts_are_refused_with_a_message():
     ]:
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_nan_gradient_costs_one_value_not_a_block(fused):
+    # torch's AdamW (and bitsandbytes' 8-bit AdamW on CPU) lose the one parameter whose gradient was NaN.
+    p = torch.randn(4096).requires_grad_()
+    opt = PagedAdamW8bit([p], lr=1e-3, min_8bit_size=16)
+    g = torch.Generator().manual_seed(1)
+    with _backend(fused):
+        for step in range(3):
+            p.grad = torch.randn(4096, generator=g)
+            if step == 1:
+                p.grad[10] = float("nan")
+            opt.step()
+    assert torch.isnan(p.detach()).nonzero().flatten().tolist() == [10]
+    state = opt.state[p]
+    assert all(torch.isfinite(state[k]).all() for k in ("exp_avg_absmax", "exp_avg_sq_absmax"))

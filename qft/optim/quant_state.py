@@ -62,8 +62,14 @@ def nearest_codes(scaled: torch.Tensor, signed: bool) -> torch.Tensor:
 
 
 def quantize(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes uint8 [n], absmax fp32 [blocks])`` of a flat fp32 tensor."""
-    blocks = _blocks(values.reshape(-1).float(), BLOCK)
+    """``(codes uint8 [n], absmax fp32 [blocks])`` of a flat fp32 tensor.
+
+    A NaN value is stored as 0: in the block's absmax it would turn all 256 values NaN. So one NaN
+    gradient costs one value (its parameter turns NaN, as with torch's AdamW and bitsandbytes' 8-bit
+    AdamW on CPU, which also lose that value alone), not a block."""
+    values = values.reshape(-1).float()
+    values = torch.where(torch.isnan(values), 0.0, values)
+    blocks = _blocks(values, BLOCK)
     absmax = blocks.abs().amax(1)
     scaled = blocks / absmax.clamp(min=formats.ABSMAX_FLOOR).unsqueeze(1)
     codes = nearest_codes(scaled, signed)
