@@ -138,3 +138,13 @@ def test_one_nan_gradient_costs_one_value_not_a_block(fused):
     assert torch.isnan(p.detach()).nonzero().flatten().tolist() == [10]
     state = opt.state[p]
     assert all(torch.isfinite(state[k]).all() for k in ("exp_avg_absmax", "exp_avg_sq_absmax"))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32])
+def test_parameters_that_are_not_real_floats_are_refused(dtype):
+    p = torch.zeros(8, dtype=dtype)
+    p.grad = torch.ones(8, dtype=dtype)
+    opt = PagedAdamW([p], lr=1e-2)
+    with pytest.raises(TypeError, match=f"real floating parameters, got {dtype}"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(8, dtype=dtype)) and not opt.state[p]

@@ -280,24 +280,35 @@ def test_threads_never_share_a_scratch_buffer():
     assert theirs[0].data_ptr() != mine.data_ptr()
 
 
-def test_two_threads_running_large_m_layers_get_their_own_weights():
+def test_two_threads_running_large_m_layers_get_their_own_weights(monkeypatch):
     import threading
+    import time
 
     from qft import ops
+    from qft.ops import linear
 
+    # The decode into scratch, slowed so that the two threads interleave between decode and GEMM (the
+    # Triton interpreter itself cannot run in two threads at once, so the reference decode stands in).
+    real = linear.dequantize_4bit_into
+
+    def slow_decode(out, backend, *args):
+        out.copy_(real(None, "reference", *args))
+        time.sleep(0.02)
+        return out
+
+    monkeypatch.setattr(linear, "dequantize_4bit_into", slow_decode)
     torch.manual_seed(0)
     layers = [qft.quantize(torch.randn(48, 64)) for _ in range(2)]
     x = torch.randn(40, 64)  # M above the fused kernel's limit: decode into scratch, then the GEMM
     want = [x @ qt.dequantize(torch.float32).t() for qt in layers]
-    barrier, got, errors = threading.Barrier(2), [None, None], []
+    barrier, errors = threading.Barrier(2), []
 
     def run(i):
         try:
-            with ops.use_backend("triton"):
+            with ops.use_backend("triton"):  # a path that decodes into scratch (the reference path does not)
                 barrier.wait()
                 for _ in range(3):
-                    got[i] = qft.functional.quant_linear(x, layers[i])
-                    assert torch.equal(got[i], want[i])
+                    assert torch.equal(qft.functional.quant_linear(x, layers[i]), want[i])
         except Exception as exc:  # reported below: a thread's assertion does not fail the test by itself
             errors.append(exc)
 
@@ -307,3 +318,19 @@ def test_two_threads_running_large_m_layers_get_their_own_weights():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_quant_linear_load_state_dict_copies_and_reports_unknown_weight_keys():
+    source = qft.nn.QuantLinear(qft.quantize(torch.randn(32, 64)), torch.zeros(32))
+    state = source.state_dict()
+    target = qft.nn.QuantLinear(qft.quantize(torch.randn(32, 64)), torch.zeros(32))
+    target.load_state_dict(state)
+    ours = [t.data_ptr() for t in target.state_dict().values() if t.numel()]
+    assert not set(ours) & {t.data_ptr() for t in state.values() if t.numel()}, "aliases the caller's tensors"
+    x = torch.randn(3, 64)
+    assert torch.equal(target(x), source(x))
+    extra = {**state, "weight.bogus": torch.zeros(1)}
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"weight.bogus\""):
+        target.load_state_dict(extra)
+    result = target.load_state_dict(extra, strict=False)
+    assert result.unexpected_keys == ["weight.bogus"]

@@ -25,15 +25,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qft import formats
 from qft.nn.config import QuantConfig
-from qft.nn.quant_linear import PART_BUFFERS, QuantLinear
+from qft.nn.quant_linear import PART_BUFFERS, STATE_ENTRIES, QuantLinear
 from qft.tensor import QuantizedTensor
 
 METHOD = "qft"
 _BLOBS = [f"weight.quant_state.bitsandbytes__{f}" for f in ("nf4", "fp4")] + [
     f"weight.quant_state.qft__{f}" for f in formats.FORMATS if not formats.is_4bit_codebook(f)
 ]
-_ENTRIES = ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-            "weight.zero", *_BLOBS]  # fmt: skip
+_ENTRIES = [*STATE_ENTRIES, *_BLOBS]
 
 
 def _dtype_name(dtype) -> str | None:

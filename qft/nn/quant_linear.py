@@ -25,6 +25,9 @@ from qft.tensor import QuantizedTensor, check_finite_scales, quantize
 _PARTS = ("packed", "absmax", "nested_absmax", "offset", "zero")
 PART_BUFFERS = tuple(f"weight_{part}" for part in _PARTS)  # the buffers holding the weight (unflattened)
 _BNB_BLOB = "weight.quant_state.bitsandbytes__"
+# A layer's state-dict entries besides its quant-state blob (bitsandbytes' Linear4bit layout).
+STATE_ENTRIES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+            "weight.zero")  # fmt: skip
 _QFT_BLOB = "weight.quant_state.qft__"
 
 
@@ -216,15 +219,21 @@ class QuantLinear(nn.Module):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           errors)  # fmt: skip
             return
-        keys = [k for k in state_dict if k.startswith(prefix + "weight")]
+        # The weight's own entries are consumed here (torch passes its own copy of the dict); any other
+        # "weight..." key stays for torch to report as unexpected (strict mode).
+        keys = [k for k in state_dict if k in {prefix + e for e in STATE_ENTRIES} or k.startswith(
+            (prefix + _BNB_BLOB, prefix + _QFT_BLOB))]  # fmt: skip
         if prefix + "weight" in state_dict:
             try:
                 qt = _quantized_from_state(state_dict, prefix, (self.out_features, self.in_features), self)
             except (ValueError, TypeError, KeyError) as exc:
                 errors.append(f"{prefix}weight: {exc}")
             else:
-                self._set_quantized(qt.to(self.weight.device))
-            for k in keys:  # consumed here (torch passes its own copy of the dict)
+                # Copies, as nn.Module.load_state_dict copies into its tensors: never the caller's tensors.
+                qt = qt.to(self.weight.device)
+                owned = {part: getattr(qt, part) for part in _PARTS if getattr(qt, part) is not None}
+                self._set_quantized(dataclasses.replace(qt, **{part: t.clone() for part, t in owned.items()}))
+            for k in keys:
                 state_dict.pop(k)
         elif strict:
             missing_keys.append(prefix + "weight")

@@ -148,6 +148,8 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise RuntimeError("PagedAdamW does not support sparse gradients")
                 state = self.state[p]
                 if not state:
+                    if not p.is_floating_point():  # complex would lose its imaginary part, integers can't step
+                        raise TypeError(f"{type(self).__name__} updates real floating parameters, got {p.dtype}")
                     state.update(self._init_state(p))
                     self._state_version += 1
                 param, grad = _local(p), _local(grad)  # a DTensor (FSDP2) updates its local shard
