@@ -96,7 +96,7 @@ def checkpoint_round_trip(model, opt, fmt, adapter, bits, args, world, rank, ids
     dcp.load(state, checkpoint_id=str(folder))
     fresh.load_state_dict(state["model"])
     fresh_opt = optimizer(fresh, args, bits)
-    fresh_opt.load_state_dict(torch.load(folder / f"optim-rank{rank}.pt", weights_only=False))
+    fresh_opt.load_state_dict(torch.load(folder / f"optim-rank{rank}.pt", weights_only=True))
     return step(model, opt, ids, world) == step(fresh, fresh_opt, ids, world)
 
 

