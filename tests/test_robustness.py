@@ -351,3 +351,44 @@ def test_save_adapters_replaces_a_symlink_instead_of_writing_through_it(saved):
     x = torch.randn(3, 64)
     torch.testing.assert_close(model(x), source(x))
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("verb", ["merge_and_unload", "unload"])
+def test_peft_oft_over_quant_linear_merges_and_unloads(verb):
+    pytest.importorskip("peft")
+    from peft import OFTConfig
+    from peft import get_peft_model as peft_model
+    from peft_models import TwoLayer
+
+    from qft.integrations import peft as qft_peft
+
+    torch.manual_seed(0)
+    base = qft.quantize_(TwoLayer())
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        plain = base(x)
+    qft_peft.enable_oft()
+    try:
+        model = peft_model(base, OFTConfig(r=0, oft_block_size=16, target_modules=["fc1", "fc2"]))
+    finally:
+        qft_peft.disable_oft()
+    for name, p in model.named_parameters():
+        if "oft_R" in name:
+            nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        adapted = model(x)
+        assert (adapted - plain).abs().max() > 1e-2  # the rotation is real work
+        out = getattr(model, verb)()
+        assert type(out.fc1) is qft.nn.QuantLinear and type(out.fc2) is qft.nn.QuantLinear
+        if verb == "unload":
+            assert torch.equal(out(x), plain)
+        else:  # merged into re-quantized weights: the rotation is in (without it the error would be the
+            # whole adapter effect); what is left is the 4-bit rounding of the merged weight (~0.08 here).
+            assert (out(x) - adapted).abs().max() < 0.5 * (adapted - plain).abs().max()
+
+
+def test_assigning_a_quant_linear_weight_is_refused_with_a_pointer_to_set_weight():
+    layer = qft.nn.QuantLinear(qft.quantize(torch.randn(32, 64)))
+    layer.weight = layer.weight  # what PEFT's unload does: a no-op
+    with pytest.raises(AttributeError, match="set_weight"):
+        layer.weight = torch.zeros(32, 64)

@@ -121,6 +121,14 @@ class QuantLinear(nn.Module):
         ``dequantize()`` for values."""
         return self.weight_packed if self._flat_layout is None else self.weight_storage
 
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        # PEFT's generic unload (OFT's merge_and_unload, unload) puts a layer's own weight back on it.
+        if value is self.weight:
+            return
+        raise AttributeError("QuantLinear.weight is its packed codes and cannot be assigned; "
+                             "set_weight(float_weight) re-quantizes a new weight")  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in] -> [..., out]`` in x's dtype; see ``qft.functional.quant_linear``."""
         return functional.quant_linear(self.permute_input(x), self.quantized, self.bias)
