@@ -392,3 +392,20 @@ def test_assigning_a_quant_linear_weight_is_refused_with_a_pointer_to_set_weight
     layer.weight = layer.weight  # what PEFT's unload does: a no-op
     with pytest.raises(AttributeError, match="set_weight"):
         layer.weight = torch.zeros(32, 64)
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [False, True])
+def test_peft_adapters_over_a_bf16_quantized_base_follow_autocast_adapter_dtype(autocast_adapter_dtype):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from peft_models import TwoLayer
+
+    from qft.integrations import peft as qft_peft
+
+    base = qft.quantize_(TwoLayer(dtype=torch.bfloat16))
+    assert base.fc1.compute_dtype == torch.bfloat16
+    config = qft_peft.register(LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    model = get_peft_model(base, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float32 if autocast_adapter_dtype else torch.bfloat16}
+    assert model(torch.randn(3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -115,6 +115,13 @@ class QuantLinear(nn.Module):
         return self.weight_nested_absmax is not None
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the weight this layer was quantized from (bitsandbytes' ``Linear4bit`` has the
+        attribute too): what PEFT gives new adapters when ``autocast_adapter_dtype=False``. The layer
+        itself computes in its input's dtype."""
+        return self.weight_dtype
+
+    @property
     def weight(self) -> torch.Tensor:
         """The packed codes (as bitsandbytes' ``Linear4bit.weight`` is; the flat storage once sharded),
         so tools that look a layer's weight up for its device (PEFT, accelerate) find one; use
