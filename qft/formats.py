@@ -1,6 +1,7 @@
 """Every code book, bit width, block rule and packing layout qft knows: the one source of truth.
 
-4-bit code-book formats (``nf4``, ``fp4``) are byte-compatible with bitsandbytes 0.50.2:
+4-bit code-book formats (``nf4``, ``fp4``) store bitsandbytes 0.50.2's bytes (the exceptions, all in
+qft's favour of accuracy, are listed under double quantization and partial blocks below):
 
 * Blocks: the weight is flattened row-major and cut into blocks of ``block_size`` values
   (32..4096, a power of two, default 64); the last block may be partial. Each block stores its
@@ -41,8 +42,13 @@ group of 32 (or 16) is padded with the format's zero code.
 Double quantization (bitsandbytes' ``compress_statistics``): ``offset = mean(absmax)``; the
 centred absmax is quantized in blocks of 256 with the signed 8-bit dynamic map, scaled by each
 block's fp32 absmax. qft picks the nearest code (exact, in fp64), where bitsandbytes' CPU path uses
-a lookup table that is only approximately nearest. Decode: ``code8[q] * absmax2 + offset``, each
-step rounded to fp32.
+a lookup table that is only approximately nearest (0.2% of codes differ on normal weights); when all
+scales are equal qft stores code 127 and bitsandbytes 0 (both decode alike). Decode:
+``code8[q] * absmax2 + offset``, each step rounded to fp32.
+
+A partial last block whose values are all zero or subnormal keeps its true absmax (0, or the
+subnormal maximum), where bitsandbytes stores 1e-38; qft then decodes subnormal FP4 values that
+bitsandbytes loses. Everything else above is byte-identical to bitsandbytes.
 """
 
 from __future__ import annotations

@@ -101,3 +101,25 @@ def test_double_quant_offset_and_codes_match_or_beat_bitsandbytes():
 def test_bits_per_param_at_block_64(double_quant, expected):
     qt = qft.quantize(torch.randn(4096, 4096), "nf4", 64, double_quant=double_quant)
     assert qt.bits_per_param == pytest.approx(expected, abs=5e-4)
+
+
+def test_the_documented_differences_from_bitsandbytes_are_the_only_ones():
+    torch.manual_seed(0)
+    w = torch.randn(1024, 1024)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    qt = qft.quantize(w, "nf4", 64, True)
+    assert torch.equal(qt.packed, packed.reshape(-1)) and torch.equal(qt.nested_absmax, state.state2.absmax)
+    assert float(qt.offset) == float(state.offset)
+    differ = (qt.absmax != state.absmax).float().mean().item()
+    assert 0 < differ < 0.005  # (1) nearest 8-bit scale codes: README says 0.2%
+    ones = torch.ones(64 * 512)
+    packed, state = bnb_functional.quantize_4bit(ones, blocksize=64, quant_type="nf4", compress_statistics=True)
+    qt = qft.quantize(ones, "nf4", 64, True)
+    assert qt.absmax.unique().tolist() == [127] and state.absmax.unique().tolist() == [0]  # (2)
+    assert torch.equal(qt.dequantize(torch.float32), bnb_functional.dequantize_4bit(packed, state).reshape(-1))
+    tail = torch.randn(64 * 4 + 16)
+    tail[-16:] = 0
+    packed, state = bnb_functional.quantize_4bit(tail, blocksize=64, quant_type="fp4")
+    qt = qft.quantize(tail, "fp4", 64, False)
+    assert torch.equal(qt.packed, packed.reshape(-1)) and torch.equal(qt.absmax[:-1], state.absmax[:-1])
+    assert qt.absmax[-1] == 0 and state.absmax[-1] > 0  # (3) the true absmax of an all-zero tail
