@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from numerics import assert_as_accurate_as_reference
 from torch.utils.checkpoint import checkpoint
 
 import qft
@@ -104,15 +105,16 @@ def test_triton_paths_match_reference(m, double_quant):
     b = torch.randn(48, 4, requires_grad=True)
     bias = torch.randn(48, requires_grad=True)
     results = []
-    for backend in ("reference", "triton"):
-        for t in (x, a, b, bias):
-            t.grad = None
+    for backend, dtype in (("reference", torch.float32), ("triton", torch.float32), ("reference", torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, a, b, bias)]
         with ops.use_backend(backend):
-            y = F.lora_linear(x, qt, a, b, 0.5, bias)
+            y = F.lora_linear(leaves[0], qt, leaves[1], leaves[2], 0.5, leaves[3])
             y.backward(torch.ones_like(y))
-        results.append([y.detach(), x.grad, a.grad, b.grad, bias.grad])
-    for got, want in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    # Summation order differs (interpreter vs torch): bounded by the fp32 reference's own error.
+    assert_as_accurate_as_reference(
+        results[1], results[0], results[2], ["y", "grad x", "grad A", "grad B", "grad bias"]
+    )
 
 
 def test_fused_kernel_against_fp64():
