@@ -118,24 +118,15 @@ def _config_from_peft(raw: dict, path) -> LoRAConfig | OFTConfig:
         return OFTConfig(
             block_size=raw["oft_block_size"], cayley_neumann_terms=raw.get("num_cayley_neumann_terms", 5),
             use_cayley_neumann=raw.get("use_cayley_neumann", True), block_share=raw.get("block_share", False),
-            coft=raw.get("coft", False), eps=raw.get("eps", 6e-5), target_modules=_targets(raw["target_modules"]),
+            coft=raw.get("coft", False), eps=raw.get("eps", 6e-5), target_modules=raw["target_modules"],
         )  # fmt: skip
     if kind != "LORA":
         raise ValueError(f"{path} holds a {kind} adapter; qft reads LoRA and OFT")
     return LoRAConfig(
         r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=raw.get("lora_dropout", 0.0),
-        target_modules=_targets(raw["target_modules"]), use_rslora=raw.get("use_rslora", False),
+        target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
         rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
     )  # fmt: skip
-
-
-def _targets(raw) -> str | tuple[str, ...]:
-    """PEFT's target_modules: a string is one regular expression, a list names modules."""
-    if isinstance(raw, str):
-        return raw
-    if not isinstance(raw, list):
-        raise ValueError(f"target_modules must be a string or a list, got {raw!r}")
-    return tuple(raw)
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -84,11 +84,9 @@ def _dequantize_4bit_cuda(
     if out is None:
         out = torch.empty(numel, dtype=dtype, device=packed.device)
     # Hold the contiguous copies in locals: a temporary freed before the launch could be reused.
-    packed, absmax = packed.contiguous(), absmax.contiguous()
-    if nested_absmax is not None:
-        nested_absmax, offset = nested_absmax.contiguous(), offset.contiguous()
+    packed, absmax, nested_absmax, offset, _, code = cuda_weight_parts(packed, absmax, nested_absmax, offset, None,
+                                                                       fmt)  # fmt: skip
     dmap = formats.dynamic_map(packed.device)
-    code = formats.code(fmt, packed.device)
     with device_guard(packed.device):
         cuda_calls.dequantize_4bit(
             packed, absmax, nested_absmax, offset, dmap, code, out, numel, block_size, nested_block_size,

@@ -94,17 +94,12 @@ class PagedAdamW(torch.optim.Optimizer):
         return {"exp_avg": moments, "exp_avg_sq": moments}
 
     def _init_state(self, p: torch.Tensor) -> dict:
+        local = _local(p)
         state = {"step": torch.tensor(0.0)}
-        eight, local = self._eight_bit(p), _local(p)
-        if eight:
-            zeros = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
+        state.update({name: self._zeros(shape, dtype, local) for name, (shape, dtype) in self._state_spec(p).items()})
+        if "exp_avg_absmax" in state:  # 8-bit: every code is the code of a zero moment (its block's absmax is 0)
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                codes, absmax = quant_state.quantize(zeros, signed)
-                state[name] = self._zeros(codes.shape, torch.uint8, local).copy_(codes)
-                state[f"{name}_absmax"] = self._zeros(absmax.shape, torch.float32, local).copy_(absmax)
-        else:
-            state["exp_avg"] = self._zeros(local.shape, torch.float32, local)
-            state["exp_avg_sq"] = self._zeros(local.shape, torch.float32, local)
+                state[name].fill_(int(quant_state.quantize(torch.zeros(1), signed)[0][0]))
         return state
 
     def _check_state(self, p: torch.Tensor, state: dict, where: str) -> None:
@@ -120,10 +115,9 @@ class PagedAdamW(torch.optim.Optimizer):
                 what = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
                 raise ValueError(f"{where}: {name!r} is {what}, expected {shape} {dtype}")
         step = state["step"]
-        value = (
-            float(step) if isinstance(step, (int, float, torch.Tensor)) and torch.as_tensor(step).numel() == 1 else None
-        )
-        if value is None or not math.isfinite(value) or value < 0 or value != int(value):
+        scalar = isinstance(step, (int, float)) or (isinstance(step, torch.Tensor) and step.numel() == 1)
+        value = float(step) if scalar else math.nan
+        if not math.isfinite(value) or value < 0 or value != int(value):
             raise ValueError(f"{where}: 'step' must be a whole number of steps, got {step!r}")
 
     @torch.no_grad()
