@@ -218,14 +218,6 @@ def _validate(qt: QuantizedTensor) -> None:
         qt.packed, qt.absmax, qt.nested_absmax, qt.offset, qt.numel, qt.block_size, qt.nested_block_size,
         qt.format, qt.zero,
     )  # fmt: skip
-    # The right count in the wrong shape ([n, 1] scales) would broadcast in the decode: the parts are
-    # flat and the offset a scalar. (Metadata only: this runs on every forward's view of a layer.)
-    for name in ("packed", "absmax", "nested_absmax", "zero"):
-        part = getattr(qt, name)
-        if part is not None and part.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(part.shape)}")
-    if qt.offset is not None and qt.offset.dim() != 0:
-        raise ValueError(f"offset must be a 0-dim scalar, got shape {tuple(qt.offset.shape)}")
 
 
 def check_finite_scales(qt: QuantizedTensor) -> QuantizedTensor:

@@ -15,9 +15,13 @@ def _check_common(block_size: int, fmt: str) -> None:
     formats.check_block_size(block_size)
 
 
-def _expect(tensor, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> None:
+def _expect(tensor, name: str, dtype: torch.dtype, numel: int, device: torch.device, dims: int = 1) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dim() != dims:  # the right count in another shape ([n, 1] scales) would broadcast in a decode
+        raise ValueError(
+            f"{name} must be {'a 0-dim scalar' if dims == 0 else f'{dims}-D'}, got shape {tuple(tensor.shape)}"
+        )
     if tensor.dtype != dtype:
         raise ValueError(f"{name} must be {dtype}, got {tensor.dtype}")
     if tensor.numel() != numel:
@@ -63,7 +67,7 @@ def check_quantized_parts(
         raise ValueError(f"nested_block_size must be a positive int, got {nested_block_size!r}")
     _expect(absmax, "absmax", torch.uint8, blocks, device)
     _expect(nested_absmax, "nested_absmax", torch.float32, formats.num_blocks(blocks, nested_block_size), device)
-    _expect(offset, "offset", torch.float32, 1, device)
+    _expect(offset, "offset", torch.float32, 1, device, dims=0)
 
 
 def _quantize_4bit_cuda(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
