@@ -46,8 +46,8 @@ compile-check-gpu-triton:
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install -q torch==2.13.0 triton==$(GPU_TRITON) numpy safetensors setuptools wheel pybind11 ninja
 	QFT_SKIP_CUDA_BUILD=1 $(GPU_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-	env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --dispatch --shard 0/2 & pid=$$!; \
-	  env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P tests/triton_compile_check.py --dispatch --shard 1/2 || exit 1; \
+	env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P .ci/triton_compile_check.py --dispatch --shard 0/2 & pid=$$!; \
+	  env -u TRITON_INTERPRET $(GPU_VENV)/bin/python -P .ci/triton_compile_check.py --dispatch --shard 1/2 || exit 1; \
 	  wait $$pid
 
 # benchmarks/gpu_check.sh's stages on CPU (tiny shapes, the interpreter), so the script and the

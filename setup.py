@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -111,7 +111,7 @@ def extensions() -> list[Extension]:
 
 
 setup(
-    packages=["qft", "qft.ops", "qft.nn", "qft.optim", "qft.integrations", "qft.kernels"],
+    packages=[*find_packages(include=["qft", "qft.*"]), "qft.kernels"],
     package_dir={"qft": "qft", "qft.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": NinjaCudaBuild},

@@ -21,12 +21,35 @@ from torch import nn
 import qft
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GPU_CONFIG = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
-              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
-CPU_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 256}  # fmt: skip
-COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_mem_mb",
-           "vs_peft_bf16", "vs_peft_bnb"]  # fmt: skip
+GPU_CONFIG = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+}
+CPU_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+}
+COLUMNS = [
+    "op",
+    "provider",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "vs_peft_bf16",
+    "vs_peft_bnb",
+]
 CPU_NOTE = "CPU run: a tiny config as a smoke test; not GPU kernel results and not the Llama-3-8B slice."
 
 
@@ -46,9 +69,13 @@ def build(provider: str, dense_state: dict, config, device: str, dtype) -> nn.Mo
         for name, module in list(model.named_modules()):
             if type(module) is nn.Linear and name != "lm_head":
                 layer = bnb.nn.Linear4bit(
-                    module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=dtype,
-                    quant_type="nf4", compress_statistics=True,
-                )  # fmt: skip
+                    module.in_features,
+                    module.out_features,
+                    bias=module.bias is not None,
+                    compute_dtype=dtype,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
                 layer.load_state_dict({k: v.float().cpu() for k, v in module.state_dict().items()})
                 parent, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(parent), leaf, layer.to(device))
@@ -97,9 +124,16 @@ def _measure(model, ids, checkpointing: bool, label: dict, device: str, repeats:
         peak = torch.cuda.max_memory_allocated() / 2**20
     seq = ids.shape[1]
     return {
-        "suite": "e2e", **label, "dtype": "bfloat16", "device": common.device_name(device), "p50_ms": p50,
-        "p20_ms": p20, "p80_ms": p80, "tokens_per_s": seq / (p50 * 1e-3), "peak_mem_mb": peak,
-    }  # fmt: skip
+        "suite": "e2e",
+        **label,
+        "dtype": "bfloat16",
+        "device": common.device_name(device),
+        "p50_ms": p50,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "tokens_per_s": seq / (p50 * 1e-3),
+        "peak_mem_mb": peak,
+    }
 
 
 def _bench_provider(provider, rec, shape, make, ids, device, repeats) -> None:
@@ -126,8 +160,9 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
     for provider in common.peer_providers():
         if not common.wanted("providers", provider):
             continue
-        _bench_provider(provider, rec, shape, lambda p=provider: build(p, dense_state, config, device, dtype), ids,
-                        device, repeats)  # fmt: skip
+        _bench_provider(
+            provider, rec, shape, lambda p=provider: build(p, dense_state, config, device, dtype), ids, device, repeats
+        )
         if device == "cuda":
             torch.cuda.empty_cache()
     rows = rec.rows
@@ -135,10 +170,14 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
         for peer in ("peft-bf16", "peft-bnb"):
             row[f"vs_{peer.replace('-', '_')}"] = common.ratio(rows, row, peer)
     meta = {
-        "suite": "e2e", "device": device, "device_name": common.device_name(device), "versions": common.versions(),
-        **rates, "config": config.to_dict() if hasattr(config, "to_dict") else {},
+        "suite": "e2e",
+        "device": device,
+        "device_name": common.device_name(device),
+        "versions": common.versions(),
+        **rates,
+        "config": config.to_dict() if hasattr(config, "to_dict") else {},
         "note": "" if on_gpu else CPU_NOTE,
-    }  # fmt: skip
+    }
     meta["config"] = {k: meta["config"].get(k) for k in GPU_CONFIG}
     return rows, meta, common.write_results("e2e", device, rows, meta, out, COLUMNS)
 

@@ -27,8 +27,21 @@ DECODE_SHAPE, DECODE_MS = (28672, 8192), [1, 4, 16]  # the GEMV goal: forward on
 CPU_SHAPES, CPU_MS = [(512, 512), (1024, 256)], [1, 16, 128]
 RANK = 16
 OFT_BLOCK = 32
-COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "pct_of_floor",
-           "peak_mem_mb", "vs_peft_bf16", "vs_peft_bnb", "vs_peft_oft_bnb"]  # fmt: skip
+COLUMNS = [
+    "op",
+    "provider",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "tflops",
+    "pct_of_floor",
+    "peak_mem_mb",
+    "vs_peft_bf16",
+    "vs_peft_bnb",
+    "vs_peft_oft_bnb",
+]
 CPU_NOTE = "CPU run: small shapes, CPU code paths of every provider; these are not GPU kernel results."
 
 
@@ -45,9 +58,12 @@ def _bnb_layer(dense: nn.Linear, device: str) -> nn.Module:
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(
-        dense.in_features, dense.out_features, compute_dtype=dense.weight.dtype, quant_type="nf4",
+        dense.in_features,
+        dense.out_features,
+        compute_dtype=dense.weight.dtype,
+        quant_type="nf4",
         compress_statistics=True,
-    )  # fmt: skip
+    )
     layer.load_state_dict({k: v.float().cpu() for k, v in dense.state_dict().items()})
     return layer.to(device)
 
@@ -60,8 +76,11 @@ def build(provider: str, dense: nn.Linear, device: str) -> nn.Module:
 
     if provider in ("qft", "qft-oft"):
         model = _Holder(qft.nn.QuantLinear.from_linear(dense))
-        config = (qft.OFTConfig(block_size=OFT_BLOCK, target_modules=("proj",)) if provider == "qft-oft"
-                  else qft.LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=("proj",)))  # fmt: skip
+        config = (
+            qft.OFTConfig(block_size=OFT_BLOCK, target_modules=("proj",))
+            if provider == "qft-oft"
+            else qft.LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=("proj",))
+        )
         qft.add_adapters(model, config)
     elif provider == "peft-oft-bnb":
         config = PeftOFTConfig(r=0, oft_block_size=OFT_BLOCK, target_modules=["proj"])
@@ -126,14 +145,25 @@ def _measure(op, fn_flops, provider, x, n, k, device, repeats, rates) -> dict:
     m = x.shape[0]
     p50, p20, p80 = common.time_ms(fn, device, repeats)
     return {
-            "suite": "linear", "op": op, "provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k,
-            "r": RANK, "dtype": str(x.dtype).removeprefix("torch."), "device": common.device_name(device),
-            "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "tflops": flops / (p50 * 1e-3) / 1e12,
-            # floor: the larger of the GEMM flops at the measured matmul rate and the bytes of a
-            # 4-bit weight + x + y at the measured copy bandwidth
-            "pct_of_floor": 100 * _floor_ms(op, m, n, k, x.element_size(), rates) / p50,
-            "peak_mem_mb": _peak_mb(fn, device),
-        }  # fmt: skip
+        "suite": "linear",
+        "op": op,
+        "provider": provider,
+        "shape": f"{m}x{n}x{k}",
+        "M": m,
+        "N": n,
+        "K": k,
+        "r": RANK,
+        "dtype": str(x.dtype).removeprefix("torch."),
+        "device": common.device_name(device),
+        "p50_ms": p50,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "tflops": flops / (p50 * 1e-3) / 1e12,
+        # floor: the larger of the GEMM flops at the measured matmul rate and the bytes of a
+        # 4-bit weight + x + y at the measured copy bandwidth
+        "pct_of_floor": 100 * _floor_ms(op, m, n, k, x.element_size(), rates) / p50,
+        "peak_mem_mb": _peak_mb(fn, device),
+    }
 
 
 def _floor_ms(op: str, m: int, n: int, k: int, elem: int, rates: dict) -> float:
@@ -181,9 +211,14 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
         for peer in ("peft-bf16", "peft-bnb", "peft-oft-bnb"):
             row[f"vs_{peer.replace('-', '_')}"] = common.ratio(rows, row, peer, ("op", "shape"))
     meta = {
-        "suite": "linear", "device": device, "device_name": common.device_name(device),
-        "versions": common.versions(), "rank": RANK, **rates, "note": CPU_NOTE if device == "cpu" else "",
-    }  # fmt: skip
+        "suite": "linear",
+        "device": device,
+        "device_name": common.device_name(device),
+        "versions": common.versions(),
+        "rank": RANK,
+        **rates,
+        "note": CPU_NOTE if device == "cpu" else "",
+    }
     return rows, meta, common.write_results("linear", device, rows, meta, out, COLUMNS)
 
 

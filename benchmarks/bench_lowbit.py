@@ -20,11 +20,23 @@ import torch
 
 import qft
 
-FORMATS = ["nf4", "fp4", "lloyd3", "lloyd2", "int4", "int3", "int2"]
+FORMATS = list(qft.formats.FORMATS)  # every format qft declares
 GPU_SHAPE, CPU_SHAPE = (28672, 8192), (1024, 1024)  # (out, in)
 MS = [1, 4, 16]
-COLUMNS = ["op", "provider", "timing", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "gbps", "pct_of_floor",
-           "vs_bf16", "vs_bitsandbytes"]  # fmt: skip
+COLUMNS = [
+    "op",
+    "provider",
+    "timing",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "pct_of_floor",
+    "vs_bf16",
+    "vs_bitsandbytes",
+]
 CPU_NOTE = "CPU run: small shapes, torch/reference code paths; these are not GPU kernel results."
 
 
@@ -32,10 +44,20 @@ def _row(op, provider, timing, shape, p, nbytes, rates, device, m=None):
     p50, p20, p80 = p
     floor_ms = 1e3 * nbytes / (rates["copy_bandwidth_gbps"] * 1e9)
     return {
-        "suite": "lowbit", "op": op, "provider": provider, "timing": timing, "shape": shape, "M": m,
-        "dtype": "bf16", "device": common.device_name(device), "p50_ms": p50, "p20_ms": p20, "p80_ms": p80,
-        "gbps": nbytes / (p50 * 1e-3) / 1e9, "pct_of_floor": 100 * floor_ms / p50,
-    }  # fmt: skip
+        "suite": "lowbit",
+        "op": op,
+        "provider": provider,
+        "timing": timing,
+        "shape": shape,
+        "M": m,
+        "dtype": "bf16",
+        "device": common.device_name(device),
+        "p50_ms": p50,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "gbps": nbytes / (p50 * 1e-3) / 1e9,
+        "pct_of_floor": 100 * floor_ms / p50,
+    }
 
 
 def _timings(device: str) -> list[str]:
@@ -80,8 +102,9 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
     rec = common.Recorder("lowbit", device, out)
     if common.wanted("providers", "bf16"):
         bf16 = "bf16 cuBLAS" if device == "cuda" else "bf16 torch"
-        _forward_rows(bf16, lambda x: torch.nn.functional.linear(x, w), 2 * n * k, n, k, ms, device, repeats,
-                      rates, rec)  # fmt: skip
+        _forward_rows(
+            bf16, lambda x: torch.nn.functional.linear(x, w), 2 * n * k, n, k, ms, device, repeats, rates, rec
+        )
     if common.wanted("providers", "bitsandbytes"):
         try:
             fn, nbytes = _bnb_forward(w)
@@ -102,12 +125,23 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
 
         def decode(qt=qt, label=label):
             p = common.time_ms(qt.dequantize, device, repeats)
-            return [_row("dequantize", label["provider"], "eager", label["shape"], p, qt.nbytes + 2 * n * k, rates,
-                         device)]  # fmt: skip
+            return [
+                _row("dequantize", label["provider"], "eager", label["shape"], p, qt.nbytes + 2 * n * k, rates, device)
+            ]
 
         rec.attempt(label, decode)
-        _forward_rows(f"qft {fmt}", lambda x, qt=qt: qft.functional.quant_linear(x, qt), qt.nbytes, n, k, ms, device,
-                      repeats, rates, rec)  # fmt: skip
+        _forward_rows(
+            f"qft {fmt}",
+            lambda x, qt=qt: qft.functional.quant_linear(x, qt),
+            qt.nbytes,
+            n,
+            k,
+            ms,
+            device,
+            repeats,
+            rates,
+            rec,
+        )
         del qt
     rows = rec.rows
     for row in rows:
@@ -117,10 +151,14 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
         if row["op"] == "dequantize":
             row["vs_bf16"] = row["vs_bitsandbytes"] = None
     meta = {
-        "suite": "lowbit", "device": device, "device_name": common.device_name(device),
-        "versions": common.versions(), **rates, "note": CPU_NOTE if device == "cpu" else "",
+        "suite": "lowbit",
+        "device": device,
+        "device_name": common.device_name(device),
+        "versions": common.versions(),
+        **rates,
+        "note": CPU_NOTE if device == "cpu" else "",
         "floor": "bytes moved (weight incl. scales + x + y) / measured copy bandwidth",
-    }  # fmt: skip
+    }
     return rows, meta, common.write_results("lowbit", device, rows, meta, out, COLUMNS)
 
 

@@ -22,8 +22,20 @@ import torch
 import qft
 
 LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
-COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "params_m", "state_mb",
-           "page_out_freed_mb", "vs_torch", "vs_bnb_paged8"]  # fmt: skip
+COLUMNS = [
+    "op",
+    "provider",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "params_m",
+    "state_mb",
+    "page_out_freed_mb",
+    "vs_torch",
+    "vs_bnb_paged8",
+]
 CPU_NOTE = "CPU run: a slice of the LoRA set; these are not GPU kernel results."
 
 
@@ -34,10 +46,12 @@ def lora_shapes(layers: int) -> list[tuple[int, int]]:
 
 def providers() -> dict[str, object]:
     """Optimizer constructors by name (bitsandbytes' where installed)."""
-    out = {"torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=ps[0].is_cuda or None),
-           "qft PagedAdamW": lambda ps: qft.optim.PagedAdamW(ps, lr=1e-4),
-           "qft PagedAdamW8bit": lambda ps: qft.optim.PagedAdamW8bit(ps, lr=1e-4),
-           "qft AdamW8bit": lambda ps: qft.optim.AdamW8bit(ps, lr=1e-4)}  # fmt: skip
+    out = {
+        "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=ps[0].is_cuda or None),
+        "qft PagedAdamW": lambda ps: qft.optim.PagedAdamW(ps, lr=1e-4),
+        "qft PagedAdamW8bit": lambda ps: qft.optim.PagedAdamW8bit(ps, lr=1e-4),
+        "qft AdamW8bit": lambda ps: qft.optim.AdamW8bit(ps, lr=1e-4),
+    }
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -75,10 +89,17 @@ def _measure(make, name, label, params, device, repeats) -> dict:
     p50, p20, p80 = common.time_ms(opt.step, device, repeats)
     freed = _page_out_freed_mb(opt) if device == "cuda" and name.startswith("qft Paged") else None
     return {
-        "suite": "optim", **label, "dtype": "fp32", "device": common.device_name(device), "p50_ms": p50,
-        "p20_ms": p20, "p80_ms": p80, "params_m": sum(p.numel() for p in ps) / 1e6, "state_mb": _state_mb(opt),
+        "suite": "optim",
+        **label,
+        "dtype": "fp32",
+        "device": common.device_name(device),
+        "p50_ms": p50,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "params_m": sum(p.numel() for p in ps) / 1e6,
+        "state_mb": _state_mb(opt),
         "page_out_freed_mb": freed,
-    }  # fmt: skip
+    }
 
 
 def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
@@ -92,14 +113,24 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
         for name, make in providers().items():
             if common.wanted("providers", name):
                 label = {"op": f"step ({set_name})", "provider": name, "shape": f"{len(shapes)} tensors"}
-                rec.attempt(label, lambda make=make, name=name, label=label, params=params: [
-                    _measure(make, name, label, params, device, repeats)])  # fmt: skip
+                rec.attempt(
+                    label,
+                    lambda make=make, name=name, label=label, params=params: [
+                        _measure(make, name, label, params, device, repeats)
+                    ],
+                )
     rows = rec.rows
     for row in rows:
         row["vs_torch"] = common.ratio(rows, row, "torch AdamW")
         row["vs_bnb_paged8"] = common.ratio(rows, row, "bnb PagedAdamW8bit")
-    meta = {"suite": "optim", "device": device, "device_name": common.device_name(device),
-            "versions": common.versions(), **rates, "note": CPU_NOTE if small else ""}  # fmt: skip
+    meta = {
+        "suite": "optim",
+        "device": device,
+        "device_name": common.device_name(device),
+        "versions": common.versions(),
+        **rates,
+        "note": CPU_NOTE if small else "",
+    }
     return rows, meta, common.write_results("optim", device, rows, meta, out, COLUMNS)
 
 

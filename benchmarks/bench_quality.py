@@ -19,10 +19,10 @@ import common
 import torch
 
 import qft
-from qft import reference_lowbit
+from qft import formats
 
 GROUP = 64
-QFT_FORMATS = ["nf4", "int4", "lloyd3", "int3", "lloyd2", "int2"]
+QFT_FORMATS = ["nf4", "int4", "lloyd3", "nf3", "int3", "lloyd2", "nf2", "int2"]
 
 
 def _rel(w_hat: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
@@ -43,8 +43,8 @@ def rtn_min_max(bits: int):
     """Asymmetric min-max round-to-nearest, fp16 scale and zero per group (+0.5 bits)."""
 
     def run(w):
-        q, s, z = reference_lowbit.quantize_affine(w, f"int{bits}", GROUP, "rtn")
-        return reference_lowbit.dequantize_affine(q, s, z, GROUP, torch.float32).view_as(w), bits + 0.5
+        weight = formats.quantize(w, f"int{bits}", GROUP, "rtn")
+        return formats.dequantize(weight, torch.float32).view_as(w), bits + 0.5
 
     return run
 
@@ -59,12 +59,20 @@ def hqq_method(bits: int, slow: bool):
 
         saved = Quantizer.optimize_weights
         if slow:
-            params = {"lp_norm": 0.7, "beta": 1e1, "kappa": 1.01, "iters": 100, "tol": 0.0, "early_stop": False,
-                      "scale_gridsearch": False}  # fmt: skip
+            params = {
+                "lp_norm": 0.7,
+                "beta": 1e1,
+                "kappa": 1.01,
+                "iters": 100,
+                "tol": 0.0,
+                "early_stop": False,
+                "scale_gridsearch": False,
+            }
             Quantizer.optimize_weights = functools.partial(optimize.optimize_weights_proximal_v2, opt_params=params)
         try:
-            wq, meta = Quantizer.quantize(w, nbits=bits, group_size=GROUP, axis=1, device="cpu",
-                                          compute_dtype=torch.float32)  # fmt: skip
+            wq, meta = Quantizer.quantize(
+                w, nbits=bits, group_size=GROUP, axis=1, device="cpu", compute_dtype=torch.float32
+            )
         finally:
             Quantizer.optimize_weights = saved
         return Quantizer.dequantize(wq, meta).reshape(w.shape).float(), bits + 0.5
@@ -120,8 +128,9 @@ def matrices(size: int) -> dict[str, list[torch.Tensor]]:
         from qft.demo import default_model_path, load_model
 
         _, model = load_model(default_model_path(), torch.device("cpu"))
-        found["MiniLM-L6 linears"] = [m.weight.detach().float() for m in model.modules()
-                                      if isinstance(m, torch.nn.Linear)]  # fmt: skip
+        found["MiniLM-L6 linears"] = [
+            m.weight.detach().float() for m in model.modules() if isinstance(m, torch.nn.Linear)
+        ]
     except Exception as exc:  # the synthetic rows still stand without the demo model
         print(f"MiniLM weights unavailable: {exc}", file=sys.stderr)
     return found
@@ -139,8 +148,15 @@ def run_suite(size: int, out: Path) -> tuple[list[dict], Path]:
                 w_hat, bpp = method(w)
                 e, t = _rel(w_hat, w)
                 err, total = err + e, total + t
-            rows.append({"data": data_name, "method": name, "bits": bits, "bits_per_param": bpp,
-                         "rel_error": (err / total) ** 0.5})  # fmt: skip
+            rows.append(
+                {
+                    "data": data_name,
+                    "method": name,
+                    "bits": bits,
+                    "bits_per_param": bpp,
+                    "rel_error": (err / total) ** 0.5,
+                }
+            )
             print(f"{data_name:24s} {name:20s} {bpp:6.3f} {rows[-1]['rel_error']:.4f}", flush=True)
     for row in rows:
         peer = [r for r in rows if r["data"] == row["data"] and r["method"] == f"HQQ default {row['bits']}b"]

@@ -65,8 +65,15 @@ def bench_shape(shape, device: str, repeats: int, copy_gbs: float, rec: common.R
         try:
             bnb_packed, bnb_state = bnb.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4", compress_statistics=True)
         except Exception as exc:  # e.g. no bitsandbytes library for this CUDA: an error row, qft runs on
-            rec.add({"suite": "quant", "op": "quantize nf4+dq", "provider": "bitsandbytes",
-                     "shape": f"{shape[0]}x{shape[1]}", "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
+            rec.add(
+                {
+                    "suite": "quant",
+                    "op": "quantize nf4+dq",
+                    "provider": "bitsandbytes",
+                    "shape": f"{shape[0]}x{shape[1]}",
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            )
             bnb = None
     qt = qft.quantize(w, "nf4", BLOCK, double_quant=True)
 
@@ -85,9 +92,12 @@ def bench_shape(shape, device: str, repeats: int, copy_gbs: float, rec: common.R
             }
         for op, fn in fns.items():
             label = {"op": f"{op} nf4+dq", "provider": provider, "shape": f"{shape[0]}x{shape[1]}"}
-            rec.attempt(label, lambda op=op, fn=fn, provider=provider, label=label: [
-                _measure(op, fn, provider, label, moved[op], device, repeats, copy_gbs, bnb, bnb_packed, bnb_state)
-            ])  # fmt: skip
+            rec.attempt(
+                label,
+                lambda op=op, fn=fn, provider=provider, label=label: [
+                    _measure(op, fn, provider, label, moved[op], device, repeats, copy_gbs, bnb, bnb_packed, bnb_state)
+                ],
+            )
 
 
 def _measure(op, fn, provider, label, nbytes, device, repeats, copy_gbs, bnb, bnb_packed, bnb_state) -> dict:
@@ -99,10 +109,18 @@ def _measure(op, fn, provider, label, nbytes, device, repeats, copy_gbs, bnb, bn
             matches = bool(torch.equal(ours, bnb.dequantize_4bit(bnb_packed, bnb_state)))
     gbps = nbytes / (p50 * 1e-3) / 1e9
     return {
-        "suite": "quant", **label, "dtype": "bf16", "device": common.device_name(device), "p50_ms": p50,
-        "p20_ms": p20, "p80_ms": p80, "bytes": nbytes, "gbps": gbps, "pct_of_copy_bw": 100 * gbps / copy_gbs,
+        "suite": "quant",
+        **label,
+        "dtype": "bf16",
+        "device": common.device_name(device),
+        "p50_ms": p50,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "bytes": nbytes,
+        "gbps": gbps,
+        "pct_of_copy_bw": 100 * gbps / copy_gbs,
         "matches_bitsandbytes": matches,
-    }  # fmt: skip
+    }
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -127,11 +145,14 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, sh
     for row in rows:
         row["vs_bitsandbytes"] = common.ratio(rows, row, "bitsandbytes", ("op", "shape"))
     meta = {
-        "suite": "quant", "device": device, "device_name": common.device_name(device),
-        "versions": common.versions(), **rates,
+        "suite": "quant",
+        "device": device,
+        "device_name": common.device_name(device),
+        "versions": common.versions(),
+        **rates,
         "floor": "bytes moved / measured copy bandwidth (read + write)",
         "note": CPU_NOTE if device == "cpu" else f"measured copy bandwidth {copy_gbs:.0f} GB/s",
-    }  # fmt: skip
+    }
     return rows, meta, common.write_results("quant", device, rows, meta, out)
 
 

@@ -220,8 +220,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-QUANT_COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy_bw",
-                 "vs_bitsandbytes", "matches_bitsandbytes"]  # fmt: skip
+QUANT_COLUMNS = [
+    "op",
+    "provider",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "pct_of_copy_bw",
+    "vs_bitsandbytes",
+    "matches_bitsandbytes",
+]
 
 
 def write_results(

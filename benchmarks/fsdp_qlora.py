@@ -33,8 +33,14 @@ def build(fmt: str, adapter: str, args) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config)
     qft.quantize_(model, qft.QuantConfig(fmt), filter_fn=lambda module, name: name != "lm_head")
     torch.manual_seed(1)
@@ -77,8 +83,11 @@ def step(model, opt, ids, world: int) -> float:
 
 def full_adapters(model) -> dict[str, torch.Tensor]:
     """Every trainable tensor, whole (gathered from the shards; a collective under FSDP2)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def checkpoint_round_trip(model, opt, fmt, adapter, bits, args, world, rank, ids) -> bool:
@@ -114,18 +123,23 @@ def run_case(fmt: str, adapter: str, bits: int, args, world: int, rank: int) -> 
         dist.all_gather(local_bytes, torch.tensor(local))
     else:
         local_bytes = [torch.tensor(local)]
-    result = {"losses": losses, "quantized_bytes_per_rank": [int(b) for b in local_bytes],
-              "quantized_bytes_total": total}  # fmt: skip
+    result = {
+        "losses": losses,
+        "quantized_bytes_per_rank": [int(b) for b in local_bytes],
+        "quantized_bytes_total": total,
+    }
     if args.checkpoint_dir:
-        result["checkpoint_resumes"] = checkpoint_round_trip(model, opt, fmt, adapter, bits, args, world, rank,
-                                                             data[-1])  # fmt: skip
+        result["checkpoint_resumes"] = checkpoint_round_trip(
+            model, opt, fmt, adapter, bits, args, world, rank, data[-1]
+        )
     return result, adapters
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="nf4:lora",
-                        help="comma-separated format:adapter[:optimizer bits 32|8] (default 32)")  # fmt: skip
+    parser.add_argument(
+        "--cases", default="nf4:lora", help="comma-separated format:adapter[:optimizer bits 32|8] (default 32)"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4, help="global batch (divisible by the number of ranks)")
     parser.add_argument("--seq", type=int, default=16)
@@ -162,12 +176,16 @@ def main(argv=None) -> None:
             if rank == 0:
                 r = results[case]
                 held, whole = r["quantized_bytes_per_rank"][0], r["quantized_bytes_total"]
-                print(f"{case}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}; "
-                      f"quantized weights {held} of {whole} bytes on rank 0")  # fmt: skip
+                print(
+                    f"{case}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}; "
+                    f"quantized weights {held} of {whole} bytes on rank 0"
+                )
         if rank == 0 and args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
-            torch.save({case: {n: t.cpu() for n, t in a.items()} for case, a in adapters.items()},
-                       Path(args.out).with_suffix(".pt"))  # fmt: skip
+            torch.save(
+                {case: {n: t.cpu() for n, t in a.items()} for case, a in adapters.items()},
+                Path(args.out).with_suffix(".pt"),
+            )
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
-    label = args.label or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                         text=True).stdout.strip()  # fmt: skip
+    label = (
+        args.label
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / common.result_stem("optim-host", "cpu")
     jsonl = stem.with_suffix(".jsonl")
@@ -78,14 +80,25 @@ def main(argv: list[str] | None = None) -> int:
     with jsonl.open("a") as f:
         for cls in (qft.optim.PagedAdamW, qft.optim.PagedAdamW8bit):
             ms = host_step_ms(cls, args.layers, args.repeats)
-            row = {"suite": "optim-host", "op": "step, kernel stubbed", "provider": f"qft {cls.__name__}",
-                   "code": label, "tensors": tensors, "host_ms": ms, "device": common.device_name("cpu"),
-                   "versions": ", ".join(f"{k} {v}" for k, v in common.versions().items())}  # fmt: skip
+            row = {
+                "suite": "optim-host",
+                "op": "step, kernel stubbed",
+                "provider": f"qft {cls.__name__}",
+                "code": label,
+                "tensors": tensors,
+                "host_ms": ms,
+                "device": common.device_name("cpu"),
+                "versions": ", ".join(f"{k} {v}" for k, v in common.versions().items()),
+            }
             f.write(json.dumps(row) + "\n")
             print(f"{row['provider']}: {ms:.2f} ms host per step ({tensors} tensors, {label})")
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    lines = ["Host time of one fused AdamW step() with the kernel launch stubbed (CPU, Triton backend forced).",
-             "", "| code | provider | tensors | host_ms |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "Host time of one fused AdamW step() with the kernel launch stubbed (CPU, Triton backend forced).",
+        "",
+        "| code | provider | tensors | host_ms |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['code']} | {r['provider']} | {r['tensors']} | {r['host_ms']:.2f} |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0

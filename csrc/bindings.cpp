@@ -20,74 +20,75 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// The one place a QuantWeight is assembled from Python: by keyword, so no part can land in another's field.
+qft::QuantWeight make_weight(uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t nested_scales,
+                             uintptr_t offset, uintptr_t code, uintptr_t dynamic_map, int bits, bool affine,
+                             int64_t numel, int block_size, int nested_block_size) {
+  return {ptr<const void>(codes), ptr<const void>(scales), ptr<const void>(zeros),
+          ptr<const float>(nested_scales), ptr<const float>(offset), ptr<const float>(code),
+          ptr<const float>(dynamic_map), bits, affine, numel, block_size, nested_block_size};
+}
+
+template <auto kField>
+uintptr_t address(const qft::QuantWeight& w) {
+  return reinterpret_cast<uintptr_t>(w.*kField);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qft CUDA kernels over raw device pointers (see csrc/qft_kernels.h)";
 
+  using qft::QuantWeight;
+  py::class_<QuantWeight>(m, "QuantWeight", "A quantized weight's part addresses and numbers (qft_kernels.h).")
+      .def(py::init(&make_weight), py::kw_only(), py::arg("codes"), py::arg("scales"), py::arg("zeros"),
+           py::arg("nested_scales"), py::arg("offset"), py::arg("code"), py::arg("dynamic_map"), py::arg("bits"),
+           py::arg("affine"), py::arg("numel"), py::arg("block_size"), py::arg("nested_block_size"))
+      .def_property_readonly("codes", &address<&QuantWeight::codes>)
+      .def_property_readonly("scales", &address<&QuantWeight::scales>)
+      .def_property_readonly("zeros", &address<&QuantWeight::zeros>)
+      .def_property_readonly("nested_scales", &address<&QuantWeight::nested_scales>)
+      .def_property_readonly("offset", &address<&QuantWeight::offset>)
+      .def_property_readonly("code", &address<&QuantWeight::code>)
+      .def_property_readonly("dynamic_map", &address<&QuantWeight::dynamic_map>)
+      .def_readonly("bits", &QuantWeight::bits)
+      .def_readonly("affine", &QuantWeight::affine)
+      .def_readonly("numel", &QuantWeight::numel)
+      .def_readonly("block_size", &QuantWeight::block_size)
+      .def_readonly("nested_block_size", &QuantWeight::nested_block_size);
+
   m.def(
-      "quantize_4bit",
-      [](uintptr_t w, int dtype, uintptr_t packed, uintptr_t absmax, uintptr_t thresholds, uintptr_t order,
+      "quantize_codebook4",
+      [](uintptr_t w, int dtype, uintptr_t codes, uintptr_t scales, uintptr_t thresholds, uintptr_t order,
          int64_t numel, int block_size, uintptr_t stream) {
-        check(qft::quantize_4bit(ptr<const void>(w), static_cast<qft::DType>(dtype), ptr<uint8_t>(packed),
-                                 ptr<float>(absmax), ptr<const float>(thresholds), ptr<const int32_t>(order), numel,
-                                 block_size, ptr<void>(stream)));
+        check(qft::quantize_codebook4(ptr<const void>(w), static_cast<qft::DType>(dtype), ptr<uint8_t>(codes),
+                                      ptr<float>(scales), ptr<const float>(thresholds), ptr<const int32_t>(order),
+                                      numel, block_size, ptr<void>(stream)));
       },
-      py::arg("w"), py::arg("dtype"), py::arg("packed"), py::arg("absmax"), py::arg("thresholds"),
+      py::arg("w"), py::arg("dtype"), py::arg("codes"), py::arg("scales"), py::arg("thresholds"),
       py::arg("encode_order"), py::arg("numel"), py::arg("block_size"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(), "Blockwise 4-bit quantization (see qft_kernels.h).");
+      py::call_guard<py::gil_scoped_release>(), "Blockwise nf4/fp4 quantization (see qft_kernels.h).");
 
   m.def(
-      "dequantize_4bit",
-      [](uintptr_t packed, uintptr_t absmax, uintptr_t nested_absmax, uintptr_t offset, uintptr_t dynamic_map,
-         uintptr_t code, uintptr_t out, int out_dtype, int64_t numel, int block_size, int nested_block_size,
-         uintptr_t stream) {
-        check(qft::dequantize_4bit(ptr<const uint8_t>(packed), ptr<const void>(absmax),
-                                   ptr<const float>(nested_absmax), ptr<const float>(offset),
-                                   ptr<const float>(dynamic_map), ptr<const float>(code), ptr<void>(out),
-                                   static_cast<qft::DType>(out_dtype), numel, block_size, nested_block_size,
-                                   ptr<void>(stream)));
+      "dequantize",
+      [](const QuantWeight& w, uintptr_t out, int out_dtype, uintptr_t stream) {
+        check(qft::dequantize(w, ptr<void>(out), static_cast<qft::DType>(out_dtype), ptr<void>(stream)));
       },
-      py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("offset"), py::arg("dynamic_map"),
-      py::arg("code"), py::arg("out"), py::arg("out_dtype"), py::arg("numel"), py::arg("block_size"),
-      py::arg("nested_block_size"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "Blockwise 4-bit dequantization; nested_absmax = 0 means plain fp32 absmax.");
-
-  m.def(
-      "dequantize_lowbit",
-      [](uintptr_t packed, int bits, bool affine, uintptr_t scale, uintptr_t nested_absmax, uintptr_t offset,
-         uintptr_t dynamic_map, uintptr_t code, uintptr_t zero, uintptr_t out, int out_dtype, int64_t numel,
-         int block_size, int nested_block_size, uintptr_t stream) {
-        check(qft::dequantize_lowbit(ptr<const void>(packed), bits, affine, ptr<const void>(scale),
-                                     ptr<const float>(nested_absmax), ptr<const float>(offset),
-                                     ptr<const float>(dynamic_map), ptr<const float>(code), ptr<const void>(zero),
-                                     ptr<void>(out), static_cast<qft::DType>(out_dtype), numel, block_size,
-                                     nested_block_size, ptr<void>(stream)));
-      },
-      py::arg("packed"), py::arg("bits"), py::arg("affine"), py::arg("scale"), py::arg("nested_absmax"),
-      py::arg("offset"), py::arg("dynamic_map"), py::arg("code"), py::arg("zero"), py::arg("out"),
-      py::arg("out_dtype"), py::arg("numel"), py::arg("block_size"), py::arg("nested_block_size"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(), "Low-bit dequantization (see qft_kernels.h).");
+      py::arg("weight"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(), "Decode every value of a weight (see qft_kernels.h).");
 
   m.def(
       "quant_gemv",
-      [](uintptr_t x, int dtype, uintptr_t packed, int bits, uintptr_t zero, uintptr_t absmax,
-         uintptr_t nested_absmax, uintptr_t offset, uintptr_t dynamic_map, uintptr_t code, int block_size,
-         int nested_block_size, uintptr_t bias, uintptr_t lora_xa, uintptr_t lora_b, float scaling, int rank,
-         uintptr_t y, int rows, int64_t n_out, int64_t k_in, uintptr_t stream) {
-        check(qft::quant_gemv(ptr<const void>(x), static_cast<qft::DType>(dtype), ptr<const void>(packed), bits,
-                              ptr<const void>(zero), ptr<const void>(absmax), ptr<const float>(nested_absmax),
-                              ptr<const float>(offset), ptr<const float>(dynamic_map), ptr<const float>(code),
-                              block_size, nested_block_size, ptr<const void>(bias), ptr<const float>(lora_xa),
-                              ptr<const float>(lora_b), scaling, rank, ptr<void>(y), rows, n_out, k_in,
-                              ptr<void>(stream)));
+      [](uintptr_t x, int dtype, const QuantWeight& w, uintptr_t bias, uintptr_t lora_xa, uintptr_t lora_b,
+         float scaling, int rank, uintptr_t y, int rows, int64_t n_out, int64_t k_in, uintptr_t stream) {
+        check(qft::quant_gemv(ptr<const void>(x), static_cast<qft::DType>(dtype), w, ptr<const void>(bias),
+                              ptr<const float>(lora_xa), ptr<const float>(lora_b), scaling, rank, ptr<void>(y), rows,
+                              n_out, k_in, ptr<void>(stream)));
       },
-      py::arg("x"), py::arg("dtype"), py::arg("packed"), py::arg("bits"), py::arg("zero"), py::arg("absmax"),
-      py::arg("nested_absmax"),
-      py::arg("offset"), py::arg("dynamic_map"), py::arg("code"), py::arg("block_size"),
-      py::arg("nested_block_size"), py::arg("bias"), py::arg("lora_xa"), py::arg("lora_b"), py::arg("scaling"),
-      py::arg("rank"), py::arg("y"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(), "Decode GEMV for M <= max_gemv_rows (see qft_kernels.h).");
+      py::arg("x"), py::arg("dtype"), py::arg("weight"), py::arg("bias"), py::arg("lora_xa"), py::arg("lora_b"),
+      py::arg("scaling"), py::arg("rank"), py::arg("y"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Decode GEMV for M <= max_gemv_rows (see qft_kernels.h).");
   m.attr("max_gemv_rows") = qft::kMaxGemvRows;
 
   m.def(

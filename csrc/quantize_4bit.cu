@@ -1,8 +1,8 @@
-// Blockwise 4-bit quantization: one warp per quantization block.
+// Blockwise nf4/fp4 quantization: one warp per quantization block.
 #include <cuda_runtime.h>
 
+#include "decode.cuh"
 #include "element.cuh"
-#include "qft_kernels.h"
 
 namespace qft {
 namespace {
@@ -16,7 +16,7 @@ struct Encoder {
   float reciprocal, floored;
   bool partial;
 
-  // Same fp32 steps as qft.reference: x * (1/absmax) (x / absmax in a partial block), clamp,
+  // Same fp32 steps as qft.formats.quantize: x * (1/absmax) (x / absmax in a partial block), clamp,
   // count thresholds strictly below.
   __device__ __forceinline__ int operator()(float x) const {
     float s = partial ? __fdiv_rn(x, floored) : __fmul_rn(x, reciprocal);
@@ -57,7 +57,7 @@ __global__ void quantize_4bit_kernel(const T* __restrict__ w, uint8_t* __restric
   for (int64_t p = start / 2 + lane; 2 * p < end; p += 32) {
     const int high = enc(to_float(w[2 * p]));
     const int low = enc(2 * p + 1 < end ? to_float(w[2 * p + 1]) : 0.0f);
-    packed[p] = static_cast<uint8_t>((high << 4) | low);
+    packed[p] = pack4(high, low);
   }
 }
 
@@ -73,17 +73,17 @@ cudaError_t launch(const void* w, uint8_t* packed, float* absmax, const float* t
 
 }  // namespace
 
-int quantize_4bit(const void* w, DType dtype, uint8_t* packed, float* absmax, const float* thresholds,
-                  const int32_t* encode_order, int64_t numel, int block_size, void* stream) {
+int quantize_codebook4(const void* w, DType dtype, uint8_t* codes, float* scales, const float* thresholds,
+                       const int32_t* encode_order, int64_t numel, int block_size, void* stream) {
   if (numel <= 0 || block_size < 2 || block_size % 2) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat32:
-      return launch<float>(w, packed, absmax, thresholds, encode_order, numel, block_size, s);
+      return launch<float>(w, codes, scales, thresholds, encode_order, numel, block_size, s);
     case DType::kFloat16:
-      return launch<__half>(w, packed, absmax, thresholds, encode_order, numel, block_size, s);
+      return launch<__half>(w, codes, scales, thresholds, encode_order, numel, block_size, s);
     case DType::kBFloat16:
-      return launch<__nv_bfloat16>(w, packed, absmax, thresholds, encode_order, numel, block_size, s);
+      return launch<__nv_bfloat16>(w, codes, scales, thresholds, encode_order, numel, block_size, s);
   }
   return cudaErrorInvalidValue;
 }

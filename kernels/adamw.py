@@ -101,8 +101,20 @@ def _encode(values, midpoints_ptr):
 
 
 @triton.jit
-def _step_fp32_state(p_addr, g_addr, m_addr, v_addr, lr_addr, s_ptr, start, numel, P_KIND: tl.constexpr,
-                     G_KIND: tl.constexpr, BY_HAND: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+def _step_fp32_state(
+    p_addr,
+    g_addr,
+    m_addr,
+    v_addr,
+    lr_addr,
+    s_ptr,
+    start,
+    numel,
+    P_KIND: tl.constexpr,
+    G_KIND: tl.constexpr,
+    BY_HAND: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     offs = start + tl.arange(0, CHUNK)
     mask = offs < numel
     p = _load_float(p_addr, offs, mask, P_KIND, BY_HAND)
@@ -118,10 +130,27 @@ def _step_fp32_state(p_addr, g_addr, m_addr, v_addr, lr_addr, s_ptr, start, nume
 
 
 @triton.jit
-def _step_8bit_state(p_addr, g_addr, m_addr, v_addr, m_absmax_addr, v_absmax_addr, lr_addr, s_ptr, start, numel,
-                     signed_map_ptr, unsigned_map_ptr, signed_mid_ptr, unsigned_mid_ptr, P_KIND: tl.constexpr,
-                     G_KIND: tl.constexpr, BY_HAND: tl.constexpr, CHUNK: tl.constexpr,
-                     QBLOCK: tl.constexpr):  # fmt: skip
+def _step_8bit_state(
+    p_addr,
+    g_addr,
+    m_addr,
+    v_addr,
+    m_absmax_addr,
+    v_absmax_addr,
+    lr_addr,
+    s_ptr,
+    start,
+    numel,
+    signed_map_ptr,
+    unsigned_map_ptr,
+    signed_mid_ptr,
+    unsigned_mid_ptr,
+    P_KIND: tl.constexpr,
+    G_KIND: tl.constexpr,
+    BY_HAND: tl.constexpr,
+    CHUNK: tl.constexpr,
+    QBLOCK: tl.constexpr,
+):
     # CHUNK // QBLOCK inline: plain constexpr arithmetic, which every Triton 3.x accepts (GPU machine: 3.6)
     block_ids = start // QBLOCK + tl.arange(0, CHUNK // QBLOCK)
     offs = start + tl.arange(0, CHUNK // QBLOCK)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
@@ -179,13 +208,30 @@ def _adamw_multi_kernel(
     s_ptr = scalar_ptr + t * SCALARS
     # The two kinds of state have tiles of different shapes: each lives in its own function.
     if tl.load(eight_ptr + t) == 0:
-        _step_fp32_state(p_addr, g_addr, m_addr, v_addr, lr_addr, s_ptr, start, numel, P_KIND, G_KIND, BY_HAND,
-                         CHUNK)  # fmt: skip
+        _step_fp32_state(p_addr, g_addr, m_addr, v_addr, lr_addr, s_ptr, start, numel, P_KIND, G_KIND, BY_HAND, CHUNK)
     else:
         m_absmax, v_absmax = tl.load(row + EXP_AVG_ABSMAX), tl.load(row + EXP_AVG_SQ_ABSMAX)
-        _step_8bit_state(p_addr, g_addr, m_addr, v_addr, m_absmax, v_absmax, lr_addr, s_ptr, start, numel,
-                         signed_map_ptr, unsigned_map_ptr, signed_mid_ptr, unsigned_mid_ptr, P_KIND, G_KIND, BY_HAND,
-                         CHUNK, QBLOCK)  # fmt: skip
+        _step_8bit_state(
+            p_addr,
+            g_addr,
+            m_addr,
+            v_addr,
+            m_absmax,
+            v_absmax,
+            lr_addr,
+            s_ptr,
+            start,
+            numel,
+            signed_map_ptr,
+            unsigned_map_ptr,
+            signed_mid_ptr,
+            unsigned_mid_ptr,
+            P_KIND,
+            G_KIND,
+            BY_HAND,
+            CHUNK,
+            QBLOCK,
+        )
 
 
 def host_scalars(lr, beta1, beta2, eps, weight_decay, maximize, step) -> list[float]:
@@ -244,8 +290,15 @@ class LaunchPlan:
             addresses.append(row)
             numels.append(p.numel())
             eight.append(int(is8))
-            chunks.append(torch.stack([torch.full(((p.numel() + CHUNK - 1) // CHUNK,), t, dtype=torch.int64),
-                                       torch.arange(0, p.numel(), CHUNK, dtype=torch.int64)], dim=1))  # fmt: skip
+            chunks.append(
+                torch.stack(
+                    [
+                        torch.full(((p.numel() + CHUNK - 1) // CHUNK,), t, dtype=torch.int64),
+                        torch.arange(0, p.numel(), CHUNK, dtype=torch.int64),
+                    ],
+                    dim=1,
+                )
+            )
         self.programs = sum(c.shape[0] for c in chunks)
         self.addresses = _to_device(addresses, torch.int64, self.device)
         self.numels = _to_device(numels, torch.int64, self.device)
@@ -260,9 +313,18 @@ class LaunchPlan:
             raise ValueError(f"scalars must be [{self.size}, {int(SCALARS)}], got {tuple(scalars.shape)}")
         self.scalars = _to_device(scalars, torch.float32, self.device)  # held until the next launch
         _adamw_multi_kernel[(self.programs,)](
-            self.addresses, self.numels, self.scalars, self.eight, self.chunks, *maps, P_KIND=self.p_kind,
-            G_KIND=self.g_kind, BY_HAND=self.by_hand, CHUNK=CHUNK, QBLOCK=QBLOCK,
-        )  # fmt: skip
+            self.addresses,
+            self.numels,
+            self.scalars,
+            self.eight,
+            self.chunks,
+            *maps,
+            P_KIND=self.p_kind,
+            G_KIND=self.g_kind,
+            BY_HAND=self.by_hand,
+            CHUNK=CHUNK,
+            QBLOCK=QBLOCK,
+        )
 
 
 def adamw_step(entries: list[dict], maps: tuple[torch.Tensor, ...]) -> None:

@@ -1,59 +1,84 @@
-"""Triton helpers shared by the decoding kernels: codes and scales at flat weight positions."""
+"""Triton helpers shared by the decoding kernels: codes and scales at flat weight positions, and the
+weight's pointers and constants in the one order every decoding kernel takes them."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from qft import formats
+
+
+def weight_pointers(weight: formats.Weight) -> tuple:
+    """The weight as one kernel argument ``W``: ``(codes, scales, nested_scales, offset, dynamic_map,
+    code, zeros)``. An absent part passes ``scales`` (never read: ``weight_constants`` switches its
+    loads off). Parts are made contiguous here."""
+    fmt = formats.get_format(weight.fmt)
+    scales = weight.scales.contiguous()
+    nested = weight.nested_scales.contiguous() if weight.double_quant else scales
+    offset = weight.offset if weight.double_quant else scales
+    code = scales if fmt.affine else formats.code(weight.fmt, scales.device)
+    zeros = weight.zeros.contiguous() if fmt.affine else scales
+    dmap = formats.dynamic_map(scales.device)
+    return weight.codes.contiguous(), scales, nested, offset, dmap, code, zeros
+
+
+def weight_constants(weight: formats.Weight) -> tuple:
+    """The constexpr ``FMT`` that specializes the decode to the weight's format: ``(bits, affine,
+    block_size, double-quantized, nested_block_size)``."""
+    fmt = formats.get_format(weight.fmt)
+    return fmt.bits, fmt.affine, weight.block_size, weight.double_quant, weight.nested_block_size
+
 
 @triton.jit
-def load_codes(packed_ptr, idx, ok, BITS: tl.constexpr):
+def load_codes(codes_ptr, idx, ok, BITS: tl.constexpr):
     """The codes at flat positions ``idx`` (``qft.formats`` layouts: 4-bit bytes, 3-bit planar
     int32 words, 2-bit int32 words), as int32."""
     if BITS == 4:
-        byte = tl.load(packed_ptr + idx // 2, mask=ok, other=0).to(tl.int32)
+        byte = tl.load(codes_ptr + idx // 2, mask=ok, other=0).to(tl.int32)
         q = tl.where((idx & 1) == 0, byte >> 4, byte & 0xF)
     elif BITS == 2:
-        word = tl.load(packed_ptr + idx // 16, mask=ok, other=0)
+        word = tl.load(codes_ptr + idx // 16, mask=ok, other=0)
         q = (word >> (2 * (idx % 16)).to(tl.int32)) & 3
     else:  # 3-bit planar: words (low bits of 0-15, low bits of 16-31, high bits) per 32 values
         base = (idx // 32) * 3
         lane = idx % 32
-        low_word = tl.load(packed_ptr + base + lane // 16, mask=ok, other=0)
-        high_word = tl.load(packed_ptr + base + 2, mask=ok, other=0)
+        low_word = tl.load(codes_ptr + base + lane // 16, mask=ok, other=0)
+        high_word = tl.load(codes_ptr + base + 2, mask=ok, other=0)
         low = (low_word >> (2 * (lane % 16)).to(tl.int32)) & 3
         q = low | (((high_word >> lane.to(tl.int32)) & 1) << 2)
     return q
 
 
 @triton.jit
-def load_scales(scale_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, block, ok,
-                NESTED: tl.constexpr, NESTED_BLOCK_SIZE: tl.constexpr):  # fmt: skip
-    """The fp32 scale of each block: stored, or ``map[q8] * absmax2 + offset`` (two roundings: the
+def load_scales(W, block, ok, FMT: tl.constexpr):
+    """The fp32 scale of each block: stored, or ``map[q8] * nested_scale + offset`` (two roundings: the
     caller launches with fp fusion off)."""
+    NESTED: tl.constexpr = FMT[3]
+    NESTED_BLOCK_SIZE: tl.constexpr = FMT[4]
     if NESTED:
-        q8 = tl.load(scale_ptr + block, mask=ok, other=0).to(tl.int32)
-        scale2 = tl.load(nested_absmax_ptr + block // NESTED_BLOCK_SIZE, mask=ok, other=0.0)
-        scale = tl.load(dynamic_map_ptr + q8) * scale2 + tl.load(offset_ptr)
+        q8 = tl.load(W[1] + block, mask=ok, other=0).to(tl.int32)
+        nested = tl.load(W[2] + block // NESTED_BLOCK_SIZE, mask=ok, other=0.0)
+        scale = tl.load(W[4] + q8) * nested + tl.load(W[3])
     else:
-        scale = tl.load(scale_ptr + block, mask=ok, other=0.0)
+        scale = tl.load(W[1] + block, mask=ok, other=0.0)
     return scale
 
 
 @triton.jit
-def decode_values(packed_ptr, scale_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, code_ptr, zero_ptr, idx, ok,
-                  BITS: tl.constexpr, AFFINE: tl.constexpr, BLOCK_SIZE: tl.constexpr, NESTED: tl.constexpr,
-                  NESTED_BLOCK_SIZE: tl.constexpr):  # fmt: skip
+def decode_values(W, idx, ok, FMT: tl.constexpr):
     """fp32 weight values at flat positions ``idx``: ``code[q] * scale`` or ``(q - zero) * scale``."""
-    q = load_codes(packed_ptr, idx, ok, BITS)
+    BITS: tl.constexpr = FMT[0]
+    AFFINE: tl.constexpr = FMT[1]
+    BLOCK_SIZE: tl.constexpr = FMT[2]
+    q = load_codes(W[0], idx, ok, BITS)
     block = idx // BLOCK_SIZE
-    scale = load_scales(scale_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, block, ok, NESTED,
-                        NESTED_BLOCK_SIZE)  # fmt: skip
+    scale = load_scales(W, block, ok, FMT)
     if AFFINE:
-        zero = tl.load(zero_ptr + block, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(W[6] + block, mask=ok, other=0.0).to(tl.float32)
         values = (q.to(tl.float32) - zero) * scale
     else:
-        values = tl.load(code_ptr + q) * scale
+        values = tl.load(W[5] + q) * scale
     return values
 
 

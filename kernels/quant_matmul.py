@@ -1,4 +1,4 @@
-"""Triton fused 4-bit matmul for small M: ``y = x @ W^T (+ bias) (+ s * xa @ B^T)``.
+"""Triton fused quantized matmul for small M: ``y = x @ W^T (+ bias) (+ s * xa @ B^T)``.
 
 The weight (any ``qft.formats`` format) is decoded tile by tile inside the K loop (never written
 out), exactly as the dequantize kernels decode it, rounded to x's dtype and fed to ``tl.dot`` with fp32 accumulation.
@@ -14,19 +14,13 @@ import triton.language as tl
 
 from qft import formats
 
-from .decode import decode_values
+from .decode import decode_values, weight_constants, weight_pointers
 
 
 @triton.jit
 def _quant_matmul_kernel(
     x_ptr,  # [M, K] row stride stride_xm
-    packed_ptr,  # [(N * K + 1) // 2] uint8
-    absmax_ptr,  # [num_blocks] fp32, or uint8 codes when NESTED
-    nested_absmax_ptr,
-    offset_ptr,
-    dynamic_map_ptr,
-    code_ptr,  # [2**BITS] fp32 (code books)
-    zero_ptr,  # [blocks] fp16 (affine formats)
+    W,  # the weight [N, K] (decode.weight_pointers)
     bias_ptr,  # [N] (HAS_BIAS)
     xa_ptr,  # [M, R] (HAS_LORA), row stride R
     lora_b_ptr,  # [N, R] (HAS_LORA), row stride R
@@ -38,11 +32,7 @@ def _quant_matmul_kernel(
     R,
     scaling,
     stride_xm,
-    BITS: tl.constexpr,
-    AFFINE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BLOCK_SIZE: tl.constexpr,
+    FMT: tl.constexpr,  # decode.weight_constants
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32"/default otherwise
@@ -69,8 +59,7 @@ def _quant_matmul_kernel(
             x = tl.dot(x.to(tl.float32), r, input_precision="ieee").to(x_ptr.dtype.element_ty)
         flat = cols[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K] positions in W
         w_ok = col_ok[:, None] & k_ok[None, :]
-        w = decode_values(packed_ptr, absmax_ptr, nested_absmax_ptr, offset_ptr, dynamic_map_ptr, code_ptr, zero_ptr,
-                          flat, w_ok, BITS, AFFINE, BLOCK_SIZE, NESTED, NESTED_BLOCK_SIZE)  # fmt: skip
+        w = decode_values(W, flat, w_ok, FMT)
         w = w.to(x_ptr.dtype.element_ty)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     if HAS_BIAS:
@@ -87,48 +76,32 @@ def _quant_matmul_kernel(
 
 def quant_matmul(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    block_size: int,
-    fmt: str,
-    out_features: int,
+    weight: formats.Weight,
     bias: torch.Tensor | None = None,
     lora_xa: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None,
     scaling: float = 0.0,
-    nested_block_size: int = formats.NESTED_BLOCK_SIZE,
-    zero: torch.Tensor | None = None,
     rot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused decode + matmul (+ bias, + LoRA epilogue) with Triton; returns y [M, N] in x's dtype.
 
-    ``x`` [M, K] fp32/fp16/bf16 with unit stride along K; the weight is [N=out_features, K] in any
-    ``qft.formats`` format (``zero`` for affine ones); ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32.
-    ``rot`` [K / b, b, b] (b >= 16, dividing K) rotates x block by block first (OFT), in the prologue.
-    Callers check shapes and devices (``qft.ops.linear``).
+    ``x`` [M, K] fp32/fp16/bf16; ``weight`` holds W [N, K] (N = numel / K) in any ``qft.formats``
+    format; ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32. ``rot`` [K / b, b, b] (b >= 16,
+    dividing K) rotates x block by block first (OFT), in the prologue. Callers check shapes and
+    devices (``qft.ops``).
     """
     m, k = x.shape
-    n = out_features
+    n = weight.numel // k
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    nested = nested_absmax is not None
-    spec = formats.get_format(fmt)
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     grid = (triton.cdiv(n, 64), triton.cdiv(m, block_m))
     _quant_matmul_kernel[grid](
         x,
-        packed.contiguous(),
-        absmax.contiguous(),
-        nested_absmax.contiguous() if nested else absmax,
-        offset if nested else absmax,
-        formats.dynamic_map(x.device),
-        absmax if spec.affine else formats.code(fmt, x.device),
-        zero.contiguous() if spec.affine else absmax,
+        weight_pointers(weight),
         bias if bias is not None else x,
         lora_xa.contiguous() if has_lora else x,
         lora_B.contiguous() if has_lora else x,
@@ -140,11 +113,7 @@ def quant_matmul(
         r,
         float(scaling),
         x.stride(0),
-        BITS=spec.bits,
-        AFFINE=spec.affine,
-        BLOCK_SIZE=block_size,
-        NESTED=nested,
-        NESTED_BLOCK_SIZE=nested_block_size,
+        FMT=weight_constants(weight),
         HAS_BIAS=bias is not None,
         HAS_LORA=has_lora,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -86,7 +86,7 @@ def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Ten
     Returns:
         ``(packed uint8 [(n + 1) // 2], absmax fp32 [num_blocks])`` on ``w``'s device.
     """
-    spec = formats.get_4bit_format(fmt)
+    spec = formats.get_bnb_format(fmt)
     formats.check_block_size(block_size)
     w = w.contiguous()
     numel = w.numel()

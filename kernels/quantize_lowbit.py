@@ -2,7 +2,7 @@
 
 The search is the costly part of low-bit quantization (13 candidate scales per code-book block, 21
 candidate ranges per affine group, each a full encode + error); this kernel runs it with the same
-fp32 steps as ``qft.reference_lowbit`` and fp64 error sums, so it picks the same scales. The cheap
+fp32 steps as the reference (``qft.formats``) and fp64 error sums, so it picks the same scales. The cheap
 elementwise rest (HQQ refinement, fp16 zero, codes, packing) stays in torch.
 """
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qft import formats, reference_lowbit
+from qft import formats
 
 from . import interpreting
 
@@ -98,7 +98,7 @@ def _search_kernel(
 
 
 def search_scales(w: torch.Tensor, fmt: str, block_size: int, method: str = "hqq"):
-    """Per-block ``(scale fp32, zero fp32 or None)`` for ``w`` as ``reference_lowbit`` chooses them:
+    """Per-block ``(scale fp32, zero fp32 or None)`` for ``w`` as the reference (``qft.formats``) chooses them:
     the searched code-book scale, or the affine min-max / clipped range (before HQQ refinement)."""
     spec = formats.get_format(fmt)
     w = w.contiguous()
@@ -106,7 +106,7 @@ def search_scales(w: torch.Tensor, fmt: str, block_size: int, method: str = "hqq
     blocks = formats.num_blocks(numel, block_size)
     scale = torch.empty(blocks, dtype=torch.float32, device=w.device)
     zero = torch.empty(blocks, dtype=torch.float32, device=w.device) if spec.affine else scale
-    grid_values = reference_lowbit.CLIP_GRID if spec.affine else formats.SCALE_SEARCH
+    grid_values = formats.affine.CLIP_GRID if spec.affine else formats.searched_codebooks.SCALE_SEARCH
     factors = torch.tensor(grid_values, dtype=torch.float32, device=w.device)
     thresholds = scale if spec.affine else formats.thresholds(fmt, w.device)
     table = scale if spec.affine else formats.code(fmt, w.device)

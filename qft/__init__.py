@@ -1,12 +1,13 @@
 """qft: GPU kernels for quantized low-rank finetuning.
 
 ``quantize``/``dequantize``/``QuantizedTensor`` (nf4/fp4 with double quantization, byte-compatible
-with bitsandbytes); ``qft.functional`` (quant_linear, lora_linear); ``qft.nn`` modules and the
+with bitsandbytes); ``qft.functional`` (quant_linear, lora_linear, oft_linear); ``qft.adapters``
+(one folder per kind of adapter: LoRA, OFT, registered by config type); ``qft.nn`` modules and the
 model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``, ``save_adapters``, ``load_adapters``;
 ``qft.ops`` holds the ``qft::`` custom ops.
 """
 
-from qft import formats, functional, integrations, nn, ops, optim
+from qft import adapters, formats, functional, integrations, nn, ops, optim
 from qft.nn import (
     LoRAConfig,
     OFTConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "QuantConfig",
     "QuantizedTensor",
     "__version__",
+    "adapters",
     "add_adapters",
     "dequantize",
     "formats",

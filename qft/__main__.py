@@ -14,21 +14,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from qft import adapters, formats
     from qft.demo import DemoConfig
 
     parser = _Parser(prog="python -m qft", description="qft: quantized low-rank finetuning kernels")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = commands.add_parser("demo", help="quantize MiniLM, train LoRA adapters to recover it, report")
+    demo = commands.add_parser("demo", help="quantize MiniLM, train adapters to recover it, report")
     defaults = DemoConfig()
     demo.add_argument("--model", help="local Hugging Face BERT/Llama-style model folder (default: MiniLM-L6)")
-    demo.add_argument("--format", default=defaults.format, help="nf4, fp4, lloyd3, lloyd2, int4, int3, int2")
-    demo.add_argument("--adapter", default=defaults.adapter, help="adapter kind: lora or oft")
+    demo.add_argument("--format", default=defaults.format, help=", ".join(formats.FORMATS))
+    kinds = adapters.specs()
+    demo.add_argument("--adapter", default=defaults.adapter, help=f"adapter kind: {' or '.join(s.name for s in kinds)}")
     demo.add_argument("--oft-block-size", type=int, default=defaults.oft_block_size, help="OFT block size")
     demo.add_argument("--init", default=defaults.init, help="adapter init: default or loftq")
     demo.add_argument("--rank", type=int, default=defaults.rank)
     demo.add_argument("--steps", type=int, default=defaults.steps)
     demo.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    demo.add_argument("--lr", type=float, help="learning rate (default: 2e-3 for LoRA, 2e-4 for OFT)")
+    lrs = ", ".join(f"{s.demo_lr:g} for {s.name}" for s in kinds)
+    demo.add_argument("--lr", type=float, help=f"learning rate (default: {lrs})")
     demo.add_argument("--out", default=defaults.out, help="folder for the trained adapters (PEFT format)")
     demo.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     demo.add_argument("--optim", default=defaults.optim, help="paged-adamw8bit (qft) or adamw (torch)")
@@ -64,11 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     from qft import demo
 
     config = demo.DemoConfig(
-        model=args.model, format=args.format, adapter=args.adapter, init=args.init, rank=args.rank, steps=args.steps,
-        oft_block_size=args.oft_block_size, optim=args.optim,
-        batch_size=args.batch_size, lr=args.lr, out=args.out, seed=args.seed, device=args.device,
+        model=args.model,
+        format=args.format,
+        adapter=args.adapter,
+        init=args.init,
+        rank=args.rank,
+        steps=args.steps,
+        oft_block_size=args.oft_block_size,
+        optim=args.optim,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        out=args.out,
+        seed=args.seed,
+        device=args.device,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     try:
         result = demo.run(config)
     except demo.DemoError as exc:

@@ -49,8 +49,10 @@ def run(suites: list[str] | None, device: str | None, quick: bool, out: str | No
     if device == "cpu":
         print(CPU_NOTE)
     rates = common.device_rates(device)
-    print(f"{common.device_name(device)}: copy {rates['copy_bandwidth_gbps']:.1f} GB/s, "
-          f"matmul {rates['matmul_tflops']:.2f} TFLOP/s (measured)\n")  # fmt: skip
+    print(
+        f"{common.device_name(device)}: copy {rates['copy_bandwidth_gbps']:.1f} GB/s, "
+        f"matmul {rates['matmul_tflops']:.2f} TFLOP/s (measured)\n"
+    )
     failed = []
     for suite in suites:
         module = importlib.import_module(f"bench_{suite}")

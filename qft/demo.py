@@ -1,4 +1,5 @@
-"""The demo: quantize a real pretrained sentence encoder, train LoRA adapters to recover it, report.
+"""The demo: quantize a real pretrained sentence encoder, train adapters (LoRA, OFT) to recover it,
+report.
 
 The fp32 model is the teacher. A copy gets every Linear quantized with qft and adapters on them,
 then the adapters are trained so the copy's sentence embeddings match the teacher's (distillation)
@@ -23,9 +24,6 @@ from torch import nn
 import qft
 
 HELD_OUT = 256
-# OFT's parameters enter R through Q, so Adam steps of LoRA's size rotate too far (measured here:
-# 30 steps at 2e-3 lower the held-out cosine, at 2e-4 raise it).
-DEFAULT_LR = {"lora": 2e-3, "oft": 2e-4}
 OPTIMIZERS = {"paged-adamw8bit": qft.optim.PagedAdamW8bit, "adamw": torch.optim.AdamW}
 
 
@@ -39,14 +37,14 @@ class DemoConfig:
 
     model: str | None = None  # a local Hugging Face BERT- or Llama-style model folder
     format: str = "nf4"
-    adapter: str = "lora"
-    init: str = "default"  # or "loftq"
-    rank: int = 16
+    adapter: str = "lora"  # a name in qft.adapters' registry
+    init: str = "default"  # or "loftq" (LoRA)
+    rank: int = 16  # LoRA's rank
     oft_block_size: int = 32
     optim: str = "paged-adamw8bit"  # or "adamw" (torch)
     steps: int = 150
     batch_size: int = 16
-    lr: float | None = None  # default per adapter: DEFAULT_LR
+    lr: float | None = None  # default: the adapter's demo_lr
     max_length: int = 48
     out: str = "qft-demo-adapter"
     seed: int = 0
@@ -105,8 +103,9 @@ def embed(model: nn.Module, batch) -> torch.Tensor:
 
 def _batches(tokenizer, sentences, size, max_length, device):
     for i in range(0, len(sentences), size):
-        batch = tokenizer(sentences[i : i + size], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")  # fmt: skip
+        batch = tokenizer(
+            sentences[i : i + size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         yield {k: v.to(device) for k, v in batch.items()}
 
 
@@ -127,7 +126,11 @@ def model_bytes(model: nn.Module) -> int:
 
 def linear_weight_stats(model: nn.Module) -> tuple[float, float]:
     """(bits per weight, MB) of the model's base linear weights, scales included; adapters excluded."""
-    adapters = {id(m) for layer in qft.nn.lora_layers(model).values() for m in (layer.lora_A, layer.lora_B)}
+    adapters = {
+        id(getattr(layer, part))
+        for layer in qft.nn.adapter_layers(model).values()
+        for part in qft.adapters.spec_for_layer(layer).parts
+    }
     nbytes = params = 0
     for module in model.modules():
         if isinstance(module, qft.nn.QuantLinear):
@@ -162,14 +165,12 @@ def run(config: DemoConfig) -> dict[str, object]:
         raise DemoError(f"--rank must be positive, got {config.rank}")
     if config.format not in qft.formats.FORMATS:
         raise DemoError(f"--format must be one of {sorted(qft.formats.FORMATS)}, got {config.format!r}")
-    if config.adapter not in ("lora", "oft"):
-        raise DemoError(f"--adapter must be 'lora' or 'oft', got {config.adapter!r}")
+    spec = qft.adapters.spec_named(config.adapter)
+    if spec is None:
+        names = " or ".join(repr(s.name) for s in qft.adapters.specs())
+        raise DemoError(f"--adapter must be {names}, got {config.adapter!r}")
     if config.optim not in OPTIMIZERS:
         raise DemoError(f"--optim must be one of {sorted(OPTIMIZERS)}, got {config.optim!r}")
-    if config.adapter == "oft" and config.init != "default":
-        raise DemoError("--init loftq applies to LoRA adapters only")
-    if config.init not in ("default", "loftq"):
-        raise DemoError(f"--init must be 'default' or 'loftq', got {config.init!r}")
     if config.batch_size <= 0:
         raise DemoError(f"--batch-size must be positive, got {config.batch_size}")
     if config.oft_block_size < 2:
@@ -191,23 +192,20 @@ def run(config: DemoConfig) -> dict[str, object]:
     targets = adapter_targets(student)
     if not targets:
         raise DemoError(f"--model {path!r} has no Linear layers to adapt")
-    if config.adapter == "oft":
-        adapter_config = qft.OFTConfig(block_size=config.oft_block_size, target_modules=targets)
-    else:
-        adapter_config = qft.LoRAConfig(r=config.rank, alpha=2 * config.rank, target_modules=targets, init=config.init)
     try:
-        if config.init == "loftq":  # LoftQ quantizes the targets itself, from the full-precision weights
+        adapter_config = spec.demo_config(targets, config.rank, config.oft_block_size, config.init)
+        if spec.quantizing_init(adapter_config):  # LoftQ quantizes the targets itself, from the full-precision weights
             qft.add_adapters(student, adapter_config, quant_config=quant_config)
             qft.quantize_(student, quant_config)
         else:
             qft.quantize_(student, quant_config)
             qft.add_adapters(student, adapter_config)
-    except (ValueError, TypeError) as exc:  # e.g. an OFT block size that does not divide a layer
+    except (ValueError, TypeError) as exc:  # e.g. an OFT block size that does not divide a layer, a bad --init
         raise DemoError(str(exc).splitlines()[0]) from exc
     cosine_before = held_out_cosine(student, teacher, tokenizer, held_out, config, device)
 
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = OPTIMIZERS[config.optim](params, lr=config.lr or DEFAULT_LR[config.adapter])
+    optimizer = OPTIMIZERS[config.optim](params, lr=config.lr or spec.demo_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / config.steps)
     rng = random.Random(config.seed)
     tokens = 0
@@ -215,8 +213,9 @@ def run(config: DemoConfig) -> dict[str, object]:
     start = time.perf_counter()
     student.train()
     for step in range(1, config.steps + 1):
-        batch = next(_batches(tokenizer, rng.sample(train, config.batch_size), config.batch_size,
-                              config.max_length, device))  # fmt: skip
+        batch = next(
+            _batches(tokenizer, rng.sample(train, config.batch_size), config.batch_size, config.max_length, device)
+        )
         with torch.no_grad():
             target = embed(teacher, batch)
         loss = (1 - (embed(student, batch) * target).sum(-1)).mean()
@@ -238,19 +237,31 @@ def run(config: DemoConfig) -> dict[str, object]:
     cosine_after = held_out_cosine(student, teacher, tokenizer, held_out, config, device)
     qft.save_adapters(student, config.out)
     return {
-        "model": path, "device": str(device), "format": config.format, "adapter": config.adapter,
+        "model": path,
+        "device": str(device),
+        "format": config.format,
+        "adapter": config.adapter,
         "optimizer": config.optim,
-        "init": config.init, **({"oft block size": config.oft_block_size} if config.adapter == "oft" else {}),
-        "rank": config.rank, "steps": config.steps, "train sentences": len(train),
-        "held-out sentences": len(held_out), "trainable params": sum(p.numel() for p in params),
-        "linear weights bits/param before": bits_before, "linear weights bits/param after": bits_after,
-        "linear weights MB before": linear_mb_before, "linear weights MB after": linear_mb_after,
+        "init": config.init,
+        **spec.demo_report(adapter_config),
+        "rank": config.rank,
+        "steps": config.steps,
+        "train sentences": len(train),
+        "held-out sentences": len(held_out),
+        "trainable params": sum(p.numel() for p in params),
+        "linear weights bits/param before": bits_before,
+        "linear weights bits/param after": bits_after,
+        "linear weights MB before": linear_mb_before,
+        "linear weights MB after": linear_mb_after,
         "model MB before": model_bytes(teacher) / 2**20,
         "model MB after (with adapters)": model_bytes(student) / 2**20,
-        "held-out cosine before": cosine_before, "held-out cosine after": cosine_after,
-        "steps/s": config.steps / elapsed, "tokens/s": tokens / elapsed,
-        "peak memory MB": _peak_memory_mb(device), "adapters saved to": config.out,
-    }  # fmt: skip
+        "held-out cosine before": cosine_before,
+        "held-out cosine after": cosine_after,
+        "steps/s": config.steps / elapsed,
+        "tokens/s": tokens / elapsed,
+        "peak memory MB": _peak_memory_mb(device),
+        "adapters saved to": config.out,
+    }
 
 
 def _progress(config: DemoConfig):

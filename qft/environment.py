@@ -9,11 +9,16 @@ import torch
 from qft import ops
 from qft._extension import extension
 
-OP_NAMES = ("quantize_4bit", "dequantize_4bit", "dequantize_lowbit", "quantize_nested", "dequantize_nested",
-            "quant_linear", "quant_linear_grad_input", "oft_rotate", "oft_rotate_backward", "oft_rotation",
-            "oft_rotation_backward")  # fmt: skip
-# Ops that always run as torch code, whatever the device (tiny tensors).
-TORCH_EVERYWHERE = {"quantize_nested", "dequantize_nested"}
+OP_NAMES = (
+    "quantize",
+    "dequantize",
+    "quant_linear",
+    "quant_linear_grad_input",
+    "oft_rotate",
+    "oft_rotate_backward",
+    "oft_rotation",
+    "oft_rotation_backward",
+)
 
 
 def _triton_version() -> str:
@@ -49,7 +54,7 @@ def collect() -> dict[str, object]:
         info["GPU"] = "none"
     for op in OP_NAMES:
         for device in devices:
-            info[f"op {op} on {device}"] = "reference (torch)" if op in TORCH_EVERYWHERE else ops.backend_for(device)
+            info[f"op {op} on {device}"] = ops.backend_for(device)
     return info
 
 

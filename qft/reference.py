@@ -1,119 +1,17 @@
-"""Pure-torch implementations of every qft op: the CPU execution path and the test oracle.
+"""Pure-torch arithmetic of the ops that are not a format's encode or decode (those live with each
+format in ``qft.formats``): the quantized linear layer and OFT's rotation, the CPU path and the oracle.
 
-Each function here fixes the exact arithmetic (order of fp32 roundings) that the Triton and CUDA
-kernels must reproduce bit for bit; ``qft/formats.py`` documents the rules.
+Each function fixes the order of fp32 roundings that the Triton and CUDA paths must reproduce.
+
+OFT as PEFT >= 0.18 defines it: parameters ``[r, b(b-1)/2]`` hold each block's strict upper triangle
+in ``triu_indices(b, b, 1)`` order; Q = U - U^T; R by Cayley-Neumann with n terms (n = 1: I; n = 2:
+I + 2Q; n >= 3: I + 2 * sum_{k=1..m} Q^k + Q^(m+1), m = max(2, n - 2)) or exactly, (I - Q)(I + Q)^-1.
+The input is rotated per block in fp32 (``x_rot[c] = sum_k x[k] R[k, c]``) and rounded back to x's dtype.
 """
 
 from __future__ import annotations
 
 import torch
-
-from qft import formats
-
-
-def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    """View a flat fp32 tensor as ``[blocks, block_size]``, zero-padding the tail block."""
-    pad = -flat.numel() % block_size
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    return flat.view(-1, block_size)
-
-
-def blockwise_absmax(w: torch.Tensor, block_size: int) -> torch.Tensor:
-    """fp32 max |x| of each block of the row-major flattened ``w``: ``[num_blocks]``."""
-    return _blocks(w.reshape(-1).float(), block_size).abs().amax(dim=1)
-
-
-def scale_to_unit(w: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Scale each block into [-1, 1] exactly as bitsandbytes does: ``[num_blocks, block_size]``.
-
-    Full blocks multiply by the fp32 reciprocal of absmax; a partial tail block divides.
-    """
-    flat = w.reshape(-1).float()
-    n = flat.numel()
-    floored = absmax.clamp(min=formats.ABSMAX_FLOOR)
-    scaled = _blocks(flat, block_size) * (1.0 / floored).unsqueeze(1)
-    tail = n % block_size
-    if tail:
-        scaled[-1, :tail] = flat[n - tail :] / floored[-1]
-    return scaled.clamp_(-1.0, 1.0)
-
-
-def encode_4bit(scaled: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Nibble for each value of ``scaled`` (in [-1, 1]): thresholds strictly below, reordered."""
-    position = torch.bucketize(scaled, formats.thresholds(fmt, scaled.device), out_int32=True)
-    return formats.encode_order(fmt, scaled.device)[position.long()].to(torch.uint8)
-
-
-def pack_4bit(codes: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Pack a flat uint8 nibble tensor two per byte (element 2j high); odd counts padded."""
-    if codes.numel() % 2:
-        pad = torch.full((1,), formats.get_format(fmt).zero_code, dtype=torch.uint8, device=codes.device)
-        codes = torch.cat([codes, pad])
-    return (codes[0::2] << 4) | codes[1::2]
-
-
-# Values per step of the CPU loops: a multiple of every block size, small enough that the
-# intermediates stay in cache (4x faster than whole-tensor steps on a 235M-value weight).
-_CHUNK = 1 << 20
-
-
-def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``w`` (any shape, fp32/fp16/bf16) blockwise to 4 bits.
-
-    Returns ``(packed uint8 [(n + 1) // 2], absmax fp32 [num_blocks])``.
-    """
-    flat = w.reshape(-1)
-    n = flat.numel()
-    packed = torch.empty(formats.packed_numel(n), dtype=torch.uint8, device=w.device)
-    absmax = torch.empty(formats.num_blocks(n, block_size), dtype=torch.float32, device=w.device)
-    for start in range(0, n, _CHUNK):
-        x = flat[start : start + _CHUNK].float()
-        chunk_absmax = blockwise_absmax(x, block_size)
-        scaled = scale_to_unit(x, chunk_absmax, block_size).reshape(-1)[: x.numel()]
-        absmax[start // block_size : start // block_size + chunk_absmax.numel()] = chunk_absmax
-        packed[start // 2 : start // 2 + formats.packed_numel(x.numel())] = pack_4bit(encode_4bit(scaled, fmt), fmt)
-    return packed, absmax
-
-
-def dequantize_4bit(
-    packed: torch.Tensor, absmax: torch.Tensor, block_size: int, fmt: str, numel: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Decode ``numel`` values: ``code[q] * absmax`` in fp32, rounded to ``dtype``. Flat output."""
-    pairs = formats.byte_pairs(fmt, packed.device)
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
-    for start in range(0, numel, _CHUNK):
-        count = min(_CHUNK, numel - start)
-        chunk = packed[start // 2 : start // 2 + formats.packed_numel(count)]
-        values = torch.index_select(pairs, 0, chunk.int()).view(torch.float32)
-        chunk_absmax = absmax[start // block_size : start // block_size + formats.num_blocks(count, block_size)]
-        scaled = _blocks(values, block_size)[: chunk_absmax.numel()] * chunk_absmax.unsqueeze(1)
-        out[start : start + count] = scaled.reshape(-1)[:count]  # copy_ rounds to nearest even
-    return out
-
-
-def quantize_nested(absmax: torch.Tensor, nested_block_size: int = formats.NESTED_BLOCK_SIZE):
-    """Double-quantize fp32 absmax: ``(codes uint8 [n], absmax2 fp32 [blocks2], offset fp32 [])``.
-
-    Each centred value takes the nearest code of the dynamic map; the choice is made in fp64 so it
-    is the true nearest (exact ties, measure zero, take the lower code).
-    """
-    offset = absmax.mean()
-    centred = absmax - offset
-    absmax2 = blockwise_absmax(centred, nested_block_size)
-    ratio = _blocks(centred.double(), nested_block_size) / absmax2.double().clamp(min=formats.ABSMAX_FLOOR).unsqueeze(1)
-    dmap = formats.dynamic_map(absmax.device).double()
-    codes = torch.bucketize(ratio.reshape(-1)[: absmax.numel()], (dmap[:-1] + dmap[1:]) / 2)
-    return codes.to(torch.uint8), absmax2, offset
-
-
-def dequantize_nested(
-    codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_block_size: int = formats.NESTED_BLOCK_SIZE
-) -> torch.Tensor:
-    """Recover fp32 absmax from double-quant state: ``fl(fl(code8[q] * absmax2) + offset)``."""
-    values = formats.dynamic_map(codes.device)[codes.long()]
-    scaled = _blocks(values, nested_block_size) * absmax2.unsqueeze(1)
-    return scaled.reshape(-1)[: codes.numel()] + offset
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -165,3 +63,76 @@ def quant_linear_grad_input(
             lora *= dropout_mask * dropout_scale
         acc += lora
     return acc.to(grad.dtype)
+
+
+def oft_skew(params: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Q = U - U^T: ``[r, b(b-1)/2] -> [r, b, b]``."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=params.device)
+    upper = params.new_zeros(params.shape[0], block_size, block_size)
+    upper[:, rows, cols] = params
+    return upper - upper.transpose(-2, -1)
+
+
+def oft_neumann_coefficients(neumann_terms: int) -> list[float]:
+    """c_1..c_K of R = I + sum_k c_k Q^k (Cayley-Neumann with n terms, as ``rotation`` sums them)."""
+    if neumann_terms <= 1:
+        return []
+    if neumann_terms == 2:
+        return [2.0]
+    m = max(2, neumann_terms - 2)
+    return [2.0] * m + [1.0]
+
+
+def oft_rotation_params_grad(params: torch.Tensor, grad_rot: torch.Tensor, block_size: int, neumann_terms: int):
+    """dL/d(params) ``[r, b(b-1)/2]`` of the Cayley-Neumann R from dL/dR ``[r, b, b]``, closed form:
+    with P = Q^T, dL/dQ = sum_k c_k T_k, T_1 = G, T_{k+1} = P T_k + G P^k; dL/dU = dQ - dQ^T."""
+    g = grad_rot.to(params.dtype)
+    p = oft_skew(params, block_size).transpose(-2, -1)
+    grad_q = torch.zeros_like(g)
+    term, power = g, p
+    for k, c in enumerate(oft_neumann_coefficients(neumann_terms), start=1):
+        if k > 1:
+            term = p @ term + g @ power
+            power = power @ p
+        grad_q = grad_q + c * term
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=params.device)
+    return (grad_q - grad_q.transpose(-2, -1))[:, rows, cols]
+
+
+def oft_rotation(
+    params: torch.Tensor, block_size: int, neumann_terms: int = 5, use_neumann: bool = True
+) -> torch.Tensor:
+    """R for every block ``[r, b, b]`` (differentiable), in the parameters' dtype."""
+    q = oft_skew(params, block_size)
+    eye = torch.eye(block_size, device=params.device, dtype=params.dtype).expand_as(q)
+    if not use_neumann:
+        return torch.linalg.solve(eye + q, eye - q, left=False)
+    r = eye.clone()
+    if neumann_terms > 1:
+        r = r + 2 * q
+        if neumann_terms > 2:
+            power = q @ q
+            r = r + 2 * power
+            for _ in range(3, neumann_terms - 1):
+                power = power @ q
+                r = r + 2 * power
+            r = r + power @ q
+    return r
+
+
+def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Rotate the last dimension of ``x`` block by block with ``rot`` [nb, b, b] (or its transposes)
+    in fp32, rounded back to x's dtype; float64 stays float64 (gradcheck)."""
+    nb, b, _ = rot.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    blocks = x.reshape(*x.shape[:-1], nb, b).to(acc)
+    r = rot.to(acc).transpose(-2, -1) if transpose else rot.to(acc)
+    return torch.einsum("...rk,rkc->...rc", blocks, r).reshape(x.shape).to(x.dtype)
+
+
+def oft_rotation_grad(x: torch.Tensor, grad_rotated: torch.Tensor, nb: int, b: int) -> torch.Tensor:
+    """dL/dR [nb, b, b] from x [M, K] and dL/d(x_rot) [M, K], accumulated in fp32 (or float64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xb = x.reshape(-1, nb, b).to(acc)
+    gb = grad_rotated.reshape(-1, nb, b).to(acc)
+    return torch.einsum("mrk,mrc->rkc", xb, gb)

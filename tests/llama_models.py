@@ -9,8 +9,15 @@ def tiny_llama_config():
     from transformers import LlamaConfig
 
     # Widths of 64/128 keep bitsandbytes' CPU kernels on their well-trodden paths (see test_bnb_compat).
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
 
 
 def save_tiny_llama(path) -> str:

@@ -80,9 +80,15 @@ def oft_twins(dense: TwoLayer, dtype, block_size, terms=5, neumann=True, share=F
 
     model = bnb_twin(dense, dtype)
     config = OFTConfig(
-        r=0, oft_block_size=block_size, target_modules=["fc1", "fc2"], use_cayley_neumann=neumann,
-        num_cayley_neumann_terms=terms, block_share=share, coft=coft, eps=6e-5,
-    )  # fmt: skip
+        r=0,
+        oft_block_size=block_size,
+        target_modules=["fc1", "fc2"],
+        use_cayley_neumann=neumann,
+        num_cayley_neumann_terms=terms,
+        block_share=share,
+        coft=coft,
+        eps=6e-5,
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -48,9 +48,7 @@ def test_demo_trains_oft_adapters_at_two_bits(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "qft", "demo", *args], capture_output=True, text=True, timeout=120
-    )  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "qft", "demo", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]  # above it at most transformers' loading bar
     assert last.startswith("python -m qft demo: error:") or last.startswith("python -m qft: error:"), last

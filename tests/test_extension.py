@@ -31,4 +31,19 @@ def test_kernel_launch_without_gpu_raises_runtime_error():
     if ext.module is None or ext.device_count:
         pytest.skip("needs the built extension on a machine without a GPU")
     with pytest.raises(RuntimeError, match="qft CUDA kernel failed"):
-        ext.module.dequantize_4bit(0, 0, 0, 0, 0, 0, 0, 0, 64, 64, 256, 0)
+        # fake non-null addresses: the call passes the extension's checks and fails at the launch
+        weight = ext.module.QuantWeight(
+            codes=16,
+            scales=16,
+            zeros=0,
+            nested_scales=0,
+            offset=0,
+            code=16,
+            dynamic_map=0,
+            bits=4,
+            affine=False,
+            numel=64,
+            block_size=64,
+            nested_block_size=256,
+        )
+        ext.module.dequantize(weight, 16, 0, 0)

@@ -122,7 +122,7 @@ def test_fused_kernel_against_fp64():
 
     qt = qft.quantize(torch.randn(70, 130), "fp4", 32)
     x, xa, lora_b, bias = torch.randn(5, 130), torch.randn(5, 8), torch.randn(70, 8), torch.randn(70)
-    y = quant_matmul(x, qt.packed, qt.absmax, qt.nested_absmax, qt.offset, 32, "fp4", 70, bias, xa, lora_b, 0.3)
+    y = quant_matmul(x, qt.weight, bias, xa, lora_b, 0.3)
     w = qt.dequantize(torch.float32).double()
     want = reference.quant_linear(x.double(), w, bias.double(), xa.double(), lora_b.double(), 0.3)
     fp32_err = (reference.quant_linear(x, w.float(), bias, xa, lora_b, 0.3).double() - want).abs().max()
@@ -209,27 +209,14 @@ def test_gpu_paths_match_reference(dtype, m, k):
     qt = qft.quantize(torch.randn(512, k, device="cuda", dtype=dtype))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     xa, lora_b, bias = (torch.randn(*s, device="cuda") for s in ((m, 16), (512, 16), (512,)))
-    args = (
-        qt.packed,
-        qt.absmax,
-        qt.nested_absmax,
-        qt.offset,
-        None,
-        64,
-        "nf4",
-        512,
-        256,
-        bias.to(dtype),
-        xa,
-        lora_b,
-        0.5,
-    )
+    args = (*qt.op_args(), bias.to(dtype), xa, lora_b, 0.5)
     with ops.use_backend("reference"):
         want = ops.quant_linear(x, *args)
     with thresholds.forced(fused_max_m=16, gemv_max_m=4):  # every path, whatever the measured table says
         got = ops.quant_linear(x, *args)
-    exact = reference.quant_linear(x.double(), qt.dequantize(dtype).double(), bias.to(dtype).double(),
-                                   xa.double(), lora_b.double(), 0.5)  # fmt: skip
+    exact = reference.quant_linear(
+        x.double(), qt.dequantize(dtype).double(), bias.to(dtype).double(), xa.double(), lora_b.double(), 0.5
+    )
     ref_err = (want.double() - exact).abs().max()
     assert (got.double() - exact).abs().max() <= 2 * ref_err + 1e-3 * exact.abs().max()
 

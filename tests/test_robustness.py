@@ -118,8 +118,9 @@ def test_autocast_lora_equals_the_layer_run_in_that_dtype():
     base, a, b = lora[0].base_layer, lora[0].lora_A.weight, lora[0].lora_B.weight
     xb = x.bfloat16()
     with torch.no_grad():
-        want = qft.functional.lora_linear(xb, base.quantized, a.bfloat16(), b.bfloat16(), lora[0].scaling,
-                                          base.bias.bfloat16())  # fmt: skip
+        want = qft.functional.lora_linear(
+            xb, base.quantized, a.bfloat16(), b.bfloat16(), lora[0].scaling, base.bias.bfloat16()
+        )
     assert torch.equal(y, want)
 
 
@@ -172,8 +173,9 @@ def test_qft_patterns_save_as_peft_reads_them(tmp_path):
     torch.manual_seed(0)
     qmodel = qft.quantize_(TwoLayer())
     dense = _dense_twin(qmodel)
-    config = qft.LoRAConfig(r=8, alpha=16, target_modules=("fc1", "fc2"), rank_pattern={"fc2": 4},
-                            alpha_pattern={"fc1": 2})  # fmt: skip
+    config = qft.LoRAConfig(
+        r=8, alpha=16, target_modules=("fc1", "fc2"), rank_pattern={"fc2": 4}, alpha_pattern={"fc1": 2}
+    )
     qft.add_adapters(qmodel, config)
     for name, p in qmodel.named_parameters():
         if "lora_B" in name:
@@ -221,16 +223,15 @@ def test_a_refused_peft_merge_leaves_the_layer_unmerged_and_unchanged(safe_merge
 
 def test_scales_of_the_right_count_in_the_wrong_shape_are_refused():
     qt = qft.quantize(torch.randn(32, 64), "nf4", 64, True)
-    with pytest.raises(ValueError, match=r"absmax must be 1-D, got shape \(32, 1\)"):
-        qft.QuantizedTensor(qt.packed, qt.absmax.view(-1, 1), qt.nested_absmax, qt.offset, qt.shape, qt.dtype,
-                            "nf4", 64)  # fmt: skip
+    with pytest.raises(ValueError, match=r"scales must be 1-D, got shape \(32, 1\)"):
+        qft.QuantizedTensor({**qt.parts, "scales": qt.scales.view(-1, 1)}, qt.shape, qt.dtype, "nf4", 64)
     with pytest.raises(ValueError, match="offset must be a 0-dim scalar"):
-        qft.QuantizedTensor(qt.packed, qt.absmax, qt.nested_absmax, qt.offset.view(1), qt.shape, qt.dtype, "nf4", 64)
+        qft.QuantizedTensor({**qt.parts, "offset": qt.offset.view(1)}, qt.shape, qt.dtype, "nf4", 64)
     layer = qft.nn.QuantLinear(qt)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     bad = dict(before)
     bad["weight.absmax"] = bad["weight.absmax"].view(-1, 1)
-    with pytest.raises(RuntimeError, match="absmax must be 1-D"):  # torch's load_state_dict wraps the error
+    with pytest.raises(RuntimeError, match="scales must be 1-D"):  # torch's load_state_dict wraps the error
         layer.load_state_dict(bad)
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
 
@@ -259,10 +260,10 @@ def test_bitsandbytes_state_with_a_wrong_shape_or_nan_is_refused():
     packed, state = bnb_functional.quantize_4bit(torch.randn(32, 64), blocksize=64, quant_type="nf4")
     qft.QuantizedTensor.from_bnb(packed, state)
     state.absmax = state.absmax.view(-1, 1)
-    with pytest.raises(ValueError, match="absmax must be 1-D"):
+    with pytest.raises(ValueError, match="scales must be 1-D"):
         qft.QuantizedTensor.from_bnb(packed, state)
     state.absmax = state.absmax.view(-1).clone().fill_(float("nan"))
-    with pytest.raises(ValueError, match="absmax holds NaN"):
+    with pytest.raises(ValueError, match="scales holds NaN"):
         qft.QuantizedTensor.from_bnb(packed, state)
 
 
@@ -285,18 +286,16 @@ def test_two_threads_running_large_m_layers_get_their_own_weights(monkeypatch):
     import time
 
     from qft import ops
-    from qft.ops import linear
+    from qft.ops import backend_reference, backend_triton
 
     # The decode into scratch, slowed so that the two threads interleave between decode and GEMM (the
     # Triton interpreter itself cannot run in two threads at once, so the reference decode stands in).
-    real = linear.dequantize_4bit_into
-
-    def slow_decode(out, backend, *args):
-        out.copy_(real(None, "reference", *args))
+    def slow_decode(weight, dtype, out=None):
+        backend_reference.dequantize(weight, dtype, out)
         time.sleep(0.02)
         return out
 
-    monkeypatch.setattr(linear, "dequantize_4bit_into", slow_decode)
+    monkeypatch.setattr(backend_triton, "dequantize", slow_decode)
     torch.manual_seed(0)
     layers = [qft.quantize(torch.randn(48, 64)) for _ in range(2)]
     x = torch.randn(40, 64)  # M above the fused kernel's limit: decode into scratch, then the GEMM

@@ -4,10 +4,10 @@ import sys
 
 import pytest
 import torch
+from cases import ref_quantize
 from safetensors.torch import load_file, save_file
 
 import qft
-from qft import reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -83,9 +83,9 @@ def _state():
     "mutate, match",
     [
         (lambda s: s.pop("packed"), "missing 'packed'"),
-        (lambda s: s.pop("offset"), "lacks 'offset'"),
-        (lambda s: s.update(packed=s["packed"][:-1]), "packed must hold 512 values"),
-        (lambda s: s.update(absmax=s["absmax"].float()), "absmax must be torch.uint8"),
+        (lambda s: s.pop("offset"), "missing 'offset'"),
+        (lambda s: s.update(packed=s["packed"][:-1]), "codes must hold 512 values"),
+        (lambda s: s.update(absmax=s["absmax"].float()), "scales must be torch.uint8"),
         (lambda s: s.update(quant_state=torch.tensor([1, 2, 3], dtype=torch.uint8)), "not valid JSON"),
         (lambda s: s.update(quant_state=s["quant_state"].float()), "uint8 tensor of JSON"),
     ],
@@ -101,7 +101,7 @@ def test_state_dict_from_another_shape_is_rejected():
     state = _state()
     other = qft.quantize(torch.randn(32, 64)).state_dict()
     state["quant_state"] = other["quant_state"]
-    with pytest.raises(ValueError, match="packed must hold 1024 values"):
+    with pytest.raises(ValueError, match="codes must hold 1024 values"):
         qft.QuantizedTensor.from_state_dict(state)
 
 
@@ -112,7 +112,7 @@ def test_state_dict_from_another_shape_is_rejected():
         (torch.randn(64).double(), {}, TypeError, "w.dtype"),
         ([1.0, 2.0], {}, TypeError, "w must be a torch.Tensor"),
         (torch.randn(64), {"block_size": 48}, ValueError, "block_size must be one of"),
-        (torch.randn(64), {"format": "nf3"}, ValueError, "format must be one of"),
+        (torch.randn(64), {"format": "nf5"}, ValueError, "format must be one of"),
         (torch.randn(64), {"double_quant": 1}, TypeError, "double_quant must be a bool"),
         (torch.empty(0, 64), {}, ValueError, "w must not be empty"),
         (torch.tensor([1.0, float("nan")]), {}, ValueError, "finite"),
@@ -133,9 +133,9 @@ def test_bad_dequantize_dtype_is_named():
 
 
 def test_parts_on_different_devices_are_rejected():
-    packed, absmax = reference.quantize_4bit(torch.randn(64), 64, "nf4")
-    with pytest.raises(ValueError, match="absmax is on meta"):
-        qft.QuantizedTensor(packed, absmax.to("meta"), None, None, torch.Size([64]), torch.float32, "nf4", 64)
+    packed, absmax = ref_quantize(torch.randn(64), 64, "nf4")
+    with pytest.raises(ValueError, match="scales is on meta but codes are on cpu"):
+        qft.QuantizedTensor({"codes": packed, "scales": absmax.to("meta")}, torch.Size([64]), torch.float32, "nf4", 64)
 
 
 def test_from_bnb_rejects_foreign_code_book():

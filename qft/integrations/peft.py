@@ -2,12 +2,16 @@
 
 ``register(lora_config)`` makes ``get_peft_model(model, lora_config)`` wrap every targeted
 ``qft.nn.QuantLinear`` in ``QftLoraLinear`` (PEFT's custom-module hook): PEFT's LoRA layer, state
-dict and adapter files, with the forward and backward of ``qft.functional.lora_linear``.
+dict and adapter files, with the forward and backward of ``qft.adapters.lora.lora_linear``.
 
 PEFT has no public hook for OFT, so ``enable_oft()`` is an explicit opt-in: it replaces PEFT's
 private ``peft.tuners.oft.model._get_tuner_layer_class`` with a wrapper that returns ``QftOFTLinear``
-for ``QuantLinear`` bases (PEFT's OFT layer, forward through ``qft.functional.oft_linear``) and
+for ``QuantLinear`` bases (PEFT's OFT layer, forward through ``qft.adapters.oft.oft_linear``) and
 defers to PEFT for every other layer. ``disable_oft()`` restores PEFT's function.
+
+These bridges are per PEFT tuner (PEFT hooks each differently) and need PEFT and QuantLinear, so they
+live here, above ``qft.nn``, not in the adapters' folders (which import neither). An adapter needs no
+bridge to work in qft (``add_adapters``, PEFT's files); a bridge is an optional extra.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.utils.quantization_utils import QuantizationBackend
 from torch import nn
 
-from qft import functional
+from qft.adapters.lora import lora_over
+from qft.adapters.oft import oft_linear
 from qft.nn.quant_linear import QuantLinear
 
 
@@ -57,8 +62,9 @@ class QftLoraLinear(nn.Module, LoraLayer):
     """PEFT's LoRA layer over a QuantLinear: one active adapter (the training case) runs through qft's
     fused ``lora_linear``; several adapters, mixed batches or a merged layer take PEFT's generic path."""
 
-    def __init__(self, base_layer, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1,
-                 **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self, base_layer, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs
+    ) -> None:
         if config.lora_bias:
             raise ValueError("QftLoraLinear does not support lora_bias")
         super().__init__()
@@ -127,7 +133,7 @@ class QftLoraLinear(nn.Module, LoraLayer):
             name = active[0]
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-            return base.forward_with_lora(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+            return lora_over(base, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
         result = base(x)
         for name in active:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
@@ -167,8 +173,15 @@ class QftOFTLinear(oft_layer.Linear):
         if rotation.coft:
             with torch.no_grad():
                 rotation.weight.copy_(rotation._project_batch(rotation.weight, eps=rotation.eps))
-        return functional.oft_linear(x, base.quantized, rotation.weight, rotation.block_size, base.bias,
-                                     rotation.num_cayley_neumann_terms, rotation.use_cayley_neumann)  # fmt: skip
+        return oft_linear(
+            x,
+            base.quantized,
+            rotation.weight,
+            rotation.block_size,
+            base.bias,
+            rotation.num_cayley_neumann_terms,
+            rotation.use_cayley_neumann,
+        )
 
 
 _PEFT_LAYER_CLASS = oft_model._get_tuner_layer_class

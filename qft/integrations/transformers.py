@@ -24,15 +24,13 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qft import formats
+from qft.interop import bitsandbytes as bnb_layout
 from qft.nn.config import QuantConfig
-from qft.nn.quant_linear import PART_BUFFERS, STATE_ENTRIES, QuantLinear
+from qft.nn.quant_linear import PART_BUFFERS, QuantLinear
 from qft.tensor import QuantizedTensor
 
 METHOD = "qft"
-_BLOBS = [f"weight.quant_state.bitsandbytes__{f}" for f in ("nf4", "fp4")] + [
-    f"weight.quant_state.qft__{f}" for f in formats.FORMATS if not formats.is_4bit_codebook(f)
-]
-_ENTRIES = [*STATE_ENTRIES, *_BLOBS]
+_ENTRIES = bnb_layout.layer_entries()
 
 
 def _dtype_name(dtype) -> str | None:
@@ -56,9 +54,16 @@ class QftConfig(QuantizationConfigMixin):
             picks it).
     """
 
-    def __init__(self, format: str = "nf4", block_size: int = formats.DEFAULT_BLOCK_SIZE, double_quant: bool = True,
-                 method: str = "hqq", compute_dtype=None, modules_to_not_convert: list[str] | None = None,
-                 **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        format: str = "nf4",
+        block_size: int = formats.DEFAULT_BLOCK_SIZE,
+        double_quant: bool = True,
+        method: str = "hqq",
+        compute_dtype=None,
+        modules_to_not_convert: list[str] | None = None,
+        **kwargs,
+    ) -> None:
         self.quant_method = METHOD
         QuantConfig(format, block_size, double_quant, method)  # ValueError/TypeError on a bad combination
         self.format, self.block_size, self.double_quant, self.method = format, block_size, double_quant, method
@@ -142,8 +147,10 @@ class _QftDeserialize(_QuantizerOp):
             # It reaches this op because its name ends in "weight", and loaders leave an op's inputs
             # uncast: cast it here as transformers would, keep_in_fp32 modules included.
             dtype = self.hf_quantizer.float_dtype_for(model, full_layer_name)
-            return {k: [t.to(dtype) if t.is_floating_point() else t for t in (v if isinstance(v, list) else [v])]
-                    for k, v in input_dict.items()}  # fmt: skip
+            return {
+                k: [t.to(dtype) if t.is_floating_point() else t for t in (v if isinstance(v, list) else [v])]
+                for k, v in input_dict.items()
+            }
         state = {}
         for key, value in input_dict.items():
             part = _entry_of(key)  # entries arrive by pattern or by full name
@@ -154,8 +161,10 @@ class _QftDeserialize(_QuantizerOp):
         try:
             module.load_quantized_state(state)
             if (module.format, module.block_size) != (config.format, config.block_size):
-                raise ValueError(f"stored as {module.format} with block size {module.block_size}, but the config "
-                                 f"says {config.format} with block size {config.block_size}")  # fmt: skip
+                raise ValueError(
+                    f"stored as {module.format} with block size {module.block_size}, but the config "
+                    f"says {config.format} with block size {config.block_size}"
+                )
         except (ValueError, KeyError, TypeError) as exc:
             self.hf_quantizer.errors[name] = str(exc)
             raise
@@ -293,10 +302,11 @@ def from_bnb_pretrained(model_class, path, **kwargs):
     if not isinstance(bnb, dict) or not bnb.get("load_in_4bit"):
         raise ValueError(f"{path} is not a bitsandbytes 4-bit checkpoint (quantization_config: {bnb!r})")
     qft_config = QftConfig(
-        format=bnb.get("bnb_4bit_quant_type", "nf4"), block_size=formats.DEFAULT_BLOCK_SIZE,
+        format=bnb.get("bnb_4bit_quant_type", "nf4"),
+        block_size=formats.DEFAULT_BLOCK_SIZE,
         double_quant=bool(bnb.get("bnb_4bit_use_double_quant", False)),
         modules_to_not_convert=bnb.get("llm_int8_skip_modules"),
-    )  # fmt: skip
+    )
     # bitsandbytes' compute dtype is not the model's dtype (its default is float32): the caller's
     # ``dtype`` argument decides that, as for any checkpoint.
     config.quantization_config = qft_config.to_dict()

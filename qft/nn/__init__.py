@@ -1,11 +1,20 @@
-"""Modules: QuantLinear (frozen 4-bit base), LoRALinear (adapters), and the model-level verbs."""
+"""Modules and model-level verbs: QuantLinear (frozen quantized base), the adapter layers (LoRALinear,
+OFTLinear, from ``qft.adapters``), quantize_/add_adapters/merge/save/load, and the FSDP helpers."""
 
+from qft.adapters.lora import LoRAConfig, LoRALinear
+from qft.adapters.oft import OFTConfig, OFTLinear
 from qft.nn.adapters_io import load_adapters, save_adapters
-from qft.nn.config import LoRAConfig, QuantConfig
+from qft.nn.config import QuantConfig
 from qft.nn.fsdp import prepare_fsdp, quantized_bytes, shard_model
-from qft.nn.lora import LoRALinear
-from qft.nn.model import add_adapters, lora_layers, merge_adapters, oft_layers, quantize_, unmerge_adapters
-from qft.nn.oft import OFTConfig, OFTLinear
+from qft.nn.model import (
+    adapter_layers,
+    add_adapters,
+    lora_layers,
+    merge_adapters,
+    oft_layers,
+    quantize_,
+    unmerge_adapters,
+)
 from qft.nn.quant_linear import QuantLinear
 
 __all__ = [
@@ -15,6 +24,7 @@ __all__ = [
     "OFTLinear",
     "QuantConfig",
     "QuantLinear",
+    "adapter_layers",
     "add_adapters",
     "load_adapters",
     "lora_layers",

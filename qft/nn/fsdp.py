@@ -18,8 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from qft.nn.lora import LoRALinear
-from qft.nn.oft import OFTLinear
+from qft import adapters
 from qft.nn.quant_linear import QuantLinear
 
 
@@ -34,7 +33,7 @@ def prepare_fsdp(model: nn.Module) -> nn.Module:
 
 def _is_adapter_layer(module: nn.Module) -> bool:
     # PEFT's layers (qft.integrations.peft) wrap the QuantLinear as ``base_layer``, as qft's do.
-    return isinstance(module, (LoRALinear, OFTLinear)) or isinstance(getattr(module, "base_layer", None), QuantLinear)
+    return adapters.spec_for_layer(module) is not None or isinstance(getattr(module, "base_layer", None), QuantLinear)
 
 
 def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:

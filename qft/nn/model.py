@@ -1,7 +1,8 @@
 """Model-level verbs: quantize_ (swap nn.Linear for QuantLinear), add_adapters, merge/unmerge.
 
-Each verb builds every replacement first and swaps only when all were built, so an error leaves the
-model as it was.
+Adapters are found through ``qft.adapters``' registry (by config type and layer type), so a new kind of
+adapter needs no change here. Each verb builds every replacement first and swaps only when all were
+built, so an error leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ from collections.abc import Callable
 
 from torch import nn
 
-from qft.nn.config import LoRAConfig, QuantConfig
-from qft.nn.lora import LoRALinear
-from qft.nn.oft import OFTConfig, OFTLinear
+from qft import adapters
+from qft.adapters.lora import LoRALinear
+from qft.adapters.oft import OFTLinear
+from qft.nn.config import QuantConfig
 from qft.nn.quant_linear import QuantLinear
-
-ADAPTER_LAYERS = (LoRALinear, OFTLinear)
 
 
 def _is_adapter_part(model: nn.Module, name: str) -> bool:
     """True for modules inside an adapter layer (lora_A / lora_B / oft_R), which are never targets."""
     parent, _, leaf = name.rpartition(".")
-    return leaf in ("lora_A", "lora_B", "oft_R") and isinstance(model.get_submodule(parent), ADAPTER_LAYERS)
+    spec = adapters.spec_for_layer(model.get_submodule(parent))
+    return spec is not None and leaf in spec.parts
 
 
 def _swap(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
@@ -36,7 +37,7 @@ def quantize_(
     """Replace every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true) by a
     ``QuantLinear`` quantized with ``config``, in place; returns ``model``.
 
-    LoRA adapter layers are never quantized; a LoRALinear's plain base layer is.
+    Adapters' own layers (LoRA's A and B) are never quantized; an adapter layer's plain base layer is.
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
@@ -56,58 +57,63 @@ def quantize_(
     return model
 
 
+def adapter_layers(model: nn.Module, kind: str | None = None) -> dict[str, nn.Module]:
+    """The model's adapter layers by module name: all kinds, or only ``kind`` (``"lora"``, ``"oft"``)."""
+    found = {}
+    for name, module in model.named_modules():
+        spec = adapters.spec_for_layer(module)
+        if spec is not None and (kind is None or spec.name == kind):
+            found[name] = module
+    return found
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRALinear layers by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return adapter_layers(model, "lora")
 
 
 def oft_layers(model: nn.Module) -> dict[str, OFTLinear]:
     """The model's OFTLinear layers by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, OFTLinear)}
+    return adapter_layers(model, "oft")
 
 
-def add_adapters(
-    model: nn.Module, config: LoRAConfig | OFTConfig, quant_config: QuantConfig | None = None
-) -> nn.Module:
-    """Wrap each target Linear/QuantLinear of ``model`` in a LoRALinear (LoRAConfig) or an OFTLinear
-    (OFTConfig), in place; returns ``model``.
+def add_adapters(model: nn.Module, config, quant_config: QuantConfig | None = None) -> nn.Module:
+    """Wrap each target Linear/QuantLinear of ``model`` in the adapter layer of ``config``'s kind (a
+    LoRALinear for a LoRAConfig, an OFTLinear for an OFTConfig), in place; returns ``model``.
 
     Targets follow PEFT: a module whose name equals, or ends in ``"." + t`` for, some ``t`` in
     ``config.target_modules``. Afterwards only adapter parameters require grad (PEFT's freezing).
-    With ``config.init == "loftq"`` the targets must still be full-precision ``nn.Linear``: each is
+    With ``LoRAConfig(init="loftq")`` the targets must still be full-precision ``nn.Linear``: each is
     quantized with ``quant_config`` and gets LoftQ-initialised adapters.
     """
     return install_adapters(model, build_adapters(model, config, quant_config))
 
 
-def build_adapters(
-    model: nn.Module, config: LoRAConfig | OFTConfig, quant_config: QuantConfig | None = None
-) -> dict[str, nn.Module]:
+def build_adapters(model: nn.Module, config, quant_config: QuantConfig | None = None) -> dict[str, nn.Module]:
     """The adapter layers ``add_adapters`` would install, by module name, built but not installed:
     ``model`` is not changed (``install_adapters`` does that)."""
-    if not isinstance(config, (LoRAConfig, OFTConfig)):
-        raise TypeError(f"config must be a LoRAConfig or OFTConfig, got {type(config).__name__}")
-    loftq = isinstance(config, LoRAConfig) and config.init == "loftq"
-    if loftq and not isinstance(quant_config, QuantConfig):
-        raise ValueError("init='loftq' quantizes the targets itself: pass quant_config=QuantConfig(...)")
+    spec = adapters.spec_for_config(config)
+    if spec is None:
+        kinds = " or ".join(s.config_type.__name__ for s in adapters.specs())
+        raise TypeError(f"config must be a {kinds}, got {type(config).__name__}")
+    quantizing = spec.quantizing_init(config)
+    if quantizing and not isinstance(quant_config, QuantConfig):
+        raise ValueError(f"{quantizing} quantizes the targets itself: pass quant_config=QuantConfig(...)")
     targets = {}
     for name, module in model.named_modules():
         if not name or not config.matches(name) or _is_adapter_part(model, name):
             continue
-        if isinstance(module, ADAPTER_LAYERS):
+        if adapters.spec_for_layer(module) is not None:
             raise ValueError(f"{name} already has an adapter")
         if not isinstance(module, (QuantLinear, nn.Linear)):
             raise TypeError(f"target {name} is a {type(module).__name__}, not a Linear or QuantLinear")
-        if loftq and type(module) is not nn.Linear:
-            raise ValueError(f"init='loftq' needs the full-precision weight, but {name} is already quantized")
+        if quantizing and type(module) is not nn.Linear:
+            raise ValueError(f"{quantizing} needs the full-precision weight, but {name} is already quantized")
         targets[name] = module
     if not targets:
         raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
-    if loftq:
-        return {name: LoRALinear.with_loftq(module, config, quant_config, name) for name, module in targets.items()}
-    if isinstance(config, OFTConfig):
-        return {name: OFTLinear(module, config) for name, module in targets.items()}
-    return {name: LoRALinear(module, config, name) for name, module in targets.items()}
+    quantize = adapters.QuantizeWith(quant_config, QuantLinear) if quantizing else None
+    return {name: spec.build(module, config, name, quantize) for name, module in targets.items()}
 
 
 def install_adapters(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
@@ -117,24 +123,21 @@ def install_adapters(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Modul
     for param in model.parameters():
         param.requires_grad = False
     for layer in layers.values():
+        trained = tuple(f"{part}." for part in adapters.spec_for_layer(layer).parts)
         for name, param in layer.named_parameters():
-            param.requires_grad = name.startswith(("lora_A.", "lora_B.", "oft_R."))
+            param.requires_grad = name.startswith(trained)
     return model
-
-
-def _adapter_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, ADAPTER_LAYERS)]
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (quantized bases are re-quantized); returns ``model``."""
-    for layer in _adapter_layers(model):
+    for layer in adapter_layers(model).values():
         layer.merge()
     return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Undo ``merge_adapters``; returns ``model``."""
-    for layer in _adapter_layers(model):
+    for layer in adapter_layers(model).values():
         layer.unmerge()
     return model

@@ -1,35 +1,24 @@
-"""torch.library custom ops (``qft::...``), each defined once with a fake implementation so
-``torch.compile`` sees one node, and dispatched by device to the reference, Triton or CUDA code.
+"""torch.library custom ops (``qft::...``), each declared once with a fake implementation so
+``torch.compile`` sees one node (``schema``), and run by the backend for the tensors' device
+(``backend_reference``, ``backend_triton``, ``backend_cuda``; chosen in ``dispatch``).
 """
 
 from qft.ops.dispatch import BACKENDS, DTYPE_CODES, FLOAT_DTYPES, backend_for, use_backend
-from qft.ops.linear import quant_linear, quant_linear_grad_input
 from qft.ops.oft import oft_rotate, oft_rotate_backward, oft_rotation, oft_rotation_backward
-from qft.ops.quant import (
-    check_quantized_parts,
-    dequantize_4bit,
-    dequantize_lowbit,
-    dequantize_nested,
-    quantize_4bit,
-    quantize_nested,
-)
+from qft.ops.schema import dequantize, quant_linear, quant_linear_grad_input, quantize
 
 __all__ = [
     "BACKENDS",
     "DTYPE_CODES",
     "FLOAT_DTYPES",
     "backend_for",
-    "check_quantized_parts",
-    "dequantize_4bit",
-    "dequantize_lowbit",
-    "dequantize_nested",
+    "dequantize",
     "oft_rotate",
     "oft_rotate_backward",
     "oft_rotation",
     "oft_rotation_backward",
     "quant_linear",
     "quant_linear_grad_input",
-    "quantize_4bit",
-    "quantize_nested",
+    "quantize",
     "use_backend",
 ]

@@ -1,21 +1,25 @@
 """The only place Python calls the kernels of ``qft._C``: one typed wrapper per entry point.
 
 ``qft._C`` takes raw addresses and integers (no torch headers), so pybind11 can only check the
-number and kinds of arguments, and nothing checks their order. Each wrapper here takes tensors (or
-``None`` for an optional part) by name, turns them into addresses in the order of
-``csrc/bindings.cpp``, and raises the extension's own ``RuntimeError`` when a kernel refuses or
-fails. ``tests/test_cuda_calls.py`` calls each wrapper the way the dispatcher does, on CPU tensors
-of size zero (refused before any launch), so a signature drift fails on a machine without a GPU.
+kinds of arguments, not that an address is the right tensor's. Each wrapper here takes tensors (or
+``None`` for an optional part) and a quantized weight as one ``qft.formats.Weight``, and passes
+addresses by keyword, so pybind11 checks every name against ``csrc/bindings.cpp``; the weight
+becomes one ``qft._C.QuantWeight`` (``_quant_weight``, which also looks up the format's tables).
+A kernel that refuses or fails raises the extension's own ``RuntimeError``.
+``tests/test_cuda_calls.py`` calls each wrapper on CPU tensors of size zero (refused before any
+launch), so a signature drift fails on a machine without a GPU.
 
-Callers prepare the tensors (contiguous, right dtypes, on one device) and keep them alive until
-the launch is queued; ``stream`` is the raw handle from ``dispatch.cuda_stream``.
+Callers prepare the tensors and the weight's parts (contiguous, right dtypes, on one device) and keep
+them alive until the launch is queued; ``stream`` is the raw handle from ``dispatch.cuda_stream``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qft import formats
 from qft._extension import extension
+from qft.formats import Weight
 from qft.ops.dispatch import DTYPE_CODES
 
 
@@ -30,81 +34,62 @@ def _ptr(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
+def _quant_weight(weight: Weight):
+    """``weight`` as the extension's ``QuantWeight``: part addresses, its format's tables and numbers."""
+    fmt = formats.get_format(weight.fmt)
+    device = weight.device
+    # The tables are cached per device (qft.formats.tables), so they outlive the launch.
+    code = None if fmt.affine else formats.code(weight.fmt, device)
+    dynamic_map = formats.dynamic_map(device) if weight.double_quant else None
+    return _module().QuantWeight(
+        codes=_ptr(weight.codes),
+        scales=_ptr(weight.scales),
+        zeros=_ptr(weight.zeros),
+        nested_scales=_ptr(weight.nested_scales),
+        offset=_ptr(weight.offset),
+        code=_ptr(code),
+        dynamic_map=_ptr(dynamic_map),
+        bits=fmt.bits,
+        affine=fmt.affine,
+        numel=weight.numel,
+        block_size=weight.block_size,
+        nested_block_size=weight.nested_block_size,
+    )
+
+
 def max_gemv_rows() -> int:
     """The largest M ``quant_gemv`` serves (``qft::kMaxGemvRows``)."""
     return _module().max_gemv_rows
 
 
-def quantize_4bit(
-    w: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    thresholds: torch.Tensor,
-    encode_order: torch.Tensor,
-    block_size: int,
-    stream: int,
+def quantize_codebook4(
+    w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block_size: int, stream: int
 ) -> None:
-    """Blockwise 4-bit quantization of ``w`` into ``packed`` (uint8) and ``absmax`` (fp32)."""
-    _module().quantize_4bit(
-        _ptr(w), DTYPE_CODES[w.dtype], _ptr(packed), _ptr(absmax), _ptr(thresholds), _ptr(encode_order),
-        w.numel(), block_size, stream,
-    )  # fmt: skip
+    """Blockwise nf4/fp4 quantization of ``w`` into ``codes`` (uint8, two per byte) and ``scales`` (fp32)."""
+    formats.get_bnb_format(fmt)  # the kernel counts 15 thresholds: 4-bit code books only
+    thresholds = formats.thresholds(fmt, w.device)
+    order = formats.encode_order(fmt, w.device)
+    _module().quantize_codebook4(
+        w=_ptr(w),
+        dtype=DTYPE_CODES[w.dtype],
+        codes=_ptr(codes),
+        scales=_ptr(scales),
+        thresholds=_ptr(thresholds),
+        encode_order=_ptr(order),
+        numel=w.numel(),
+        block_size=block_size,
+        stream=stream,
+    )
 
 
-def dequantize_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    dynamic_map: torch.Tensor,
-    code: torch.Tensor,
-    out: torch.Tensor,
-    numel: int,
-    block_size: int,
-    nested_block_size: int,
-    stream: int,
-) -> None:
-    """Decode ``numel`` nf4/fp4 values into ``out`` (its dtype); ``nested_absmax`` None: fp32 absmax."""
-    _module().dequantize_4bit(
-        _ptr(packed), _ptr(absmax), _ptr(nested_absmax), _ptr(offset), _ptr(dynamic_map), _ptr(code), _ptr(out),
-        DTYPE_CODES[out.dtype], numel, block_size, nested_block_size, stream,
-    )  # fmt: skip
-
-
-def dequantize_lowbit(
-    packed: torch.Tensor,
-    bits: int,
-    scale: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    dynamic_map: torch.Tensor,
-    code: torch.Tensor | None,
-    zero: torch.Tensor | None,
-    out: torch.Tensor,
-    numel: int,
-    block_size: int,
-    nested_block_size: int,
-    stream: int,
-) -> None:
-    """Decode ``numel`` values of a code-book (``code``) or affine (``zero``, fp16) format into ``out``."""
-    _module().dequantize_lowbit(
-        _ptr(packed), bits, zero is not None, _ptr(scale), _ptr(nested_absmax), _ptr(offset), _ptr(dynamic_map),
-        _ptr(code), _ptr(zero), _ptr(out), DTYPE_CODES[out.dtype], numel, block_size, nested_block_size, stream,
-    )  # fmt: skip
+def dequantize(weight: Weight, out: torch.Tensor, stream: int) -> None:
+    """Decode the ``weight.numel`` values of ``weight`` (any format) into the flat ``out``, in its dtype."""
+    _module().dequantize(weight=_quant_weight(weight), out=_ptr(out), out_dtype=DTYPE_CODES[out.dtype], stream=stream)
 
 
 def quant_gemv(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    bits: int,
-    zero: torch.Tensor | None,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    dynamic_map: torch.Tensor,
-    code: torch.Tensor | None,
-    block_size: int,
-    nested_block_size: int,
+    weight: Weight,
     bias: torch.Tensor | None,
     lora_xa: torch.Tensor | None,
     lora_b: torch.Tensor | None,
@@ -114,15 +99,25 @@ def quant_gemv(
 ) -> None:
     """``y [M, N] = x [M, K] @ W^T (+ bias) (+ scaling * lora_xa @ lora_b^T)`` for M <= ``max_gemv_rows``.
 
-    ``zero`` (fp16 per block) for affine formats, else ``code`` (the fp32 code book).
+    ``weight`` holds ``W`` row-major (``numel == N * K``); ``lora_xa`` and ``lora_b`` are fp32.
     """
     rows, k = x.shape
     rank = 0 if lora_xa is None else lora_xa.shape[1]
     _module().quant_gemv(
-        _ptr(x), DTYPE_CODES[x.dtype], _ptr(packed), bits, _ptr(zero), _ptr(absmax), _ptr(nested_absmax),
-        _ptr(offset), _ptr(dynamic_map), _ptr(code), block_size, nested_block_size, _ptr(bias), _ptr(lora_xa),
-        _ptr(lora_b), float(scaling), rank, _ptr(y), rows, y.shape[1], k, stream,
-    )  # fmt: skip
+        x=_ptr(x),
+        dtype=DTYPE_CODES[x.dtype],
+        weight=_quant_weight(weight),
+        bias=_ptr(bias),
+        lora_xa=_ptr(lora_xa),
+        lora_b=_ptr(lora_b),
+        scaling=float(scaling),
+        rank=rank,
+        y=_ptr(y),
+        rows=rows,
+        n_out=y.shape[1],
+        k_in=k,
+        stream=stream,
+    )
 
 
 def managed_alloc(nbytes: int) -> int:

@@ -16,12 +16,14 @@ from collections.abc import Iterator
 
 import torch
 
+from qft import formats
 from qft._extension import extension
 
 BACKENDS = ("reference", "triton", "cuda")
 # Element-type codes shared with csrc/qft_kernels.h (qft::DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FLOAT_DTYPES = tuple(DTYPE_CODES)
+FLOAT_DTYPES = formats.FLOAT_DTYPES
+assert tuple(DTYPE_CODES) == FLOAT_DTYPES
 
 _forced: list[str] = []
 

@@ -1,13 +1,14 @@
 """Custom ops of OFT: ``qft::oft_rotate`` (the input rotation by block-diagonal R or R^T),
 ``qft::oft_rotate_backward`` (grad_x and dL/dR from one read of x and the gradient) and
 ``qft::oft_rotation`` (R from the skew parameters by Cayley-Neumann, differentiable through
-``qft::oft_rotation_backward``)."""
+``qft::oft_rotation_backward``). Triton kernels: ``qft.kernels.oft_apply_rotation`` applies R,
+``qft.kernels.oft_build_rotation`` builds it; on CPU and as the oracle, ``qft.reference``."""
 
 from __future__ import annotations
 
 import torch
 
-from qft import reference_oft
+from qft import reference
 from qft.ops.dispatch import backend_for
 
 # The Triton rotation kernels hold a block's b x b matrices in registers / shared memory (tl.arange:
@@ -34,8 +35,8 @@ def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Ten
     fp32 and returned in x's dtype."""
     _check_rotate(x, rot)
     if not triton_rotates(x, rot.shape[1]):
-        return reference_oft.rotate(x, rot, transpose)
-    from qft.kernels.oft_rotate import rotate
+        return reference.oft_rotate(x, rot, transpose)
+    from qft.kernels.oft_apply_rotation import rotate
 
     return rotate(x, rot, transpose)
 
@@ -54,9 +55,9 @@ def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) 
         raise ValueError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
     nb, b, _ = rot.shape
     if not triton_rotates(x, rot.shape[1]):
-        grad_x = reference_oft.rotate(grad, rot, True)
-        return grad_x, reference_oft.rotation_grad(x, grad, nb, b).to(rot.dtype)
-    from qft.kernels.oft_rotate import rotate_backward
+        grad_x = reference.oft_rotate(grad, rot, True)
+        return grad_x, reference.oft_rotation_grad(x, grad, nb, b).to(rot.dtype)
+    from qft.kernels.oft_apply_rotation import rotate_backward
 
     grad_x, grad_rot = rotate_backward(x, grad, rot)
     return grad_x, grad_rot.to(rot.dtype)
@@ -68,9 +69,9 @@ def _(x, grad, rot):
 
 
 def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:
-    if params.dim() != 2 or params.shape[1] != block_size * (block_size - 1) // 2:
-        raise ValueError(f"params must be [blocks, {block_size * (block_size - 1) // 2}] for block_size "
-                         f"{block_size}, got {tuple(params.shape)}")  # fmt: skip
+    row = block_size * (block_size - 1) // 2
+    if params.dim() != 2 or params.shape[1] != row:
+        raise ValueError(f"params must be [blocks, {row}] for block_size {block_size}, got {tuple(params.shape)}")
     if terms < 1:
         raise ValueError(f"cayley_neumann_terms must be positive, got {terms}")
 
@@ -96,12 +97,12 @@ oft_rotate.register_autograd(_rotate_autograd, setup_context=_rotate_setup)
 @torch.library.custom_op("qft::oft_rotation", mutates_args=())
 def oft_rotation(params: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
     """R ``[blocks, b, b]`` in params' dtype from skew parameters ``[blocks, b(b-1)/2]`` by
-    Cayley-Neumann with ``terms`` terms (``qft.reference_oft.rotation``); all blocks in one launch
+    Cayley-Neumann with ``terms`` terms (``qft.reference.oft_rotation``); all blocks in one launch
     on a GPU (power-of-two b)."""
     _check_params(params, block_size, terms)
     if not triton_rotates(params, block_size):
-        return reference_oft.rotation(params, block_size, terms)
-    from qft.kernels.oft_rotation import rotation
+        return reference.oft_rotation(params, block_size, terms)
+    from qft.kernels.oft_build_rotation import rotation
 
     return rotation(params, block_size, terms).to(params.dtype)
 
@@ -114,15 +115,15 @@ def _(params, block_size, terms):
 @torch.library.custom_op("qft::oft_rotation_backward", mutates_args=())
 def oft_rotation_backward(params: torch.Tensor, grad_rot: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
     """dL/d(params) of ``oft_rotation`` from dL/dR, in params' dtype (closed form, see
-    ``qft.reference_oft.rotation_params_grad``)."""
+    ``qft.reference.oft_rotation_params_grad``)."""
     _check_params(params, block_size, terms)
     if grad_rot.shape != (params.shape[0], block_size, block_size):
         raise ValueError(
             f"grad_rot must be [{params.shape[0]}, {block_size}, {block_size}], got {tuple(grad_rot.shape)}"
         )
     if not triton_rotates(params, block_size):
-        return reference_oft.rotation_params_grad(params, grad_rot, block_size, terms)
-    from qft.kernels.oft_rotation import rotation_grad
+        return reference.oft_rotation_params_grad(params, grad_rot, block_size, terms)
+    from qft.kernels.oft_build_rotation import rotation_grad
 
     return rotation_grad(params, grad_rot, block_size, terms).to(params.dtype)
 

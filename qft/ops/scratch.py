@@ -5,7 +5,7 @@ The decode and the GEMM that reads it run back to back on one stream, so the nex
 cannot overwrite it early; a buffer per stream keeps that true for code that uses several streams,
 and a buffer per host thread for threads that share a stream (two threads' decodes could otherwise
 both land before either GEMM reads). A buffer grows to the largest weight its thread has seen
-(8192x28672 bf16: 470 MB) and is kept until ``release()`` or the thread's end (autograd's backward
+(8192x28672 bf16: 470 MB) and is kept until the thread's end (autograd's backward
 thread on a GPU holds its own).
 """
 
@@ -36,8 +36,3 @@ def buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor
         buf = torch.empty(numel, dtype=dtype, device=device)
         buffers[key] = buf
     return buf[:numel]
-
-
-def release() -> None:
-    """Drop this thread's scratch buffers (their memory returns to torch's allocator)."""
-    _buffers().clear()

@@ -59,8 +59,18 @@ class PagedAdamW(torch.optim.Optimizer):
         min_8bit_size: tensors with fewer elements keep fp32 state even when ``optim_bits`` is 8.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
-                 optim_bits=32, paged=True, min_8bit_size=4096):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        maximize=False,
+        optim_bits=32,
+        paged=True,
+        min_8bit_size=4096,
+    ):
         _check_hyper(lr, betas, eps, weight_decay)
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
@@ -203,8 +213,9 @@ class PagedAdamW(torch.optim.Optimizer):
             group = self.param_groups[index]
             lr = group["lr"]
             host_lr = lr.item() if isinstance(lr, torch.Tensor) and index not in device_lrs else lr
-            rows.append(host_scalars(host_lr, *group["betas"], group["eps"], group["weight_decay"],
-                                     group["maximize"], step))  # fmt: skip
+            rows.append(
+                host_scalars(host_lr, *group["betas"], group["eps"], group["weight_decay"], group["maximize"], step)
+            )
         plan.launch(torch.tensor(rows, dtype=torch.float32)[plan.row_of], quant_state.tables(device))
 
     @staticmethod
@@ -337,14 +348,16 @@ def _warn_cpu_paging() -> None:
 class AdamW8bit(PagedAdamW):
     """AdamW with blockwise 8-bit state, not paged."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
-                 min_8bit_size=4096):  # fmt: skip
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False, min_8bit_size=4096
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, maximize, 8, False, min_8bit_size)
 
 
 class PagedAdamW8bit(PagedAdamW):
     """AdamW with blockwise 8-bit state, paged."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
-                 min_8bit_size=4096):  # fmt: skip
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False, min_8bit_size=4096
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, maximize, 8, True, min_8bit_size)

@@ -37,8 +37,13 @@ class ManagedBuffer:
 
     @property
     def __cuda_array_interface__(self) -> dict:
-        return {"shape": (self.numel,), "typestr": _TYPESTR[self.dtype], "data": (self.address, False),
-                "version": 3, "strides": None}  # fmt: skip
+        return {
+            "shape": (self.numel,),
+            "typestr": _TYPESTR[self.dtype],
+            "data": (self.address, False),
+            "version": 3,
+            "strides": None,
+        }
 
     def __del__(self) -> None:
         if getattr(self, "address", 0):

@@ -11,7 +11,7 @@ import functools
 import torch
 
 from qft import formats
-from qft.reference import _blocks
+from qft.formats.packing import blocks as _blocks
 
 BLOCK = 256
 

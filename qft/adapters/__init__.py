@@ -1,0 +1,174 @@
+"""Adapters: one subpackage per kind (``lora/``, ``oft/``), each registering an ``AdapterSpec``.
+
+``qft.nn``'s verbs (``add_adapters``, save/load, merge, FSDP units) and the demo find an adapter here
+by its config type, layer type, PEFT type or name, never by importing it, so a new kind touches only
+its own folder: ``layer.py`` (config and module), ``function.py`` (math and autograd) and
+``__init__.py`` (PEFT mapping, demo options, ``register``). Subpackages are found by scanning this
+package at import.
+
+Adapters sit below ``qft.nn``: a layer takes its base duck-typed, as an ``nn.Linear`` or as a
+quantized layer (``qft.nn.QuantLinear``: ``quantized``, ``bias``, ``input_perm``, ``permute_input``,
+``dequantize``, ``set_weight``), and an init that quantizes its target itself (LoftQ) gets the means
+to build the base from ``qft.nn`` (``QuantizeWith``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qft.tensor import QuantizedTensor
+
+
+@dataclass(frozen=True)
+class QuantizeWith:
+    """How an init that quantizes a full-precision target itself (LoftQ) stores the weight.
+
+    Attributes:
+        config: a ``qft.QuantConfig`` (read: ``format``, ``block_size``, ``double_quant``, ``method``).
+        wrap: ``wrap(qt, bias)`` builds the quantized base layer (a ``QuantLinear``) over the result.
+    """
+
+    config: Any
+    wrap: Callable[[QuantizedTensor, torch.Tensor | None], nn.Module]
+
+
+def _no_quantizing_init(config) -> None:
+    return None
+
+
+def _no_report(config) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One kind of adapter as qft's verbs see it.
+
+    Attributes:
+        name: short name, the demo's ``--adapter`` value (``"lora"``).
+        config_type / layer_type: the frozen config users hold and the module ``add_adapters`` installs
+            (the layer keeps its config as ``.config``, and ``merge()`` / ``unmerge()``).
+        parts: the layer's submodules holding trained ``weight`` s (``("lora_A", "lora_B")``): the only
+            parameters left trainable, never targets themselves, saved under PEFT's keys
+            ``base_model.model.<module>.<part>.weight``.
+        peft_type: PEFT's ``peft_type`` in ``adapter_config.json``.
+        to_peft(config): the PEFT-specific fields of ``adapter_config.json`` (qft adds the common ones).
+        from_peft(raw): the config from PEFT's ``adapter_config.json`` dict; ``KeyError`` / ``ValueError``
+            / ``TypeError`` when it is unusable.
+        build(base, config, name, quantize): the layer over target ``name``; ``quantize`` is a
+            ``QuantizeWith`` when ``quantizing_init(config)``, else None.
+        quantizing_init(config): None, or how the config names an init that quantizes a full-precision
+            target itself (``"init='loftq'"``): its targets must be ``nn.Linear`` and ``add_adapters``
+            needs a QuantConfig.
+        demo_config(targets, rank, block_size, init): the demo's config (options it does not take raise
+            ``ValueError``); demo_lr: the demo's learning rate; demo_report(config): extra report rows.
+    """
+
+    name: str
+    config_type: type
+    layer_type: type
+    parts: tuple[str, ...]
+    peft_type: str
+    to_peft: Callable[[Any], dict]
+    from_peft: Callable[[dict], Any]
+    build: Callable[[nn.Module, Any, str, QuantizeWith | None], nn.Module]
+    demo_config: Callable[..., Any]
+    demo_lr: float
+    demo_report: Callable[[Any], dict] = _no_report
+    quantizing_init: Callable[[Any], str | None] = _no_quantizing_init
+
+
+_SPECS: dict[str, AdapterSpec] = {}
+
+
+def register(spec: AdapterSpec) -> AdapterSpec:
+    """Make ``spec``'s adapter known to qft's verbs; returns ``spec``. Names, config types, layer
+    types and PEFT types are unique."""
+    for other in _SPECS.values():
+        clash = [f for f in ("name", "config_type", "layer_type", "peft_type") if getattr(other, f) == getattr(spec, f)]
+        if clash:
+            raise ValueError(f"adapter {spec.name!r} has the {clash[0]} of adapter {other.name!r}")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def specs() -> tuple[AdapterSpec, ...]:
+    """Every registered adapter, by name."""
+    return tuple(_SPECS[name] for name in sorted(_SPECS))
+
+
+def spec_named(name: str) -> AdapterSpec | None:
+    """The adapter called ``name`` (``"lora"``), or None."""
+    return _SPECS.get(name)
+
+
+def spec_for_config(config) -> AdapterSpec | None:
+    """The adapter whose config ``config`` is, or None."""
+    return next((s for s in _SPECS.values() if type(config) is s.config_type), None)
+
+
+def spec_for_layer(module: nn.Module) -> AdapterSpec | None:
+    """The adapter whose layer ``module`` is, or None."""
+    return next((s for s in _SPECS.values() if isinstance(module, s.layer_type)), None)
+
+
+def spec_for_peft_type(peft_type: str) -> AdapterSpec | None:
+    """The adapter PEFT calls ``peft_type`` (``"LORA"``), or None."""
+    return next((s for s in _SPECS.values() if s.peft_type == peft_type), None)
+
+
+def quantized_weight(layer: nn.Module) -> QuantizedTensor | None:
+    """A quantized base layer's frozen weight (``QuantLinear.quantized``), or None for another layer."""
+    qt = getattr(layer, "quantized", None)
+    return qt if isinstance(qt, QuantizedTensor) else None
+
+
+def check_base_layer(layer: nn.Module) -> None:
+    """``TypeError`` unless ``layer`` is an ``nn.Linear`` or a quantized linear layer."""
+    if not isinstance(layer, nn.Linear) and quantized_weight(layer) is None:
+        raise TypeError(f"base_layer must be a QuantLinear or nn.Linear, got {type(layer).__name__}")
+
+
+def checked_targets(targets) -> str | tuple[str, ...]:
+    """PEFT's ``target_modules``: one string (a regular expression) or a non-empty list of names."""
+    if isinstance(targets, str):
+        compile_pattern(targets, "target_modules")
+        return targets
+    targets = tuple(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must name at least one module, got {targets!r}")
+    return targets
+
+
+def target_matches(targets: str | tuple[str, ...], name: str) -> bool:
+    """PEFT's rule: a string must match the whole module name; a name must equal it or end it after a dot."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def compile_pattern(pattern, what: str) -> re.Pattern:
+    """``re.compile(pattern)``; ``ValueError`` naming ``what`` for an empty or malformed one."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{what} patterns must be non-empty strings, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what}: {pattern!r} is not a regular expression: {exc}") from None
+
+
+def _discover() -> None:
+    for found in pkgutil.iter_modules(__path__, f"{__name__}."):
+        if found.ispkg:  # each subpackage registers its spec when imported
+            importlib.import_module(found.name)
+
+
+_discover()

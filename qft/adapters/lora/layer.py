@@ -1,0 +1,189 @@
+"""LoRAConfig (what users hold) and LoRALinear: a frozen base layer plus trainable adapters A and B."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qft.adapters import (
+    QuantizeWith,
+    check_base_layer,
+    checked_targets,
+    compile_pattern,
+    quantized_weight,
+    target_matches,
+)
+from qft.adapters.lora.function import loftq, lora_over
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters as PEFT defines them: ``y += scaling * B(A(dropout(x)))``.
+
+    Attributes:
+        r: rank (> 0). alpha: scale numerator; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with
+        ``use_rslora``). dropout: probability in [0, 1) on the adapter input while training.
+        target_modules: module names or name suffixes (PEFT's matching: equal, or ending in
+        ``"." + target``), or one string, a regular expression a whole module name must match (as
+        PEFT reads a string). rank_pattern / alpha_pattern: PEFT's per-module overrides of r and alpha,
+        ``{pattern: value}``; a pattern applies to a module whose name ends in it (after a ``.``), the
+        first that matches wins. adapter_dtype: dtype of A and B (fp32 by default, as PEFT keeps them).
+        init: ``"default"`` (PEFT's: A kaiming-uniform, B zero) or ``"loftq"`` (quantize the target
+        and fit A, B to the quantization residual; needs full-precision targets and a QuantConfig
+        passed to ``add_adapters``). loftq_iters: LoftQ's alternating rounds.
+    """
+
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = field(default_factory=tuple)
+    use_rslora: bool = False
+    adapter_dtype: torch.dtype = torch.float32
+    init: str = "default"
+    loftq_iters: int = 4
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
+        # Kept as (pattern, value) pairs in order: the config stays hashable, the first match wins.
+        for name, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
+            pairs = tuple(dict(getattr(self, name)).items())
+            for pattern, value in pairs:
+                compile_pattern(pattern, name)
+                bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                if bad or (kind == "rank" and (not isinstance(value, int) or value <= 0)):
+                    want = "positive int" if kind == "rank" else "finite number"
+                    raise ValueError(f"{name}[{pattern!r}] must be a {want}, got {value!r}")
+            object.__setattr__(self, name, pairs)
+        if self.adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"adapter_dtype must be a floating dtype, got {self.adapter_dtype}")
+        if self.init not in ("default", "loftq"):
+            raise ValueError(f"init must be 'default' or 'loftq', got {self.init!r}")
+        if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
+            raise ValueError(f"loftq_iters must be a positive int, got {self.loftq_iters!r}")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (patterns aside: see ``scaling_for``)."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def matches(self, name: str) -> bool:
+        """True when module ``name`` is one of the targets (PEFT's rules: a whole-name regular
+        expression for a string, else equal to or ending in ``"." + target``)."""
+        return target_matches(self.target_modules, name)
+
+    def rank_for(self, name: str) -> int:
+        """Module ``name``'s rank: its ``rank_pattern`` entry, else ``r``."""
+        return _pattern_value(self.rank_pattern, name, self.r)
+
+    def alpha_for(self, name: str) -> float:
+        """Module ``name``'s alpha: its ``alpha_pattern`` entry, else ``alpha``."""
+        return _pattern_value(self.alpha_pattern, name, self.alpha)
+
+    def scaling_for(self, name: str) -> float:
+        """Module ``name``'s scaling, from its rank and alpha."""
+        r = self.rank_for(name)
+        return self.alpha_for(name) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_value(pairs, name: str, default):
+    """PEFT's pattern lookup: the first pattern that matches the end of ``name`` (after a ``.``)."""
+    for pattern, value in pairs:
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``, PEFT's LoRA layer.
+
+    ``lora_A`` / ``lora_B`` are ``nn.Linear`` without bias (``lora_A.weight`` [r, in], ``lora_B.weight``
+    [out, r]) in ``config.adapter_dtype``, initialised as PEFT does: A kaiming-uniform(a=sqrt(5)),
+    B zero, so a fresh adapter leaves the output unchanged. Over a QuantLinear the whole layer runs
+    as one fused ``lora_linear``.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, name: str = "") -> None:
+        super().__init__()
+        check_base_layer(base_layer)
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        self.base_layer = base_layer
+        self.config = config  # the model-wide config; ``name`` picks this layer's rank_pattern / alpha_pattern entry
+        self.r = config.rank_for(name)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        kwargs = {"bias": False, "device": base_layer.weight.device, "dtype": config.adapter_dtype}
+        self.lora_A = nn.Linear(self.in_features, self.r, **kwargs)
+        self.lora_B = nn.Linear(self.r, self.out_features, **kwargs)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = config.scaling_for(name)
+        self.merged = False
+
+    @classmethod
+    def with_loftq(cls, linear: nn.Linear, config: LoRAConfig, quantize: QuantizeWith, name: str = "") -> LoRALinear:
+        """Quantize ``linear`` as ``quantize`` says and start A, B from LoftQ (``function.loftq``)."""
+        own = dataclasses.replace(
+            config, r=config.rank_for(name), alpha=config.alpha_for(name), rank_pattern={}, alpha_pattern={}
+        )
+        qt, a, b = loftq(linear.weight, quantize.config, own)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        layer = cls(quantize.wrap(qt, bias), config, name)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in] -> [..., out]`` in x's dtype."""
+        if self.merged:
+            return self.base_layer(x)
+        dropout = self.config.dropout if self.training else 0.0
+        base = self.base_layer
+        if quantized_weight(base) is not None:
+            return lora_over(base, x, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout)
+        y = base(x)
+        x_lora = nn.functional.dropout(x, dropout, self.training).to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(x_lora)) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32: what merging adds to the base weight."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (a 4-bit base is re-quantized: lossy, as in PEFT)."""
+        if not self.merged:
+            self._add_to_base(self.delta_weight())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight (a 4-bit base is re-quantized again)."""
+        if self.merged:
+            self._add_to_base(-self.delta_weight())
+            self.merged = False
+
+    @torch.no_grad()
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        base = self.base_layer
+        if quantized_weight(base) is not None:  # re-quantized (set_weight warns)
+            base.set_weight(base.dequantize(torch.float32) + delta)
+        else:
+            base.weight += delta.to(base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        """Rank, scaling, dropout and whether the adapter is merged."""
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.config.dropout}, merged={self.merged}"

@@ -1,0 +1,100 @@
+"""The stored parts of a quantized weight, declared once, and ``Weight``: the parts as one value.
+
+Every format stores ``codes`` (packed, see ``packing``) and ``scales`` (one per block); affine
+formats add ``zeros``; double quantization turns ``scales`` into uint8 codes and adds
+``nested_scales`` and ``offset``. Everything that names parts (ops, kernels, state dicts, flat FSDP
+storage, module buffers) reads this declaration instead of spelling them out.
+
+``Weight`` travels through the custom ops as three arguments, ``Tensor?[] parts`` (in ``NAMES``
+order, None for an absent part), ``str fmt`` and ``int[] meta`` (``[numel, block_size,
+nested_block_size]``): ``Weight.op_args()`` and ``Weight.from_op_args`` convert.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from qft.formats import double_quant, packing
+
+# Part names in op-argument order; the state-dict keys they had before the names said what they hold.
+NAMES = ("codes", "scales", "zeros", "nested_scales", "offset")
+STATE_KEYS = {
+    "codes": "packed",
+    "scales": "absmax",
+    "zeros": "zero",
+    "nested_scales": "nested_absmax",
+    "offset": "offset",
+}
+
+
+class PartSpec(NamedTuple):
+    """What one stored part must be: dtype, element count, and dims (1, or 0 for a scalar)."""
+
+    name: str
+    dtype: torch.dtype
+    numel: int
+    dims: int = 1
+
+
+def layout(fmt, numel: int, block_size: int, double_quant_: bool, nested_block_size: int) -> tuple[PartSpec, ...]:
+    """The parts a weight of ``numel`` values in format ``fmt`` (a format object) stores, in order."""
+    blocks = packing.num_blocks(numel, block_size)
+    specs = [PartSpec("codes", packing.packed_dtype(fmt.bits), packing.packed_numel(numel, fmt.bits))]
+    specs.append(PartSpec("scales", torch.uint8 if double_quant_ else torch.float32, blocks))
+    if fmt.affine:
+        specs.append(PartSpec("zeros", torch.float16, blocks))
+    if double_quant_:
+        specs.append(PartSpec("nested_scales", torch.float32, double_quant.nested_blocks(blocks, nested_block_size)))
+        specs.append(PartSpec("offset", torch.float32, 1, dims=0))
+    return tuple(specs)
+
+
+class Weight(NamedTuple):
+    """A quantized weight's parts and the numbers needed to decode them (no shape, no dtype tag)."""
+
+    parts: dict[str, torch.Tensor]
+    fmt: str
+    numel: int
+    block_size: int
+    nested_block_size: int = double_quant.NESTED_BLOCK_SIZE
+
+    def __getattr__(self, name: str):
+        # weight.codes, weight.scales, ...: None for a part this weight does not store
+        if name in NAMES:
+            return self.parts.get(name)
+        raise AttributeError(name)
+
+    @property
+    def double_quant(self) -> bool:
+        """True when ``scales`` holds 8-bit codes of ``nested_scales`` and ``offset``."""
+        return "nested_scales" in self.parts
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the codes (all parts live on one)."""
+        return self.parts["codes"].device
+
+    def op_args(self) -> tuple[list[torch.Tensor | None], str, list[int]]:
+        """``(parts, fmt, meta)`` as the ``qft::`` ops take a weight."""
+        return [self.parts.get(n) for n in NAMES], self.fmt, [self.numel, self.block_size, self.nested_block_size]
+
+    @classmethod
+    def from_op_args(cls, parts, fmt: str, meta) -> Weight:
+        """The inverse of ``op_args``; ``ValueError`` when the lists have the wrong length."""
+        if not isinstance(parts, (list, tuple)) or len(parts) != len(NAMES):
+            raise ValueError(f"parts must be a list of {len(NAMES)} tensors or None ({', '.join(NAMES)})")
+        if not isinstance(meta, (list, tuple)) or len(meta) != 3:
+            raise ValueError("meta must be [numel, block_size, nested_block_size]")
+        present = {n: t for n, t in zip(NAMES, parts, strict=True) if t is not None}
+        return cls(present, fmt, *(int(v) for v in meta))
+
+    def replace(self, **parts: torch.Tensor | None) -> Weight:
+        """A copy with some parts replaced (None drops a part)."""
+        merged = {**self.parts, **parts}
+        return self._replace(parts={n: merged[n] for n in NAMES if merged.get(n) is not None})
+
+    def map(self, fn) -> Weight:
+        """A copy with ``fn`` applied to every part (moves, contiguous copies, clones)."""
+        return self._replace(parts={n: fn(t) for n, t in self.parts.items()})

@@ -1,0 +1,37 @@
+"""The reference backend: pure torch, the CPU path and the oracle (``qft.formats`` and
+``qft.reference`` fix the arithmetic that the kernels reproduce)."""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats, reference
+
+
+def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bool) -> formats.Weight:
+    """``qft.formats.quantize``: the format's reference encode (and double quantization)."""
+    return formats.quantize(w, fmt, block_size, method, nested)
+
+
+def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``qft.formats.dequantize`` into ``out`` (copied) or a new tensor."""
+    decoded = formats.dequantize(weight, dtype)
+    return decoded if out is None else out.copy_(decoded)
+
+
+def decoded_matrix(weight: formats.Weight, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[rows, numel / rows]`` weight in ``dtype`` (float64 decodes in fp32: gradcheck)."""
+    decode_dtype = torch.float32 if dtype == torch.float64 else dtype
+    return formats.dequantize(weight, decode_dtype).view(rows, -1).to(dtype)
+
+
+def linear(x, weight, bias, lora_xa, lora_B, scaling: float, rot=None) -> torch.Tensor:
+    """``qft::quant_linear`` by ``qft.reference.quant_linear`` (x already rotated: ``rot`` is None)."""
+    w = decoded_matrix(weight, weight.numel // x.shape[1], x.dtype)
+    return reference.quant_linear(x, w, bias, lora_xa, lora_B, scaling)
+
+
+def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
+    """``qft::quant_linear_grad_input`` by ``qft.reference.quant_linear_grad_input``."""
+    w = decoded_matrix(weight, grad.shape[1], grad.dtype)
+    return reference.quant_linear_grad_input(grad, w, lora_grad_xa, lora_A, dropout_mask, dropout_scale)

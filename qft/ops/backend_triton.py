@@ -1,0 +1,57 @@
+"""The Triton backend (GPUs without the CUDA extension; CPU tensors under ``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats
+from qft.ops import gemm
+from qft.ops.thresholds import fused_max_m
+
+
+def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bool) -> formats.Weight:
+    """nf4/fp4 encoded by their Triton kernel; other formats' costly range search in Triton, the
+    elementwise rest in torch (``qft.formats``)."""
+    if formats.is_bnb_codebook(fmt):
+        from qft.kernels.quantize_4bit import quantize_4bit
+
+        codes, scales = quantize_4bit(w, block_size, fmt)
+        parts = {"codes": codes, "scales": scales}
+        return formats.Weight(formats.with_double_quant(parts) if nested else parts, fmt, w.numel(), block_size)
+    return search_then_encode(w, fmt, block_size, method, nested)
+
+
+def search_then_encode(w, fmt: str, block_size: int, method: str, nested: bool) -> formats.Weight:
+    """A searched code book or affine format: the Triton range search, then ``qft.formats.quantize``."""
+    from qft.kernels.quantize_lowbit import search_scales
+
+    scales, zeros = search_scales(w, fmt, block_size, method)
+    searched = {"scales": scales} if zeros is None else {"scales": scales, "zeros": zeros}
+    return formats.quantize(w, fmt, block_size, method, nested, **searched)
+
+
+def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """nf4/fp4 through the byte-pair kernel, every other format through the generic one."""
+    if formats.is_bnb_codebook(weight.fmt):
+        from qft.kernels.dequantize_4bit import dequantize_4bit
+
+        return dequantize_4bit(weight, dtype, out)
+    from qft.kernels.dequantize_lowbit import dequantize_lowbit
+
+    return dequantize_lowbit(weight, dtype, out)
+
+
+def linear(x, weight, bias, lora_xa, lora_B, scaling: float, rot=None) -> torch.Tensor:
+    """M <= ``thresholds.fused_max_m``: the fused decode-in-matmul kernel; larger M: ``gemm``."""
+    if x.shape[0] <= fused_max_m(x.device):
+        from qft.kernels.quant_matmul import quant_matmul
+
+        return quant_matmul(x, weight, bias, lora_xa, lora_B, scaling, rot)
+    w = gemm.decoded(weight, weight.numel // x.shape[1], x.dtype, dequantize)
+    return gemm.linear(x, w, bias, lora_xa, lora_B, scaling)
+
+
+def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
+    """Decode into scratch, then one GEMM (``gemm``)."""
+    w = gemm.decoded(weight, grad.shape[1], grad.dtype, dequantize)
+    return gemm.linear_grad_input(grad, w, lora_grad_xa, lora_A, dropout_mask, dropout_scale)

@@ -1,0 +1,143 @@
+"""Every ``qft::`` op over a quantized weight, declared once with its fake (shape-only) version.
+
+A weight is three arguments, ``Tensor?[] parts, str fmt, int[] meta`` (``qft.formats.Weight.op_args``).
+Each op checks its inputs, picks the backend for the tensors' device (``dispatch.backend_for``) and
+calls that backend's implementation (``backend_reference``, ``backend_triton``, ``backend_cuda``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats
+from qft.ops import backend_cuda, backend_reference, backend_triton
+from qft.ops.dispatch import FLOAT_DTYPES, backend_for
+from qft.ops.oft import oft_rotate, triton_rotates
+from qft.ops.thresholds import fused_max_m
+
+BACKEND_MODULES = {"reference": backend_reference, "triton": backend_triton, "cuda": backend_cuda}
+
+
+def _backend(device: torch.device):
+    return BACKEND_MODULES[backend_for(device)]
+
+
+def _weight(parts, fmt: str, meta) -> formats.Weight:
+    return formats.check_weight(formats.Weight.from_op_args(parts, fmt, meta))
+
+
+def _check_dtype(dtype: torch.dtype, name: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32/float16/bfloat16, got {dtype}")
+
+
+def _stored_names(fmt: str, block_size: int, nested: bool) -> list[str]:
+    return [s.name for s in formats.layout(formats.get_format(fmt), 1, block_size, nested, 1)]
+
+
+@torch.library.custom_op("qft::quantize", mutates_args=())
+def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bool) -> list[torch.Tensor]:
+    """Quantize ``w`` (fp32/fp16/bf16, any shape, finite) blockwise: the stored parts in
+    ``qft.formats.parts.NAMES`` order, absent ones left out (``qft.formats.layout`` names them)."""
+    formats.check_block_size(block_size, fmt)
+    _check_dtype(w.dtype, "w")
+    if w.numel() == 0:  # nothing to encode: zero-size parts (and a zero offset)
+        return [t.zero_() for t in _empty_parts(w, fmt, block_size, nested)]
+    weight = _backend(w.device).quantize(w, fmt, block_size, method, nested)
+    return [weight.parts[name] for name in _stored_names(fmt, block_size, nested)]
+
+
+def _empty_parts(w, fmt: str, block_size: int, nested: bool) -> list[torch.Tensor]:
+    specs = formats.layout(formats.get_format(fmt), w.numel(), block_size, nested, formats.NESTED_BLOCK_SIZE)
+    return [w.new_empty((s.numel,) if s.dims else (), dtype=s.dtype) for s in specs]
+
+
+@quantize.register_fake
+def _(w, fmt, block_size, method, nested):
+    return _empty_parts(w, fmt, block_size, nested)
+
+
+@torch.library.custom_op("qft::dequantize", mutates_args=())
+def dequantize(parts: list[torch.Tensor | None], fmt: str, meta: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Decode every value of the weight to a flat ``dtype`` tensor (bit-identical on every backend)."""
+    weight = _weight(parts, fmt, meta)
+    _check_dtype(dtype, "dtype")
+    if weight.numel == 0:
+        return weight.codes.new_empty((0,), dtype=dtype)
+    return _backend(weight.device).dequantize(weight, dtype)
+
+
+@dequantize.register_fake
+def _(parts, fmt, meta, dtype):
+    return parts[0].new_empty((meta[0],), dtype=dtype)
+
+
+def _check_input(x: torch.Tensor, name: str, weight: formats.Weight) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, features], got shape {tuple(x.shape)}")
+    if x.dtype not in (*FLOAT_DTYPES, torch.float64):
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.shape[1] == 0 or weight.numel % x.shape[1]:
+        raise ValueError(f"{name}'s {x.shape[1]} features do not divide the weight's {weight.numel} values")
+
+
+@torch.library.custom_op("qft::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor,
+    parts: list[torch.Tensor | None],
+    fmt: str,
+    meta: list[int],
+    bias: torch.Tensor | None,
+    lora_xa: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    scaling: float,
+    rot: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x' @ W^T + bias + scaling * lora_xa @ lora_B^T``; x [M, K], W [numel / K, K] quantized.
+
+    x' is x, or with ``rot`` [K / b, b, b] (OFT) x rotated block by block in fp32 and rounded back
+    to x's dtype. Accumulates in fp32 and returns y [M, N] in x's dtype. ``lora_xa`` [M, r] and
+    ``lora_B`` [N, r] (both or neither) may be fp32 over a bf16/fp16 x.
+    """
+    weight = _weight(parts, fmt, meta)
+    _check_input(x, "x", weight)
+    # The fused small-M kernel rotates in its prologue (b >= 16, tl.dot); elsewhere rotate first.
+    fused_rotation = rot is not None and rot.shape[1] >= 16 and triton_rotates(x, rot.shape[1])
+    if rot is not None and not (fused_rotation and x.shape[0] <= fused_max_m(x.device)):
+        x = oft_rotate(x, rot, False)
+        rot = None
+    backend = backend_reference if x.dtype == torch.float64 else _backend(x.device)
+    return backend.linear(x, weight, bias, lora_xa, lora_B, scaling, rot)
+
+
+@quant_linear.register_fake
+def _(x, parts, fmt, meta, *rest):
+    return x.new_empty((x.shape[0], meta[0] // x.shape[1]))
+
+
+@torch.library.custom_op("qft::quant_linear_grad_input", mutates_args=())
+def quant_linear_grad_input(
+    grad: torch.Tensor,
+    parts: list[torch.Tensor | None],
+    fmt: str,
+    meta: list[int],
+    lora_grad_xa: torch.Tensor | None,
+    lora_A: torch.Tensor | None,
+    dropout_mask: torch.Tensor | None,
+    dropout_scale: float,
+) -> torch.Tensor:
+    """``grad_x = grad @ W + (lora_grad_xa @ lora_A) * dropout_mask * dropout_scale``.
+
+    grad [M, N]; W [N, numel / N] decoded again (never saved); ``lora_grad_xa`` [M, r] is the
+    gradient reaching ``dropout(x) @ A^T`` (scaling included); ``dropout_mask`` [M, K] bool or None.
+    Returns grad_x [M, K] in grad's dtype.
+    """
+    weight = _weight(parts, fmt, meta)
+    _check_input(grad, "grad", weight)
+    backend = backend_reference if grad.dtype == torch.float64 else _backend(grad.device)
+    return backend.linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale)
+
+
+@quant_linear_grad_input.register_fake
+def _(grad, parts, fmt, meta, *rest):
+    return grad.new_empty((grad.shape[0], meta[0] // grad.shape[1]))
