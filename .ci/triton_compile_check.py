@@ -46,24 +46,24 @@ def _record_all():
     from qft import kernels as _  # noqa: F401
     from qft.kernels import (
         adamw,
-        dequantize_4bit,
-        dequantize_lowbit,
+        dequantize,
+        dequantize_codebook4,
+        oft_apply_rotation,
+        oft_build_rotation,
         quant_matmul,
-        quantize_4bit,
-        quantize_lowbit,
+        quantize_codebook4,
+        search_scales,
     )
-    from qft.kernels import oft_apply_rotation as oft_rotate
-    from qft.kernels import oft_build_rotation as oft_rotation
 
     for module in (
         adamw,
-        dequantize_4bit,
-        dequantize_lowbit,
-        oft_rotate,
-        oft_rotation,
+        dequantize,
+        dequantize_codebook4,
+        oft_apply_rotation,
+        oft_build_rotation,
         quant_matmul,
-        quantize_4bit,
-        quantize_lowbit,
+        quantize_codebook4,
+        search_scales,
     ):
         for name, value in vars(module).items():
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("kernel"):
@@ -104,11 +104,16 @@ def _launch_everything(full: bool):
     set covers each kernel and each code path once (bf16 and fp32 alternate); ``full`` crosses all."""
     import qft
     from qft import formats, reference
-    from qft.kernels import adamw, dequantize_4bit, dequantize_lowbit, quant_matmul
-    from qft.kernels import oft_apply_rotation as oft_rotate
-    from qft.kernels import oft_build_rotation as oft_rotation
-    from qft.kernels import quantize_4bit as q4
-    from qft.kernels import quantize_lowbit as qlow
+    from qft.kernels import (
+        adamw,
+        dequantize,
+        dequantize_codebook4,
+        oft_apply_rotation,
+        oft_build_rotation,
+        quant_matmul,
+    )
+    from qft.kernels import quantize_codebook4 as q4
+    from qft.kernels import search_scales as qlow
     from qft.optim import quant_state
 
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -116,7 +121,7 @@ def _launch_everything(full: bool):
     torch.manual_seed(0)
     for i, fmt in enumerate(("nf4", "fp4")):
         for dtype in both if full else (both[i],):
-            q4.quantize_4bit(torch.randn(96, 128, dtype=dtype), 64, fmt)
+            q4.quantize_codebook4(torch.randn(96, 128, dtype=dtype), 64, fmt)
     searches = [
         ("int4", "hqq"),
         ("int3", "clip"),
@@ -137,9 +142,9 @@ def _launch_everything(full: bool):
         qt = qft.quantize(torch.randn(96, 128), fmt, 64, double_quant)
         for dtype in both if full else (both[(i + 1) % 2],):
             if formats.is_bnb_codebook(fmt):
-                dequantize_4bit.dequantize_4bit(qt.weight, dtype)
+                dequantize_codebook4.dequantize_codebook4(qt.weight, dtype)
             else:
-                dequantize_lowbit.dequantize_lowbit(qt.weight, dtype)
+                dequantize.dequantize(qt.weight, dtype)
             x = torch.randn(5, 128, dtype=dtype)
             lora = (torch.randn(5, 8), torch.randn(96, 8)) if double_quant else (None, None)
             rot = reference.oft_rotation(0.05 * torch.randn(4, 32 * 31 // 2), 32) if fmt == "nf4" else None
@@ -151,13 +156,13 @@ def _launch_everything(full: bool):
     for b in (8, 16, 32, 64) if full else (8, 64):
         params = 0.05 * torch.randn(128 // b, b * (b - 1) // 2)
         for terms in (2, 5) if full else (5,):
-            oft_rotation.rotation(params, b, terms)
-            oft_rotation.rotation_grad(params, torch.randn(128 // b, b, b), b, terms)
+            oft_build_rotation.rotation(params, b, terms)
+            oft_build_rotation.rotation_grad(params, torch.randn(128 // b, b, b), b, terms)
         rot = reference.oft_rotation(params, b)
         for dtype in both if full else (bf16,):
             x = torch.randn(40, 128, dtype=dtype)
-            oft_rotate.rotate(x, rot)
-            oft_rotate.rotate_backward(x, torch.randn(40, 128, dtype=dtype), rot)
+            oft_apply_rotation.rotate(x, rot)
+            oft_apply_rotation.rotate_backward(x, torch.randn(40, 128, dtype=dtype), rot)
     maps = quant_state.tables("cpu")
     kinds = [(fp32, fp32), (bf16, bf16), (torch.float16, torch.float16), (fp32, bf16)]
     for p_dtype, g_dtype in kinds if full else kinds[:2]:

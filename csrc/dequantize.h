@@ -1,4 +1,4 @@
-// The two kernels behind qft::dequantize, one per file; qft::dequantize (dequantize_lowbit.cu) checks
+// The two kernels behind qft::dequantize, one per file; qft::dequantize (dequantize.cu) checks
 // the weight and picks one.
 #pragma once
 
@@ -8,10 +8,10 @@
 
 namespace qft {
 
-// nf4/fp4: two values per byte from a shared-memory code book (dequantize_4bit.cu). block_size % 8 == 0.
+// nf4/fp4: two values per byte from a shared-memory code book (dequantize_codebook4.cu). block_size % 8 == 0.
 cudaError_t dequantize_codebook4(const QuantWeight& w, void* out, DType out_dtype, cudaStream_t stream);
 
-// Every format, one packing unit per thread (dequantize_lowbit.cu). block_size % 32 == 0.
+// Every format, one packing unit per thread (dequantize.cu). block_size % 32 == 0.
 cudaError_t dequantize_units(const QuantWeight& w, void* out, DType out_dtype, cudaStream_t stream);
 
 }  // namespace qft

@@ -13,9 +13,9 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bo
     """nf4/fp4 encoded by their Triton kernel; other formats' costly range search in Triton, the
     elementwise rest in torch (``qft.formats``)."""
     if formats.is_bnb_codebook(fmt):
-        from qft.kernels.quantize_4bit import quantize_4bit
+        from qft.kernels.quantize_codebook4 import quantize_codebook4
 
-        codes, scales = quantize_4bit(w, block_size, fmt)
+        codes, scales = quantize_codebook4(w, block_size, fmt)
         parts = {"codes": codes, "scales": scales}
         return formats.Weight(formats.with_double_quant(parts) if nested else parts, fmt, w.numel(), block_size)
     return search_then_encode(w, fmt, block_size, method, nested)
@@ -23,7 +23,7 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bo
 
 def search_then_encode(w, fmt: str, block_size: int, method: str, nested: bool) -> formats.Weight:
     """A searched code book or affine format: the Triton range search, then ``qft.formats.quantize``."""
-    from qft.kernels.quantize_lowbit import search_scales
+    from qft.kernels.search_scales import search_scales
 
     scales, zeros = search_scales(w, fmt, block_size, method)
     searched = {"scales": scales} if zeros is None else {"scales": scales, "zeros": zeros}
@@ -33,12 +33,12 @@ def search_then_encode(w, fmt: str, block_size: int, method: str, nested: bool) 
 def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """nf4/fp4 through the byte-pair kernel, every other format through the generic one."""
     if formats.is_bnb_codebook(weight.fmt):
-        from qft.kernels.dequantize_4bit import dequantize_4bit
+        from qft.kernels.dequantize_codebook4 import dequantize_codebook4
 
-        return dequantize_4bit(weight, dtype, out)
-    from qft.kernels.dequantize_lowbit import dequantize_lowbit
+        return dequantize_codebook4(weight, dtype, out)
+    from qft.kernels.dequantize import dequantize
 
-    return dequantize_lowbit(weight, dtype, out)
+    return dequantize(weight, dtype, out)
 
 
 def linear(x, weight, bias, lora_xa, lora_B, scaling: float, rot=None) -> torch.Tensor:

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 import qft
 from qft import formats
-from qft.kernels.dequantize_4bit import dequantize_4bit as triton_dequantize
-from qft.kernels.quantize_4bit import quantize_4bit as triton_quantize
+from qft.kernels.dequantize_codebook4 import dequantize_codebook4 as triton_dequantize
+from qft.kernels.quantize_codebook4 import quantize_codebook4 as triton_quantize
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 FORMATS = st.sampled_from(["nf4", "fp4"])

@@ -5,8 +5,8 @@ import torch
 from cases import DTYPES, SHAPES, edge_weight, ref_dequantize, ref_quantize, weight
 
 from qft import formats
-from qft.kernels.dequantize_4bit import dequantize_4bit as triton_dequantize
-from qft.kernels.quantize_4bit import quantize_4bit as triton_quantize
+from qft.kernels.dequantize_codebook4 import dequantize_codebook4 as triton_dequantize
+from qft.kernels.quantize_codebook4 import quantize_codebook4 as triton_quantize
 
 
 def _check_device(device, fmt, block_size, w_dtype, out_dtype):

@@ -20,7 +20,7 @@ BYTES_PER_PROGRAM = 1024  # 2048 outputs per program
 
 
 @triton.jit
-def _dequantize_4bit_kernel(
+def _dequantize_codebook4_kernel(
     W,  # the weight (decode.weight_pointers): bytes, absmax or its codes, double-quant state, code book
     out_ptr,  # [numel] fp32/fp16/bf16, or int16 when ROUND_BF16_BY_HAND
     numel,
@@ -43,7 +43,7 @@ def _dequantize_4bit_kernel(
     store_rounded(out_ptr, index, values, index < numel, ROUND_BF16_BY_HAND)
 
 
-def dequantize_4bit(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_codebook4(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode an nf4/fp4 ``weight`` with Triton into ``out`` (a contiguous ``[numel]`` scratch buffer)
     or a new flat ``dtype`` tensor; callers have checked the parts (``qft.formats.check_weight``)."""
     formats.get_bnb_format(weight.fmt)
@@ -53,7 +53,7 @@ def dequantize_4bit(weight: formats.Weight, dtype: torch.dtype, out: torch.Tenso
         out = torch.empty(weight.numel, dtype=dtype, device=weight.device)
     by_hand = dtype == torch.bfloat16 and interpreting()
     grid = (triton.cdiv(n_packed, BYTES_PER_PROGRAM),)
-    _dequantize_4bit_kernel[grid](
+    _dequantize_codebook4_kernel[grid](
         pointers,
         out.view(torch.int16) if by_hand else out,
         weight.numel,

@@ -19,7 +19,7 @@ VALUES_PER_PROGRAM = 2048
 
 
 @triton.jit
-def _dequantize_lowbit_kernel(
+def _dequantize_kernel(
     W,  # the weight (decode.weight_pointers)
     out_ptr,
     numel,
@@ -32,7 +32,7 @@ def _dequantize_lowbit_kernel(
     store_rounded(out_ptr, idx, decode_values(W, idx, ok, FMT), ok, ROUND_BF16_BY_HAND)
 
 
-def dequantize_lowbit(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode every value of ``weight`` (any format) with Triton into ``out`` (or a new flat ``dtype``
     tensor); callers have checked the parts (``qft.formats.check_weight``)."""
     numel = weight.numel
@@ -40,7 +40,7 @@ def dequantize_lowbit(weight: formats.Weight, dtype: torch.dtype, out: torch.Ten
         out = torch.empty(numel, dtype=dtype, device=weight.device)
     by_hand = dtype == torch.bfloat16 and interpreting()
     grid = (triton.cdiv(numel, VALUES_PER_PROGRAM),)
-    _dequantize_lowbit_kernel[grid](
+    _dequantize_kernel[grid](
         weight_pointers(weight),
         out.view(torch.int16) if by_hand else out,
         numel,

@@ -14,7 +14,7 @@ constexpr int kThreads = 256;
 constexpr int kBytesPerThread = 4;
 
 template <typename T, bool kNested, bool kVector>
-__global__ void dequantize_4bit_kernel(QuantWeight w, T* __restrict__ out, int64_t n_packed) {
+__global__ void dequantize_codebook4_kernel(QuantWeight w, T* __restrict__ out, int64_t n_packed) {
   __shared__ float s_code[16];
   __shared__ float s_map[kNested ? 256 : 1];
   if (threadIdx.x < 16) s_code[threadIdx.x] = w.code[threadIdx.x];
@@ -49,7 +49,7 @@ cudaError_t launch(const QuantWeight& w, void* out, cudaStream_t stream) {
   const int64_t threads = (n_packed + kBytesPerThread - 1) / kBytesPerThread;
   const unsigned ctas = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
   const bool aligned = reinterpret_cast<uintptr_t>(w.codes) % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  auto kernel = aligned ? dequantize_4bit_kernel<T, kNested, true> : dequantize_4bit_kernel<T, kNested, false>;
+  auto kernel = aligned ? dequantize_codebook4_kernel<T, kNested, true> : dequantize_codebook4_kernel<T, kNested, false>;
   kernel<<<ctas, kThreads, 0, stream>>>(w, static_cast<T*>(out), n_packed);
   return cudaGetLastError();
 }

@@ -1,4 +1,4 @@
-"""Triton blockwise 4-bit quantization (nf4/fp4), bit-identical to ``qft.reference.quantize_4bit``."""
+"""Triton blockwise 4-bit quantization (nf4/fp4), bit-identical to ``qft.reference.quantize_codebook4``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from . import interpreting
 
 
 @triton.jit
-def _quantize_4bit_kernel(
+def _quantize_codebook4_kernel(
     w_ptr,  # [numel] fp32/fp16/bf16, contiguous
     packed_ptr,  # [(numel + 1) // 2] uint8 out
     absmax_ptr,  # [num_blocks] fp32 out
@@ -75,7 +75,7 @@ def _blocks_per_program(block_size: int) -> int:
     return max(1, 2048 // block_size)
 
 
-def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_codebook4(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w`` blockwise to 4 bits with Triton.
 
     Args:
@@ -96,7 +96,7 @@ def quantize_4bit(w: torch.Tensor, block_size: int, fmt: str) -> tuple[torch.Ten
     per_program = _blocks_per_program(block_size)
     grid = (triton.cdiv(blocks, per_program),)
     by_hand = w.dtype == torch.bfloat16 and interpreting()
-    _quantize_4bit_kernel[grid](
+    _quantize_codebook4_kernel[grid](
         w.view(torch.int16) if by_hand else w,
         packed,
         absmax,

@@ -29,7 +29,7 @@ struct Encoder {
 };
 
 template <typename T>
-__global__ void quantize_4bit_kernel(const T* __restrict__ w, uint8_t* __restrict__ packed,
+__global__ void quantize_codebook4_kernel(const T* __restrict__ w, uint8_t* __restrict__ packed,
                                      float* __restrict__ absmax, const float* __restrict__ thresholds,
                                      const int32_t* __restrict__ encode_order, int64_t numel,
                                      int block_size, int64_t num_blocks) {
@@ -66,7 +66,7 @@ cudaError_t launch(const void* w, uint8_t* packed, float* absmax, const float* t
                    const int32_t* order, int64_t numel, int block_size, cudaStream_t stream) {
   const int64_t num_blocks = (numel + block_size - 1) / block_size;
   const int64_t ctas = (num_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
-  quantize_4bit_kernel<T><<<static_cast<unsigned>(ctas), 32 * kWarpsPerCta, 0, stream>>>(
+  quantize_codebook4_kernel<T><<<static_cast<unsigned>(ctas), 32 * kWarpsPerCta, 0, stream>>>(
       static_cast<const T*>(w), packed, absmax, thresholds, order, numel, block_size, num_blocks);
   return cudaGetLastError();
 }
