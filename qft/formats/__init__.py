@@ -21,7 +21,7 @@ from qft.formats.codebook import byte_pairs, code, encode_order, thresholds
 from qft.formats.double_quant import ABSMAX_FLOOR, NESTED_BLOCK_SIZE, dynamic_map, unsigned_dynamic_map
 from qft.formats.packing import num_blocks, packed_dtype, packed_numel
 from qft.formats.parts import NAMES as PART_NAMES
-from qft.formats.parts import Weight, layout
+from qft.formats.parts import Weight, cached, layout
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a weight decodes to (and comes from)
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # code books
@@ -92,39 +92,63 @@ def _check_int(value, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+@cached
+def _checked_layout(fmt: str, numel: int, block_size: int, nested: bool, nested_block_size: int):
+    """The layout as ``(name, dtype, numel, dims)`` tuples, after checking the numbers (cached: every
+    op call checks its weight, and a failed check raises again, uncached)."""
+    spec = get_format(fmt)
+    check_block_size(block_size, fmt)
+    _check_int(numel, "numel", 0)
+    _check_int(nested_block_size, "nested_block_size", 1)
+    return tuple(tuple(s) for s in layout(spec, numel, block_size, nested, nested_block_size))
+
+
 def check_weight(weight: Weight) -> Weight:
     """``weight``, or ``ValueError`` naming the part that does not fit its format, size and block size.
 
     Kernels index by ``numel`` and ``block_size`` alone, so a part of the wrong size, dtype, rank or
     device would be read out of bounds: every decode checks first.
     """
-    fmt = get_format(weight.fmt)
-    check_block_size(weight.block_size, weight.fmt)
-    _check_int(weight.numel, "numel", 0)
-    _check_int(weight.nested_block_size, "nested_block_size", 1)
+    if not isinstance(weight.fmt, str) or isinstance(weight.numel, bool) or isinstance(weight.block_size, bool):
+        get_format(weight.fmt)
+        check_block_size(weight.block_size, weight.fmt)
+        _check_int(weight.numel, "numel", 0)
     if ("nested_scales" in weight.parts) != ("offset" in weight.parts):
         raise ValueError("nested_scales and offset must be given together")
-    specs = layout(fmt, weight.numel, weight.block_size, weight.double_quant, weight.nested_block_size)
-    for name in set(weight.parts) - {s.name for s in specs}:
+    specs = _checked_layout(weight.fmt, weight.numel, weight.block_size, weight.double_quant, weight.nested_block_size)
+    parts = weight.parts
+    if len(parts) == len(specs):
+        device = parts["codes"].device if isinstance(parts.get("codes"), torch.Tensor) else None
+        for name, dtype, numel, dims in specs:  # the fast path of every op call
+            t = parts.get(name)
+            fits = isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == dims
+            if not (fits and t.numel() == numel and t.device == device):
+                break
+        else:
+            return weight
+    _explain(weight, specs)
+    return weight
+
+
+def _explain(weight: Weight, specs) -> None:
+    """Raise the error that names the first part that does not fit."""
+    for name in set(weight.parts) - {s[0] for s in specs}:
         raise ValueError(f"{name} is not a part of a {weight.fmt} weight")
     device = None
-    for spec in specs:
-        t = weight.parts.get(spec.name)
+    for name, dtype, numel, dims in specs:
+        t = weight.parts.get(name)
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{spec.name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != spec.dims:  # the right count in another shape ([n, 1] scales) would broadcast in a decode
-            want = "a 0-dim scalar" if spec.dims == 0 else f"{spec.dims}-D"
-            raise ValueError(f"{spec.name} must be {want}, got shape {tuple(t.shape)}")
-        if t.dtype != spec.dtype:
-            raise ValueError(f"{spec.name} must be {spec.dtype}, got {t.dtype}")
-        if t.numel() != spec.numel:
-            raise ValueError(
-                f"{spec.name} must hold {spec.numel} values for this shape and block size, got {t.numel()}"
-            )
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != dims:  # the right count in another shape ([n, 1] scales) would broadcast in a decode
+            want = "a 0-dim scalar" if dims == 0 else f"{dims}-D"
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.numel() != numel:
+            raise ValueError(f"{name} must hold {numel} values for this shape and block size, got {t.numel()}")
         device = t.device if device is None else device
         if t.device != device:
-            raise ValueError(f"{spec.name} is on {t.device} but codes are on {device}")
-    return weight
+            raise ValueError(f"{name} is on {t.device} but codes are on {device}")
 
 
 def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str = "hqq", nested: bool = False, **searched):

@@ -12,6 +12,7 @@ nested_block_size]``): ``Weight.op_args()`` and ``Weight.from_op_args`` convert.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -38,6 +39,23 @@ class PartSpec(NamedTuple):
     dims: int = 1
 
 
+def cached(fn):
+    """``fn`` memoized (every op call consults it), falling back to a plain call for arguments that
+    cannot be hashed (symbolic sizes while ``torch.compile`` traces)."""
+    memo = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        try:
+            hash(args)
+        except TypeError:
+            return fn(*args)
+        return memo(*args)
+
+    return call
+
+
+@cached
 def layout(fmt, numel: int, block_size: int, double_quant_: bool, nested_block_size: int) -> tuple[PartSpec, ...]:
     """The parts a weight of ``numel`` values in format ``fmt`` (a format object) stores, in order."""
     blocks = packing.num_blocks(numel, block_size)
@@ -51,34 +69,61 @@ def layout(fmt, numel: int, block_size: int, double_quant_: bool, nested_block_s
     return tuple(specs)
 
 
-class Weight(NamedTuple):
-    """A quantized weight's parts and the numbers needed to decode them (no shape, no dtype tag)."""
+class Weight:
+    """A quantized weight's parts and the numbers needed to decode them (no shape, no dtype tag).
 
-    parts: dict[str, torch.Tensor]
-    fmt: str
-    numel: int
-    block_size: int
-    nested_block_size: int = double_quant.NESTED_BLOCK_SIZE
+    ``Weight(parts, fmt, numel, block_size, nested_block_size)``; each part is also an attribute
+    (``weight.codes``, ``weight.scales``, ...: None for a part this weight does not store). Built on
+    every op call, so it is a plain slotted object.
+    """
 
-    def __getattr__(self, name: str):
-        # weight.codes, weight.scales, ...: None for a part this weight does not store
-        if name in NAMES:
-            return self.parts.get(name)
-        raise AttributeError(name)
+    __slots__ = ("parts", "fmt", "numel", "block_size", "nested_block_size", *NAMES)
+
+    def __init__(
+        self,
+        parts: dict[str, torch.Tensor],
+        fmt: str,
+        numel: int,
+        block_size: int,
+        nested_block_size: int = double_quant.NESTED_BLOCK_SIZE,
+    ) -> None:
+        self.parts, self.fmt, self.numel = parts, fmt, numel
+        self.block_size, self.nested_block_size = block_size, nested_block_size
+        for name in NAMES:
+            setattr(self, name, parts.get(name))
+
+    def __eq__(self, other) -> bool:
+        """Same format numbers and the very same part tensors (identity: tensors have no truth value)."""
+        return (
+            isinstance(other, Weight)
+            and self.meta() == other.meta()
+            and self.fmt == other.fmt
+            and self.parts.keys() == other.parts.keys()
+            and all(self.parts[n] is other.parts[n] for n in self.parts)
+        )
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Weight({self.fmt}, numel={self.numel}, block_size={self.block_size}, parts={sorted(self.parts)})"
 
     @property
     def double_quant(self) -> bool:
         """True when ``scales`` holds 8-bit codes of ``nested_scales`` and ``offset``."""
-        return "nested_scales" in self.parts
+        return self.nested_scales is not None
 
     @property
     def device(self) -> torch.device:
         """The device of the codes (all parts live on one)."""
-        return self.parts["codes"].device
+        return self.codes.device
+
+    def meta(self) -> list[int]:
+        """``[numel, block_size, nested_block_size]``: the integers of ``op_args``."""
+        return [self.numel, self.block_size, self.nested_block_size]
 
     def op_args(self) -> tuple[list[torch.Tensor | None], str, list[int]]:
         """``(parts, fmt, meta)`` as the ``qft::`` ops take a weight."""
-        return [self.parts.get(n) for n in NAMES], self.fmt, [self.numel, self.block_size, self.nested_block_size]
+        return [self.codes, self.scales, self.zeros, self.nested_scales, self.offset], self.fmt, self.meta()
 
     @classmethod
     def from_op_args(cls, parts, fmt: str, meta) -> Weight:
@@ -93,8 +138,10 @@ class Weight(NamedTuple):
     def replace(self, **parts: torch.Tensor | None) -> Weight:
         """A copy with some parts replaced (None drops a part)."""
         merged = {**self.parts, **parts}
-        return self._replace(parts={n: merged[n] for n in NAMES if merged.get(n) is not None})
+        present = {n: merged[n] for n in NAMES if merged.get(n) is not None}
+        return Weight(present, self.fmt, self.numel, self.block_size, self.nested_block_size)
 
     def map(self, fn) -> Weight:
         """A copy with ``fn`` applied to every part (moves, contiguous copies, clones)."""
-        return self._replace(parts={n: fn(t) for n, t in self.parts.items()})
+        parts = {n: fn(t) for n, t in self.parts.items()}
+        return Weight(parts, self.fmt, self.numel, self.block_size, self.nested_block_size)

@@ -15,4 +15,4 @@ def _cached(build, key, device: torch.device) -> torch.Tensor:
 
 def on_device(build, device: torch.device | str, key=None) -> torch.Tensor:
     """``build(key)`` (or ``build()``), a CPU tensor, copied to ``device`` once and then reused."""
-    return _cached(build, key, torch.device(device))
+    return _cached(build, key, device if isinstance(device, torch.device) else torch.device(device))
