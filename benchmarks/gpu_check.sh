@@ -116,7 +116,7 @@ PYTEST=("${PY[@]}" -m pytest -q -p no:cacheprovider)
 "${PY[@]}" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && PYTEST+=(-n 8)
 "${PY[@]}" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 180)
 PYTEST_SERIAL=("${PY[@]}" -m pytest -q -p no:cacheprovider)
-GPU_TESTS="tests/test_triton.py tests/test_ops.py tests/test_functional.py tests/test_lowbit.py tests/test_oft.py tests/test_optim.py"
+GPU_TESTS="tests/kernels/test_triton.py tests/ops/test_ops.py tests/test_functional.py tests/formats/test_lowbit.py tests/adapters/test_oft.py tests/optim/test_optim.py"
 PAGING_TEST="paged_step_matches_cpu"
 
 if [ "$DRY" = 1 ]; then
@@ -131,11 +131,11 @@ stage smallm 150 "$(bench lowbit smallm)"
 stage train 120 "$(bench linear train) --ms $TRAIN_M --shapes $TRAIN_SHAPES"
 stage optim 60 "$(bench optim optim)"
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  stage sanitize 90 "compute-sanitizer --tool memcheck --error-exitcode 1 ${PYTEST_SERIAL[*]} -m gpu -x tests/test_ops.py tests/test_lowbit.py"
+  stage sanitize 90 "compute-sanitizer --tool memcheck --error-exitcode 1 ${PYTEST_SERIAL[*]} -m gpu -x tests/ops/test_ops.py tests/formats/test_lowbit.py"
 else
   stage sanitize 10 "echo 'no compute-sanitizer on this machine: not run'"
 fi
-stage paging 60 "${PYTEST[*]} -m gpu -k '$PAGING_TEST' tests/test_optim.py"
+stage paging 60 "${PYTEST[*]} -m gpu -k '$PAGING_TEST' tests/optim/test_optim.py"
 if [ "$DRY" = 1 ]; then
   FSDP="${PY[*]} benchmarks/fsdp_qlora.py --no-shard --cases nf4:lora --steps 2 --out $WORK/rest/fsdp-single.json"
 else

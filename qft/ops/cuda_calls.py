@@ -6,7 +6,7 @@ kinds of arguments, not that an address is the right tensor's. Each wrapper here
 addresses by keyword, so pybind11 checks every name against ``csrc/bindings.cpp``; the weight
 becomes one ``qft._C.QuantWeight`` (``_quant_weight``, which also looks up the format's tables).
 A kernel that refuses or fails raises the extension's own ``RuntimeError``.
-``tests/test_cuda_calls.py`` calls each wrapper on CPU tensors of size zero (refused before any
+``tests/ops/test_cuda_calls.py`` calls each wrapper on CPU tensors of size zero (refused before any
 launch), so a signature drift fails on a machine without a GPU.
 
 Callers prepare the tensors and the weight's parts (contiguous, right dtypes, on one device) and keep

@@ -12,7 +12,7 @@ from qft import reference
 from qft.ops.dispatch import backend_for
 
 # The Triton rotation kernels hold a block's b x b matrices in registers / shared memory (tl.arange:
-# b a power of two) up to 64 (compiled for sm_90 in tests/test_triton_compile.py); other blocks take
+# b a power of two) up to 64 (compiled for sm_90 in tests/kernels/test_triton_compile.py); other blocks take
 # the torch path.
 TRITON_MAX_BLOCK = 64
 
