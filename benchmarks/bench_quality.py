@@ -125,7 +125,7 @@ def matrices(size: int) -> dict[str, list[torch.Tensor]]:
         f"Student-t(4) {size}x{size}": [torch.distributions.StudentT(4.0).sample((size, size))],
     }
     try:
-        from qft.demo import default_model_path, load_model
+        from qft.cli.demo import default_model_path, load_model
 
         _, model = load_model(default_model_path(), torch.device("cpu"))
         found["MiniLM-L6 linears"] = [

@@ -16,7 +16,7 @@ LAYERS = [
     ("qft.ops",),
     ("qft.functional", "qft.adapters"),
     ("qft.nn",),
-    ("qft.optim", "qft.integrations", "qft.environment", "qft.demo", "qft.bench", "qft.__main__", "qft"),
+    ("qft.optim", "qft.integrations", "qft.cli", "qft.__main__", "qft"),
 ]
 
 

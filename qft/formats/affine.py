@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from qft.formats import packing
+from qft.formats.parts import PartSpec, codes_and_scales
 
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "clip", "hqq")
@@ -37,6 +38,11 @@ class AffineFormat:
     def max_code(self) -> int:
         """The largest code, ``2**bits - 1``."""
         return 2**self.bits - 1
+
+    def stored_parts(self, numel: int, block_size: int) -> list[PartSpec]:
+        """Packed codes, one fp32 scale and one fp16 zero per group."""
+        specs = codes_and_scales(self.bits, numel, block_size)
+        return [*specs, PartSpec("zeros", torch.float16, packing.num_blocks(numel, block_size))]
 
     def quantize(self, w: torch.Tensor, block_size: int, method: str = "hqq", scales=None, zeros=None):
         """``{"codes": packed, "scales": fp32 [groups], "zeros": fp16 [groups]}``; a range searched

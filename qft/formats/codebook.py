@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from qft.formats import packing, tables
+from qft.formats.parts import PartSpec, codes_and_scales
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class CodebookFormat:
         """The code that 0.0 encodes to, used to pad a partial packing unit."""
         below = int((thresholds(self.name) < 0).sum())
         return self.encode_order[below]
+
+    def stored_parts(self, numel: int, block_size: int) -> list[PartSpec]:
+        """Packed codes and one scale per block (``parts.layout`` adds double quantization)."""
+        return codes_and_scales(self.bits, numel, block_size)
 
     def encode(self, scaled: torch.Tensor) -> torch.Tensor:
         """Code of each value of ``scaled`` (in [-1, 1]): thresholds strictly below, reordered."""

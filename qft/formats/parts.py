@@ -1,9 +1,10 @@
 """The stored parts of a quantized weight, declared once, and ``Weight``: the parts as one value.
 
-Every format stores ``codes`` (packed, see ``packing``) and ``scales`` (one per block); affine
-formats add ``zeros``; double quantization turns ``scales`` into uint8 codes and adds
-``nested_scales`` and ``offset``. Everything that names parts (ops, kernels, state dicts, flat FSDP
-storage, module buffers) reads this declaration instead of spelling them out.
+Each format declares what it stores (``stored_parts``: name, dtype, size rule): packed ``codes`` and
+``scales`` (one per block) for all, ``zeros`` for affine formats; double quantization (``layout``)
+turns ``scales`` into uint8 codes and adds ``nested_scales`` and ``offset``. Everything that names
+parts (ops, kernels, state dicts, flat FSDP storage, module buffers) reads this declaration instead
+of spelling them out; ``STATE_KEYS`` gives each part's state-dict key, unchanged on disk.
 
 ``Weight`` travels through the custom ops as three arguments, ``Tensor?[] parts`` (in ``NAMES``
 order, None for an absent part), ``str fmt`` and ``int[] meta`` (``[numel, block_size,
@@ -56,14 +57,23 @@ def cached(fn):
 
 
 @cached
+def codes_and_scales(bits: int, numel: int, block_size: int) -> list[PartSpec]:
+    """What every format stores: packed ``codes`` and one fp32 scale per block."""
+    return [
+        PartSpec("codes", packing.packed_dtype(bits), packing.packed_numel(numel, bits)),
+        PartSpec("scales", torch.float32, packing.num_blocks(numel, block_size)),
+    ]
+
+
 def layout(fmt, numel: int, block_size: int, double_quant_: bool, nested_block_size: int) -> tuple[PartSpec, ...]:
-    """The parts a weight of ``numel`` values in format ``fmt`` (a format object) stores, in order."""
-    blocks = packing.num_blocks(numel, block_size)
-    specs = [PartSpec("codes", packing.packed_dtype(fmt.bits), packing.packed_numel(numel, fmt.bits))]
-    specs.append(PartSpec("scales", torch.uint8 if double_quant_ else torch.float32, blocks))
-    if fmt.affine:
-        specs.append(PartSpec("zeros", torch.float16, blocks))
+    """The parts a weight of ``numel`` values in format ``fmt`` (a format object) stores, in order:
+    the format's own (``fmt.stored_parts``), with double quantization turning the fp32 scales into
+    uint8 codes plus ``nested_scales`` and ``offset``."""
+    specs = list(fmt.stored_parts(numel, block_size))
     if double_quant_:
+        scales = next(i for i, s in enumerate(specs) if s.name == "scales")
+        blocks = specs[scales].numel
+        specs[scales] = specs[scales]._replace(dtype=torch.uint8)
         specs.append(PartSpec("nested_scales", torch.float32, double_quant.nested_blocks(blocks, nested_block_size)))
         specs.append(PartSpec("offset", torch.float32, 1, dims=0))
     return tuple(specs)

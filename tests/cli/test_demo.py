@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from qft import demo
+from qft.cli import demo
 
 
 def test_demo_improves_held_out_cosine(tmp_path):

@@ -25,7 +25,7 @@ class BenchError(ValueError):
 
 def benchmarks_dir() -> Path:
     """The ``benchmarks/`` folder next to the qft package (a source checkout or editable install)."""
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
     if not (folder / "common.py").is_file():
         raise BenchError(f"no benchmark suites at {folder}: run from a source checkout of qft")
     return folder

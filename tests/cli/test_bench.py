@@ -8,7 +8,7 @@ import pytest
 
 from qft import formats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_quant
 
 RATES = {"copy_bandwidth_gbps": 10.0, "matmul_tflops": 0.1}  # floors only; not measured in tests
@@ -47,7 +47,7 @@ def test_bench_linear_runs_every_provider_on_cpu(tmp_path):
 
 
 def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
-    from qft import bench
+    from qft.cli import bench
 
     assert bench.run(None, "cpu", True, str(tmp_path)) == 0
     printed = capsys.readouterr().out
@@ -140,7 +140,7 @@ def test_filters_select_providers_shapes_and_ms(tmp_path, monkeypatch):
 
 
 def test_harness_rejects_unknown_suite():
-    from qft import bench
+    from qft.cli import bench
 
     with pytest.raises(bench.BenchError, match="--suite must be among"):
         bench.run(["fast"], "cpu", True, None)
