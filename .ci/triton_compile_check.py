@@ -104,6 +104,7 @@ def _launch_everything(full: bool):
     set covers each kernel and each code path once (bf16 and fp32 alternate); ``full`` crosses all."""
     import qft
     from qft import formats, reference
+    from qft.formats import moments8
     from qft.kernels import (
         adamw,
         dequantize,
@@ -114,7 +115,6 @@ def _launch_everything(full: bool):
     )
     from qft.kernels import quantize_codebook4 as q4
     from qft.kernels import search_scales as qlow
-    from qft.optim import quant_state
 
     bf16, fp32 = torch.bfloat16, torch.float32
     both = (fp32, bf16)
@@ -163,7 +163,7 @@ def _launch_everything(full: bool):
             x = torch.randn(40, 128, dtype=dtype)
             oft_apply_rotation.rotate(x, rot)
             oft_apply_rotation.rotate_backward(x, torch.randn(40, 128, dtype=dtype), rot)
-    maps = quant_state.tables("cpu")
+    maps = moments8.tables("cpu")
     kinds = [(fp32, fp32), (bf16, bf16), (torch.float16, torch.float16), (fp32, bf16)]
     for p_dtype, g_dtype in kinds if full else kinds[:2]:
         entries = []
@@ -171,7 +171,7 @@ def _launch_everything(full: bool):
             p, g = torch.randn(numel).to(p_dtype), torch.randn(numel).to(g_dtype)
             entry = {"param": p, "grad": g, "scalars": adamw.host_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, False, 1)}
             if eight:
-                codes, absmax = quant_state.quantize(torch.zeros(numel), True)
+                codes, absmax = moments8.quantize(torch.zeros(numel), True)
                 entry.update(
                     exp_avg=codes.clone(),
                     exp_avg_sq=codes.clone(),

@@ -71,6 +71,15 @@ def test_imports_flow_one_way():
     assert _violations() == []
 
 
+def test_kernels_are_launched_from_ops_only():
+    # every kernel launch goes through qft.ops (dispatch, checks, the custom ops' fakes)
+    launchers = set()
+    for module, path, is_package in _modules():
+        if any(name.startswith("qft.kernels") for name in _imports(module, path, is_package)):
+            launchers.add(module.rpartition(".")[0] if not is_package else module)
+    assert launchers <= {"qft.ops", "qft.kernels"}, launchers
+
+
 def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     # the checker itself must be able to fail: an upward import in a fake module is reported
     fake = tmp_path / "qft" / "formats"

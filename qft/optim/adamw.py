@@ -1,10 +1,10 @@
 """AdamW with 32-bit or 8-bit state, optionally paged: ``PagedAdamW``, ``AdamW8bit``, ``PagedAdamW8bit``.
 
 The update follows ``torch.optim.AdamW`` op for op (decoupled weight decay, bias-corrected moments,
-``maximize``, a tensor ``lr``), so 32-bit state reproduces torch's results on fp32 parameters. On a
-GPU the step is one Triton launch per (parameter dtype, gradient dtype) over every tensor
-(``qft.kernels.adamw``), fed by tables copied asynchronously: ``step`` never waits for the device. With
-8-bit state each moment is kept blockwise-quantized (``qft.optim.quant_state``); tensors smaller than
+``maximize``, a tensor ``lr``; ``qft.ops.adamw``), so 32-bit state reproduces torch's results on fp32
+parameters. On a GPU the step is one Triton launch per (parameter dtype, gradient dtype) over every
+tensor, fed by tables copied asynchronously: ``step`` never waits for the device. With 8-bit state
+each moment is kept blockwise-quantized (``qft.formats.moments8``); tensors smaller than
 ``min_8bit_size`` keep fp32 state. Paged state on a GPU lives in managed memory when the CUDA
 extension is built (``page_out`` prefetches it to the host, ``page_in`` back), else it is copied to
 pinned host memory and back; ``step`` pages in by itself. On CPU paging is a no-op. DTensor
@@ -19,8 +19,10 @@ import warnings
 
 import torch
 
-from qft.ops.dispatch import FLOAT_DTYPES, backend_for
-from qft.optim import paging, quant_state
+from qft.formats import moments8
+from qft.ops import adamw as adamw_op
+from qft.ops.dispatch import backend_for
+from qft.optim import paging
 
 # State entries the fused kernel reads (the absmax pair only with 8-bit state).
 _STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
@@ -97,7 +99,7 @@ class PagedAdamW(torch.optim.Optimizer):
         scales (8-bit or not by the whole tensor; the shapes are this rank's shard of a DTensor)."""
         eight, local = self._eight_bit(p), _local(p)
         if eight:
-            blocks = -(-local.numel() // quant_state.BLOCK)
+            blocks = -(-local.numel() // moments8.BLOCK)
             codes, absmax = ((local.numel(),), torch.uint8), ((blocks,), torch.float32)
             return {"exp_avg": codes, "exp_avg_sq": codes, "exp_avg_absmax": absmax, "exp_avg_sq_absmax": absmax}
         moments = (tuple(local.shape), torch.float32)
@@ -109,7 +111,7 @@ class PagedAdamW(torch.optim.Optimizer):
         state.update({name: self._zeros(shape, dtype, local) for name, (shape, dtype) in self._state_spec(p).items()})
         if "exp_avg_absmax" in state:  # 8-bit: every code is the code of a zero moment (its block's absmax is 0)
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                state[name].fill_(int(quant_state.quantize(torch.zeros(1), signed)[0][0]))
+                state[name].fill_(int(moments8.quantize(torch.zeros(1), signed)[0][0]))
         return state
 
     def _check_state(self, p: torch.Tensor, state: dict, where: str) -> None:
@@ -160,11 +162,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 device = param.device
                 if device not in backends:
                     backends[device] = backend_for(device)
-                if backends[device] != "reference" and self._fusable(param, grad):
+                if backends[device] != "reference" and adamw_op.fusable(param, grad):
                     fused.setdefault((param.device, param.dtype, grad.dtype), []).append((index, p, param, grad, state))
                 else:
                     self._check_state(p, state, f"optimizer state of a {tuple(p.shape)} parameter")
-                    self._update(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
+                    adamw_op.reference_step(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
         for key, members in fused.items():  # one launch per (device, param dtype, grad dtype)
             self._fused_step(key, members)
         return loss
@@ -173,8 +175,6 @@ class PagedAdamW(torch.optim.Optimizer):
         """Advance ``members`` ((group index, parameter, its local tensor, grad, state)) by one fused
         launch, reusing the launch plan of the last step while the same tensors sit at the same
         addresses (the usual case)."""
-        from qft.kernels.adamw import LaunchPlan, host_scalars
-
         device = key[0]
         device_lrs = {}  # group index -> fp32 lr on the device, for tensor learning rates that live there
         for index in {m[0] for m in members}:
@@ -194,7 +194,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 entry = {name: state[name] for name in _STATE_NAMES if name in state}
                 entry.update(param=param, grad=grad, lr=device_lrs.get(index))
                 entries.append(entry)
-            plan = LaunchPlan(entries)
+            plan = adamw_op.LaunchPlan(entries)
             plan.signature = signature
             # Each state's "step" stays a CPU fp32 scalar tensor (torch.optim.AdamW's convention, so
             # checkpoints load either way), but a view into one tensor per plan: one add per step.
@@ -214,43 +214,11 @@ class PagedAdamW(torch.optim.Optimizer):
             lr = group["lr"]
             host_lr = lr.item() if isinstance(lr, torch.Tensor) and index not in device_lrs else lr
             rows.append(
-                host_scalars(host_lr, *group["betas"], group["eps"], group["weight_decay"], group["maximize"], step)
+                adamw_op.host_scalars(
+                    host_lr, *group["betas"], group["eps"], group["weight_decay"], group["maximize"], step
+                )
             )
-        plan.launch(torch.tensor(rows, dtype=torch.float32)[plan.row_of], quant_state.tables(device))
-
-    @staticmethod
-    def _fusable(p: torch.Tensor, grad: torch.Tensor) -> bool:
-        """Off the reference backend (GPU parameters, or any with the Triton backend forced), float
-        contiguous parameters and gradients take the fused multi-tensor step."""
-        return p.dtype in FLOAT_DTYPES and grad.dtype in FLOAT_DTYPES and p.is_contiguous() and grad.is_contiguous()
-
-    def _update(self, p, grad, state, lr, beta1, beta2, eps, wd, maximize) -> None:
-        grad = -grad if maximize else grad
-        eight = "exp_avg_absmax" in state
-        if eight:
-            exp_avg = quant_state.dequantize(state["exp_avg"], state["exp_avg_absmax"], True).view_as(p)
-            exp_avg_sq = quant_state.dequantize(state["exp_avg_sq"], state["exp_avg_sq_absmax"], False).view_as(p)
-        else:
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        state["step"] += 1
-        step = state["step"].item()
-        # torch.optim.AdamW's single-tensor update, in the state's fp32; the parameter keeps its dtype.
-        p32 = p.float() if p.dtype != torch.float32 else p
-        p32.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad.float(), 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad.float(), grad.float(), value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-        p32.addcdiv_(exp_avg, denom, value=-step_size)
-        if p32 is not p:
-            p.copy_(p32)
-        if eight:  # written in place: managed state keeps its memory
-            for name, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
-                codes, absmax = quant_state.quantize(value, signed)
-                state[name].copy_(codes)
-                state[f"{name}_absmax"].copy_(absmax)
+        plan.launch(torch.tensor(rows, dtype=torch.float32)[plan.row_of], moments8.tables(device))
 
     def _state_tensors(self):
         for state in self.state.values():

@@ -251,9 +251,9 @@ def test_gpu_32bit_step_is_within_one_ulp_of_torch_adamw():
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_table_lookup_codes_equal_bucketize(signed):
-    from qft.optim import quant_state
+    from qft.formats import moments8
 
-    mids = quant_state._midpoints(signed, torch.device("cpu"))
+    mids = moments8._midpoints(signed, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     uniform = torch.rand(200_000, generator=g) * (2 if signed else 1) - (1 if signed else 0)
     tiny = torch.randn(50_000, generator=g).mul(1e-4).clamp(-1, 1)
@@ -268,7 +268,7 @@ def test_table_lookup_codes_equal_bucketize(signed):
             edges if signed else edges.abs(),
         ]
     )
-    assert torch.equal(quant_state.nearest_codes(x, signed), torch.bucketize(x, mids))
+    assert torch.equal(moments8.nearest_codes(x, signed), torch.bucketize(x, mids))
 
 
 def test_fused_step_reuses_its_launch_plan_while_nothing_moves(monkeypatch):

@@ -1,4 +1,4 @@
-"""8-bit optimizer state: blockwise (256) dynamic quantization of Adam's moments.
+"""The 8-bit optimizer-state format: blockwise (256) dynamic quantization of Adam's moments.
 
 The first moment uses the signed dynamic map, the second the unsigned one (bitsandbytes' scheme);
 each block of 256 values keeps its fp32 absmax. Codes are the nearest map entry to the fp32 ratio.
