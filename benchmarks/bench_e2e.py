@@ -38,13 +38,7 @@ CPU_CONFIG = {
     "vocab_size": 256,
 }
 COLUMNS = [
-    "op",
-    "provider",
-    "shape",
-    "dtype",
-    "p50_ms",
-    "p20_ms",
-    "p80_ms",
+    *common.TIMING_COLUMNS,
     "tokens_per_s",
     "peak_mem_mb",
     "vs_peft_bf16",

@@ -28,13 +28,7 @@ CPU_SHAPES, CPU_MS = [(512, 512), (1024, 256)], [1, 16, 128]
 RANK = 16
 OFT_BLOCK = 32
 COLUMNS = [
-    "op",
-    "provider",
-    "shape",
-    "dtype",
-    "p50_ms",
-    "p20_ms",
-    "p80_ms",
+    *common.TIMING_COLUMNS,
     "tflops",
     "pct_of_floor",
     "peak_mem_mb",

@@ -23,13 +23,7 @@ import qft
 
 LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 COLUMNS = [
-    "op",
-    "provider",
-    "shape",
-    "dtype",
-    "p50_ms",
-    "p20_ms",
-    "p80_ms",
+    *common.TIMING_COLUMNS,
     "params_m",
     "state_mb",
     "page_out_freed_mb",

@@ -220,14 +220,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+TIMING_COLUMNS = ["op", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms"]  # every suite's first
 QUANT_COLUMNS = [
-    "op",
-    "provider",
-    "shape",
-    "dtype",
-    "p50_ms",
-    "p20_ms",
-    "p80_ms",
+    *TIMING_COLUMNS,
     "gbps",
     "pct_of_copy_bw",
     "vs_bitsandbytes",
