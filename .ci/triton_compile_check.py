@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -21,25 +22,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-TYPES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.uint8: "u8",
-    torch.int8: "i8",
-    torch.int16: "i16",
-    torch.int32: "i32",
-    torch.int64: "i64",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from triton_launches import record, signature
+
 CALLS: list[tuple[str, object, tuple, dict]] = []
-
-
-class _Recorder:
-    def __init__(self, name, fn):
-        self.name, self.fn = name, fn
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: CALLS.append((self.name, self.fn, args, kwargs))
 
 
 # Every module of qft.kernels that holds a kernel (tests/kernels/test_triton_compile.py checks the drive reaches each).
@@ -58,39 +44,8 @@ KERNEL_MODULES = (
 def _record_all():
     import importlib
 
-    for module in (importlib.import_module(f"qft.kernels.{name}") for name in KERNEL_MODULES):
-        for name, value in vars(module).items():
-            if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("kernel"):
-                setattr(module, name, _Recorder(f"{module.__name__.rpartition('.')[2]}.{name}", value))
-
-
-def _type(name, value):
-    """Triton's signature string for one runtime argument (a tuple of them for a tuple argument)."""
-    if isinstance(value, tuple):
-        return tuple(_type(name, v) for v in value)
-    if isinstance(value, torch.Tensor):
-        return "*" + TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"{name}: cannot type {type(value).__name__}")
-
-
-def _signature(fn, args, kwargs):
-    values = dict(zip(fn.arg_names, args, strict=False))  # keyword arguments follow
-    values.update(kwargs)
-    signature, constexprs = {}, {}
-    for param in fn.params:
-        value = values[param.name]
-        if param.is_constexpr or value is None:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        else:
-            signature[param.name] = _type(param.name, value)
-    return signature, constexprs
+    for name in KERNEL_MODULES:
+        record(importlib.import_module(f"qft.kernels.{name}"), CALLS)
 
 
 def _launch_everything(full: bool):
@@ -237,19 +192,19 @@ def main() -> int:
         _launch_everything(args.full)
     launches = {}
     for name, fn, call_args, kwargs in CALLS:
-        signature, constexprs = _signature(fn, call_args, kwargs)
-        key = (name, tuple(sorted(signature.items())), tuple(sorted((c, repr(v)) for c, v in constexprs.items())))
-        launches.setdefault(key, (name, fn, signature, constexprs))
+        types, constexprs = signature(fn, call_args, kwargs)
+        key = (name, tuple(sorted(types.items())), tuple(sorted((c, repr(v)) for c, v in constexprs.items())))
+        launches.setdefault(key, (name, fn, types, constexprs))
     if args.list:
         for name, _, _, constexprs in launches.values():
             print(f"{name} {', '.join(f'{c}={v}' for c, v in constexprs.items() if v is not None)}")
         print(f"{len(launches)} distinct launches")
         return 0
     seen, failures = list(launches.values())[k::n], 0
-    for name, fn, signature, constexprs in seen:
+    for name, fn, types, constexprs in seen:
         label = f"{name} {', '.join(f'{k}={v}' for k, v in constexprs.items() if v is not None)}"
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+            triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs), target=target)
             print(f"ok   {label}")
         except Exception as exc:  # report every failure, not only the first
             cause = exc
