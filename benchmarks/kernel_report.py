@@ -4,7 +4,8 @@ For each kernel x format x M it reports what the compiler made (registers, per-t
 the stack frame of spills and local arrays, shared memory, from ``cuobjdump -res-usage``) and, from
 the SASS (``cuobjdump -sass``, shipped with Triton), the main loop:
 
-* Triton fused matmul (M = 5..16 on GPUs whose thresholds send small M there): the K loop, one
+* Triton fused matmul (M = 5..16 on GPUs whose thresholds send small M there), for a 128x256 weight
+  with blocks of 64 (blocks inside rows, as in real layers: the per-tile decode): the K loop, one
   ``BLOCK_N x BLOCK_K`` weight tile per iteration for ``num_warps x 32`` threads, so
   ``sass_per_weight = loop instructions x threads / (BLOCK_N x BLOCK_K)`` (thread-instructions).
 * CUDA decode GEMV (M <= 4): bits and rows are runtime values, so its SASS holds a loop nest per bit

@@ -92,3 +92,78 @@ def store_rounded(out_ptr, idx, values, ok, ROUND_BF16_BY_HAND: tl.constexpr):
         tl.store(out_ptr + idx, (bits >> 16).to(tl.int16), mask=ok)
     else:
         tl.store(out_ptr + idx, values.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def tile_scales(W, rows, k0, K, row_ok, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 scales (and zeros; zero where not affine) of a ``[BLOCK_N, BLOCK_K]`` tile of a weight
+    whose blocks stay inside rows: one load per block, broadcast over its values."""
+    AFFINE: tl.constexpr = FMT[1]
+    BLOCK_SIZE: tl.constexpr = FMT[2]
+    blocks_per_row = K // BLOCK_SIZE
+    if BLOCK_SIZE >= BLOCK_K:  # the tile lies in one block per row
+        block = rows.to(tl.int64) * blocks_per_row + k0 // BLOCK_SIZE
+        scale = load_scales(W, block, row_ok, FMT)[:, None]
+        zero = tl.load(W[6] + block, mask=row_ok, other=0.0).to(tl.float32)[:, None] if AFFINE else 0.0
+        scale = tl.broadcast_to(scale, (BLOCK_N, BLOCK_K))
+        zero = tl.broadcast_to(zero, (BLOCK_N, BLOCK_K)) if AFFINE else zero
+    else:
+        PER: tl.constexpr = BLOCK_K // BLOCK_SIZE
+        local = k0 // BLOCK_SIZE + tl.arange(0, PER)
+        ok = row_ok[:, None] & (local < blocks_per_row)[None, :]
+        block = rows.to(tl.int64)[:, None] * blocks_per_row + local[None, :]
+        scale = load_scales(W, block, ok, FMT)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, PER, BLOCK_SIZE)), (BLOCK_N, BLOCK_K))
+        if AFFINE:
+            zero = tl.load(W[6] + block, mask=ok, other=0.0).to(tl.float32)
+            zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, PER, BLOCK_SIZE)), (BLOCK_N, BLOCK_K))
+        else:
+            zero = 0.0
+    return scale, zero
+
+
+@triton.jit
+def tile_codes(W, rows, k0, K, row_ok, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The codes of a ``[BLOCK_N, BLOCK_K]`` tile (K a multiple of the packing unit, BLOCK_K of 32):
+    every packed byte or word loaded once and split in registers."""
+    BITS: tl.constexpr = FMT[0]
+    if BITS == 4:  # two codes per byte, high nibble first
+        HALF: tl.constexpr = BLOCK_K // 2
+        j = k0 // 2 + tl.arange(0, HALF)
+        ok = row_ok[:, None] & (j < K // 2)[None, :]
+        byte = tl.load(W[0] + rows.to(tl.int64)[:, None] * (K // 2) + j[None, :], mask=ok, other=0).to(tl.int32)
+        q = tl.interleave(byte >> 4, byte & 0xF)
+    elif BITS == 2:  # sixteen codes per word
+        WORDS: tl.constexpr = BLOCK_K // 16
+        j = k0 // 16 + tl.arange(0, WORDS)
+        ok = row_ok[:, None] & (j < K // 16)[None, :]
+        word = tl.load(W[0] + rows.to(tl.int64)[:, None] * (K // 16) + j[None, :], mask=ok, other=0)
+        shift = 2 * tl.arange(0, 16)
+        q = tl.reshape((word[:, :, None] >> shift[None, None, :]) & 3, (BLOCK_N, BLOCK_K))
+    else:  # 3-bit planar: per 32 codes, low bits of 0-15 and 16-31, then the high bits
+        UNITS: tl.constexpr = BLOCK_K // 32
+        u = k0 // 32 + tl.arange(0, UNITS)
+        ok = row_ok[:, None] & (u < K // 32)[None, :]
+        base = W[0] + (rows.to(tl.int64)[:, None] * (K // 32) + u[None, :]) * 3
+        low0 = tl.load(base, mask=ok, other=0)[:, :, None]
+        low1 = tl.load(base + 1, mask=ok, other=0)[:, :, None]
+        high = tl.load(base + 2, mask=ok, other=0)[:, :, None]
+        lane = tl.arange(0, 32)[None, None, :]
+        low = (tl.where(lane < 16, low0, low1) >> (2 * (lane % 16))) & 3
+        q = tl.reshape(low | (((high >> lane) & 1) << 2), (BLOCK_N, BLOCK_K))
+    return q
+
+
+@triton.jit
+def decode_tile(W, rows, k0, K, row_ok, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 ``[BLOCK_N, BLOCK_K]`` values of weight rows ``rows``, columns ``k0 + [0, BLOCK_K)``, for a
+    weight whose blocks stay inside rows (K % BLOCK_SIZE == 0): the same arithmetic as
+    ``decode_values``, with each scale, zero and packed unit read once per tile."""
+    AFFINE: tl.constexpr = FMT[1]
+    q = tile_codes(W, rows, k0, K, row_ok, FMT, BLOCK_N, BLOCK_K)
+    scale, zero = tile_scales(W, rows, k0, K, row_ok, FMT, BLOCK_N, BLOCK_K)
+    if AFFINE:
+        values = (q.to(tl.float32) - zero) * scale
+    else:
+        values = tl.load(W[5] + q) * scale
+    return values

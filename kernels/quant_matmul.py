@@ -14,7 +14,7 @@ import triton.language as tl
 
 from qft import formats
 
-from .decode import decode_values, weight_constants, weight_pointers
+from .decode import decode_tile, decode_values, weight_constants, weight_pointers
 
 
 @triton.jit
@@ -37,6 +37,7 @@ def _quant_matmul_kernel(
     HAS_LORA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32"/default otherwise
     ROTATE: tl.constexpr,  # OFT prologue: each K tile is one rotation block
+    ROW_BLOCKS: tl.constexpr,  # K % BLOCK_SIZE == 0 and BLOCK_K % 32 == 0: decode_tile, else decode_values
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -57,10 +58,13 @@ def _quant_matmul_kernel(
             rb = tl.arange(0, BLOCK_K)
             r = tl.load(rot_ptr + (k0 // BLOCK_K) * BLOCK_K * BLOCK_K + rb[:, None] * BLOCK_K + rb[None, :])
             x = tl.dot(x.to(tl.float32), r, input_precision="ieee").to(x_ptr.dtype.element_ty)
-        flat = cols[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K] positions in W
         w_ok = col_ok[:, None] & k_ok[None, :]
-        w = decode_values(W, flat, w_ok, FMT)
-        w = w.to(x_ptr.dtype.element_ty)
+        if ROW_BLOCKS:
+            w = decode_tile(W, cols, k0, K, col_ok, FMT, BLOCK_N, BLOCK_K)
+        else:  # blocks may cross rows: each value from its flat position
+            flat = cols[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K] positions in W
+            w = decode_values(W, flat, w_ok, FMT)
+        w = tl.where(w_ok, w, 0.0).to(x_ptr.dtype.element_ty)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -98,6 +102,7 @@ def quant_matmul(
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_k = rot.shape[1] if rot is not None else 64
     grid = (triton.cdiv(n, 64), triton.cdiv(m, block_m))
     _quant_matmul_kernel[grid](
         x,
@@ -118,9 +123,10 @@ def quant_matmul(
         HAS_LORA=has_lora,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         ROTATE=rot is not None,
+        ROW_BLOCKS=k % weight.block_size == 0 and block_k % 32 == 0,
         BLOCK_M=block_m,
         BLOCK_N=64,
-        BLOCK_K=rot.shape[1] if rot is not None else 64,
+        BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(r)),
         enable_fp_fusion=False,
     )

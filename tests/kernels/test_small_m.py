@@ -1,7 +1,8 @@
 """The fused small-M kernel against the reference for every format, dtype and M = 1..16, with K a
-multiple of neither the 64-wide tile nor the block (blocks cross rows), bias and LoRA on: the
-equality issue "small-M kernels" asks of every kernel that serves small M (the CUDA GEMV's twin
-runs in the GPU suite, tests/formats/test_lowbit.py::test_gpu_linear_paths_every_format)."""
+multiple of neither the 64-wide tile nor the block (blocks cross rows: the per-value decode), and
+with K a multiple of the block (blocks inside rows: the per-tile decode) for blocks smaller than,
+equal to and larger than the tile; bias and LoRA on. The CUDA GEMV's twin runs in the GPU suite
+(tests/formats/test_lowbit.py::test_gpu_linear_paths_every_format)."""
 
 import pytest
 import torch
@@ -11,22 +12,25 @@ from qft import formats, ops
 from qft.kernels import interpreting
 from qft.ops import thresholds
 
-N, K, RANK = 24, 70, 4
+N, RANK = 24, 4
+# (K, block size, M values): blocks crossing rows at every M; then blocks inside rows at a few M.
+CASES = [(70, 32, range(1, 17)), (128, 32, (1, 5, 16)), (192, 64, (1, 16)), (256, 128, (3,))]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
 
 
 @pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_kernel_equals_reference_for_every_small_m(fmt, dtype):
+@pytest.mark.parametrize("k, block_size, ms", CASES)
+def test_fused_kernel_equals_reference_for_every_small_m(fmt, dtype, k, block_size, ms):
     if dtype == torch.bfloat16 and interpreting():
         pytest.skip("Triton 3.9's interpreter returns garbage from tl.dot on bf16 tiles (GPU suite only)")
-    qt = qft.quantize(torch.randn(N, K, device=DEVICE), fmt, 32, double_quant=True)
+    qt = qft.quantize(torch.randn(N, k, device=DEVICE), fmt, block_size, double_quant=True)
     w = qt.dequantize(dtype).double()  # the kernel decodes W in x's dtype, as the reference does
     bias = torch.randn(N, dtype=dtype, device=DEVICE)
     xa, lora_b = torch.randn(16, RANK, device=DEVICE), torch.randn(N, RANK, device=DEVICE)
     eps = torch.finfo(dtype).eps
-    for m in range(1, 17):
-        x = torch.randn(m, K, device=DEVICE).to(dtype)
+    for m in ms:
+        x = torch.randn(m, k, device=DEVICE).to(dtype)
         args = (*qt.op_args(), bias, xa[:m], lora_b, 0.5)
         with ops.use_backend("triton"), thresholds.forced(fused_max_m=16):
             got = ops.quant_linear(x, *args)
