@@ -98,6 +98,9 @@ def _launch_everything(full: bool):
             lora = (torch.randn(5, 8), torch.randn(96, 8)) if double_quant else (None, None)
             rot = reference.oft_rotation(0.05 * torch.randn(4, 32 * 31 // 2), 32) if fmt == "nf4" else None
             quant_matmul.quant_matmul(x, qt.weight, torch.randn(96, dtype=dtype), *lora, 0.5, rot)
+    for fmt in ("nf4", "int3", "lloyd2"):  # K = 100, blocks crossing rows: the fused matmul's per-value decode
+        qt = qft.quantize(torch.randn(96, 100), fmt, 32, True)
+        quant_matmul.quant_matmul(torch.randn(5, 100, dtype=bf16), qt.weight)
     for b in (16, 64):  # the fused matmul's OFT prologue at the smallest and largest block it takes
         qt = qft.quantize(torch.randn(96, 128), "nf4", 64, True)
         rot = reference.oft_rotation(0.05 * torch.randn(128 // b, b * (b - 1) // 2), b)
@@ -158,6 +161,9 @@ def _launch_through_dispatcher():
                         a = torch.randn(8, 128, requires_grad=True)
                         b = torch.randn(96, 8, requires_grad=True)
                         F.lora_linear(x, qt, a, b, 0.5).sum().backward()
+        for fmt in sorted(formats.FORMATS):  # K = 100, blocks crossing rows: the per-value decode
+            for dtype in dtypes:
+                F.quant_linear(torch.randn(5, 100, dtype=dtype), qft.quantize(torch.randn(96, 100), fmt, 32, True))
         qt = qft.quantize(torch.randn(96, 128), "nf4", 64, True)
         for block in (8, 16, 32, 64):
             for dtype in dtypes:
