@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = commands.add_parser("bench", help="benchmark suites side by side with the peers")
-    bench.add_argument("--suite", action="append", help="quant, linear, lowbit, optim, e2e (repeatable; default: all)")
+    suites = "quant, linear, lowbit, optim, e2e (repeatable; default: all); kernels: the static sm_90 report"
+    bench.add_argument("--suite", action="append", help=suites)
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
     bench.add_argument("--out", help="results folder (default: benchmarks/results)")

@@ -9,6 +9,8 @@ results.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -16,6 +18,9 @@ from pathlib import Path
 import torch
 
 SUITES = ("quant", "linear", "lowbit", "optim", "e2e")
+# Suites run only when named: "kernels" compiles the small-M kernels for sm_90 and reports what the
+# compiler made (benchmarks/kernel_report.py, a model; needs nvcc and Triton's NVIDIA backend).
+ON_REQUEST = ("kernels",)
 CPU_NOTE = "CPU run: these timings compare CPU code paths; they are not GPU kernel results."
 
 
@@ -35,9 +40,9 @@ def run(suites: list[str] | None, device: str | None, quick: bool, out: str | No
     """Run ``suites`` (default: all) on ``device``; returns the exit status (1 when a suite crashed;
     the others still run and write their files)."""
     suites = list(suites or SUITES)
-    unknown = [s for s in suites if s not in SUITES]
+    unknown = [s for s in suites if s not in SUITES + ON_REQUEST]
     if unknown:
-        raise BenchError(f"--suite must be among {list(SUITES)}, got {unknown}")
+        raise BenchError(f"--suite must be among {list(SUITES + ON_REQUEST)}, got {unknown}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device is available")
@@ -55,6 +60,10 @@ def run(suites: list[str] | None, device: str | None, quick: bool, out: str | No
     )
     failed = []
     for suite in suites:
+        if suite == "kernels":
+            if kernel_report(folder, out_dir) != 0:
+                failed.append(suite)
+            continue
         module = importlib.import_module(f"bench_{suite}")
         try:
             rows, meta, paths = module.run_suite(device, quick, out_dir, rates)
@@ -70,3 +79,16 @@ def run(suites: list[str] | None, device: str | None, quick: bool, out: str | No
             paths = [*paths, png] if png else paths
         print("\nwrote " + ", ".join(str(p) for p in paths) + "\n")
     return 1 if failed else 0
+
+
+def kernel_report(folder: Path, out_dir: Path) -> int:
+    """Run ``kernel_report.py`` in a process of its own: it compiles for the GPU, so Triton must not
+    be in interpreter mode there, whatever this process uses. Returns its exit status."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-P", str(folder / "kernel_report.py"), "--out", str(out_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    print("## kernels\n\n" + done.stdout)
+    if done.returncode:
+        print(f"## kernels: failed:\n{done.stderr[-2000:]}\n")
+    return done.returncode

@@ -1,8 +1,8 @@
 """The static kernel report (benchmarks/kernel_report.py): its SASS reading on a known snippet, and
-one real run that compiles every small-M kernel for sm_90 and writes a row per kernel x format x M."""
+one real run through the bench harness (``python -m qft bench --suite kernels``) that compiles every
+small-M kernel for sm_90 and writes a row per kernel x format x M."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +41,9 @@ def test_report_compiles_every_small_m_kernel(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     if not sass.tools().joinpath("cuobjdump").exists() or subprocess.run(["which", "nvcc"]).returncode:
         pytest.skip("needs Triton's cuobjdump and nvcc")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(BENCHMARKS)
-    script = str(BENCHMARKS / "kernel_report.py")
-    subprocess.run([sys.executable, "-P", script, "--out", str(tmp_path)], env=env, check=True, capture_output=True)
+    from qft.cli import bench
+
+    assert bench.kernel_report(BENCHMARKS, tmp_path) == 0  # `python -m qft bench --suite kernels`
     (report,) = tmp_path.glob("kernels-sm90-*.json")
     rows = json.loads(report.read_text())["rows"]
     for kernel, ms in (("triton quant_matmul", {1, 4, 16}), ("cuda quant_gemv", {1, 4})):
