@@ -158,15 +158,15 @@ class QuantizedTensor:
         if meta.get("version") != STATE_VERSION:
             raise ValueError(f"state dict version {meta.get('version')!r} is not {STATE_VERSION}")
         nested = meta.get("nested_block_size") is not None
-        fmt = formats.get_format(meta.get("format"))
-        wanted = formats.layout(fmt, 1, formats.BLOCK_SIZES[0], nested, 1)  # names only
-        for spec in wanted:
-            if STATE_KEYS[spec.name] not in state:
-                raise ValueError(f"state dict is missing {STATE_KEYS[spec.name]!r} (has {sorted(state)})")
-        extra = {k for k in state if k in _FROM_STATE_KEY} - {STATE_KEYS[s.name] for s in wanted}
+        formats.get_format(meta.get("format"))  # an unknown format is named before any part
+        wanted = formats.stored_names(meta.get("format"), nested)
+        for name in wanted:
+            if STATE_KEYS[name] not in state:
+                raise ValueError(f"state dict is missing {STATE_KEYS[name]!r} (has {sorted(state)})")
+        extra = {k for k in state if k in _FROM_STATE_KEY} - {STATE_KEYS[name] for name in wanted}
         if extra:
             raise ValueError(f"state dict has unexpected {sorted(extra)} for this format and double quantization")
-        parts = {spec.name: state[STATE_KEYS[spec.name]] for spec in wanted}
+        parts = {name: state[STATE_KEYS[name]] for name in wanted}
         qt = cls(
             parts,
             torch.Size(meta["shape"]),
@@ -295,7 +295,7 @@ def quantize(
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w must be finite: it holds NaN or Inf")
     present = torch.ops.qft.quantize(w, format, block_size, method, double_quant)
-    names = [s.name for s in formats.layout(formats.get_format(format), 1, block_size, double_quant, 1)]
+    names = formats.stored_names(format, double_quant)
     return QuantizedTensor(dict(zip(names, present, strict=True)), w.shape, w.dtype, format, block_size)
 
 

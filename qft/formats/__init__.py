@@ -46,6 +46,7 @@ __all__ = [
     "dequantize",
     "dynamic_map",
     "encode_order",
+    "encoded",
     "get_bnb_format",
     "get_format",
     "is_bnb_codebook",
@@ -54,6 +55,7 @@ __all__ = [
     "packed_dtype",
     "packed_numel",
     "quantize",
+    "stored_names",
     "thresholds",
     "unsigned_dynamic_map",
     "with_double_quant",
@@ -155,8 +157,17 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str = "hqq", ne
     """Reference quantization of ``w`` (any shape, fp32/fp16/bf16) into a flat ``Weight``.
 
     ``searched`` passes ranges a kernel searched (``scales``, and ``zeros`` for affine formats)."""
-    parts = get_format(fmt).quantize(w, block_size, method, **searched)
-    return Weight(with_double_quant(parts) if nested else parts, fmt, w.numel(), block_size)
+    return encoded(get_format(fmt).quantize(w, block_size, method, **searched), fmt, w.numel(), block_size, nested)
+
+
+def encoded(parts: dict[str, torch.Tensor], fmt: str, numel: int, block_size: int, nested: bool) -> Weight:
+    """A format's freshly encoded ``parts`` (fp32 scales) as a ``Weight``, double-quantized if ``nested``."""
+    return Weight(with_double_quant(parts) if nested else parts, fmt, numel, block_size)
+
+
+def stored_names(fmt: str, nested: bool) -> list[str]:
+    """The names of the parts a ``fmt`` weight stores, in ``PART_NAMES`` order."""
+    return [s.name for s in layout(get_format(fmt), 1, DEFAULT_BLOCK_SIZE, nested, NESTED_BLOCK_SIZE)]
 
 
 def with_double_quant(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

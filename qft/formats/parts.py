@@ -145,12 +145,6 @@ class Weight:
         present = {n: t for n, t in zip(NAMES, parts, strict=True) if t is not None}
         return cls(present, fmt, *(int(v) for v in meta))
 
-    def replace(self, **parts: torch.Tensor | None) -> Weight:
-        """A copy with some parts replaced (None drops a part)."""
-        merged = {**self.parts, **parts}
-        present = {n: merged[n] for n in NAMES if merged.get(n) is not None}
-        return Weight(present, self.fmt, self.numel, self.block_size, self.nested_block_size)
-
     def map(self, fn) -> Weight:
         """A copy with ``fn`` applied to every part (moves, contiguous copies, clones)."""
         parts = {n: fn(t) for n, t in self.parts.items()}

@@ -20,8 +20,7 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bo
     scales = torch.empty(formats.num_blocks(w.numel(), block_size), dtype=torch.float32, device=w.device)
     with device_guard(w.device):
         cuda_calls.quantize_codebook4(w, codes, scales, fmt, block_size, cuda_stream(w.device))
-    parts = {"codes": codes, "scales": scales}
-    return formats.Weight(formats.with_double_quant(parts) if nested else parts, fmt, w.numel(), block_size)
+    return formats.encoded({"codes": codes, "scales": scales}, fmt, w.numel(), block_size, nested)
 
 
 def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:

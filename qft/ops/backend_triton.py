@@ -16,8 +16,7 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bo
         from qft.kernels.quantize_codebook4 import quantize_codebook4
 
         codes, scales = quantize_codebook4(w, block_size, fmt)
-        parts = {"codes": codes, "scales": scales}
-        return formats.Weight(formats.with_double_quant(parts) if nested else parts, fmt, w.numel(), block_size)
+        return formats.encoded({"codes": codes, "scales": scales}, fmt, w.numel(), block_size, nested)
     return search_then_encode(w, fmt, block_size, method, nested)
 
 

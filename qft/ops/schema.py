@@ -31,10 +31,6 @@ def _check_dtype(dtype: torch.dtype, name: str) -> None:
         raise TypeError(f"{name} must be float32/float16/bfloat16, got {dtype}")
 
 
-def _stored_names(fmt: str, block_size: int, nested: bool) -> list[str]:
-    return [s.name for s in formats.layout(formats.get_format(fmt), 1, block_size, nested, 1)]
-
-
 @torch.library.custom_op("qft::quantize", mutates_args=())
 def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bool) -> list[torch.Tensor]:
     """Quantize ``w`` (fp32/fp16/bf16, any shape, finite) blockwise: the stored parts in
@@ -44,7 +40,7 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bo
     if w.numel() == 0:  # nothing to encode: zero-size parts (and a zero offset)
         return [t.zero_() for t in _empty_parts(w, fmt, block_size, nested)]
     weight = _backend(w.device).quantize(w, fmt, block_size, method, nested)
-    return [weight.parts[name] for name in _stored_names(fmt, block_size, nested)]
+    return [weight.parts[name] for name in formats.stored_names(fmt, nested)]
 
 
 def _empty_parts(w, fmt: str, block_size: int, nested: bool) -> list[torch.Tensor]:
