@@ -53,18 +53,19 @@ def _quant_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :])
+        # masked x is 0, so the weight's masked (finite: zero codes and scales) values add nothing
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=x_ok, other=0.0)
         if ROTATE:  # x_rot = x @ R_blk in fp32, rounded to x's dtype as the unfused path stores it
             rb = tl.arange(0, BLOCK_K)
             r = tl.load(rot_ptr + (k0 // BLOCK_K) * BLOCK_K * BLOCK_K + rb[:, None] * BLOCK_K + rb[None, :])
             x = tl.dot(x.to(tl.float32), r, input_precision="ieee").to(x_ptr.dtype.element_ty)
-        w_ok = col_ok[:, None] & k_ok[None, :]
         if ROW_BLOCKS:
             w = decode_tile(W, cols, k0, K, col_ok, FMT, BLOCK_N, BLOCK_K)
         else:  # blocks may cross rows: each value from its flat position
             flat = cols[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_N, BLOCK_K] positions in W
-            w = decode_values(W, flat, w_ok, FMT)
-        w = tl.where(w_ok, w, 0.0).to(x_ptr.dtype.element_ty)
+            w = decode_values(W, flat, col_ok[:, None] & k_ok[None, :], FMT)
+        w = w.to(x_ptr.dtype.element_ty)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
