@@ -8,10 +8,9 @@ the SASS (``cuobjdump -sass``, shipped with Triton), the main loop:
   with blocks of 64 (blocks inside rows, as in real layers: the per-tile decode): the K loop, one
   ``BLOCK_N x BLOCK_K`` weight tile per iteration for ``num_warps x 32`` threads, so
   ``sass_per_weight = loop instructions x threads / (BLOCK_N x BLOCK_K)`` (thread-instructions).
-* CUDA decode GEMV (M <= 4): bits and rows are runtime values, so its SASS holds a loop nest per bit
-  width and path, unrolled in places, with the codes in local memory: no one loop is "the" main loop
-  and the report leaves ``sass_per_weight`` empty rather than guess (its innermost FMA loops run 4.6 to
-  8.8 instructions per FMA, without the per-value decode; measured on the H200 it runs at 0.24x bf16).
+* CUDA chunked decode GEMV (M <= 4; csrc/gemv_core.cuh): one kernel per bit width, code book or
+  affine, and M; its K loop decodes one 64-value chunk of 4 weight rows (2 at M >= 3) per lane and
+  iteration, so ``sass_per_weight = loop instructions / (64 x rows)``.
 
 ``estimate_us`` at 8192x28672, M = 1 is max(bytes / copy bandwidth, weights x sass_per_weight /
 (132 SMs x 128 lanes x 1.98 GHz)), against bf16's bytes floor: what the instruction count allows,
@@ -85,7 +84,8 @@ def triton_rows() -> list[dict]:
 
 
 def cuda_rows() -> list[dict]:
-    """The CUDA decode GEMV, compiled with nvcc as setup.py builds it, for bf16 x."""
+    """The CUDA chunked decode GEMV (csrc/gemv_core.cuh), compiled with nvcc as setup.py builds it, for bf16
+    x: one kernel per bit width x code book or affine x M."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "gemv.cubin"
         source = ROOT / "csrc" / "quant_gemv.cu"
@@ -93,14 +93,40 @@ def cuda_rows() -> list[dict]:
         command = ["nvcc", *flags, str(source), "-o", str(cubin)]  # setup.py's flags, one target
         subprocess.run(command, check=True, capture_output=True)
         data = cubin.read_bytes()
-    name = next(n for n in res_usage(data) if "nv_bfloat16" in n)
-    usage = res_usage(data)[name]
+    usage, functions = res_usage(data), sass_functions(data)
     rows = []
-    for fmt in qft.formats.FORMATS:
+    for fmt, spec in qft.formats.FORMATS.items():
         bpp = qft.quantize(torch.randn(128, 256), fmt, 64, double_quant=True).bits_per_param
-        for m in (1, 4):
-            rows.append(_row("cuda quant_gemv", fmt, m, usage, 0, None, None, bpp))
+        for m in range(1, GEMV_ROWS + 1):
+            name = _chunked_kernel(usage, spec.bits, spec.affine, m)
+            loop = main_gemv_loop(functions[name])
+            per_weight = loop["length"] / (GEMV_CHUNK * gemv_rows_per_warp(m))
+            smem = 0  # static shared memory only, counted in SHARED
+            rows.append(_row("cuda quant_gemv", fmt, m, usage[name], smem, per_weight, loop, bpp))
     return rows
+
+
+GEMV_ROWS, GEMV_CHUNK = 4, 64  # qft::kMaxGemvRows; gemv::kChunk values per lane and iteration
+
+
+def gemv_rows_per_warp(m: int) -> int:
+    """gemv::rows_per_warp for bf16 x: each lane iteration decodes a chunk of this many weight rows."""
+    return 4 if m <= 2 else 2
+
+
+def _chunked_kernel(usage: dict, bits: int, affine: bool, m: int) -> str:
+    """The mangled name of chunked_kernel<__nv_bfloat16, bits, affine, m>: Itanium mangling spells the
+    template arguments as Li<bits>E, Lb<0|1>E, Li<m>E after the bf16 type."""
+    key = f"13__nv_bfloat16Li{bits}ELb{int(affine)}ELi{m}E"
+    (name,) = [n for n in usage if "chunked_kernel" in n and key in n]
+    return name
+
+
+def main_gemv_loop(instructions: list) -> dict:
+    """The K loop: of the loops with the most FMAs (the compiler may keep two versions of it), the longest."""
+    found = loops(instructions)
+    most = max(loop["fma"] for loop in found)
+    return max((loop for loop in found if loop["fma"] == most), key=lambda loop: loop["length"])
 
 
 def _row(kernel, fmt, m, usage, dynamic_smem, per_weight, loop, bits_per_param) -> dict:

@@ -80,15 +80,29 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quant_gemv",
       [](uintptr_t x, int dtype, const QuantWeight& w, uintptr_t bias, uintptr_t lora_xa, uintptr_t lora_b,
-         float scaling, int rank, uintptr_t y, int rows, int64_t n_out, int64_t k_in, uintptr_t stream) {
+         float scaling, int rank, uintptr_t y, int rows, int64_t n_out, int64_t k_in, int splits, uintptr_t workspace,
+         uintptr_t stream) {
         check(qft::quant_gemv(ptr<const void>(x), static_cast<qft::DType>(dtype), w, ptr<const void>(bias),
                               ptr<const float>(lora_xa), ptr<const float>(lora_b), scaling, rank, ptr<void>(y), rows,
-                              n_out, k_in, ptr<void>(stream)));
+                              n_out, k_in, splits, ptr<float>(workspace), ptr<void>(stream)));
       },
       py::arg("x"), py::arg("dtype"), py::arg("weight"), py::arg("bias"), py::arg("lora_xa"), py::arg("lora_b"),
       py::arg("scaling"), py::arg("rank"), py::arg("y"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("splits"), py::arg("workspace"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "Decode GEMV for M <= max_gemv_rows (see qft_kernels.h).");
+  m.def(
+      "quant_gemv_emulate",
+      [](uintptr_t x, int dtype, const QuantWeight& w, uintptr_t bias, uintptr_t lora_xa, uintptr_t lora_b,
+         float scaling, int rank, uintptr_t y, int rows, int64_t n_out, int64_t k_in, int splits,
+         uintptr_t workspace) {
+        check(qft::quant_gemv_emulate(ptr<const void>(x), static_cast<qft::DType>(dtype), w, ptr<const void>(bias),
+                                      ptr<const float>(lora_xa), ptr<const float>(lora_b), scaling, rank,
+                                      ptr<void>(y), rows, n_out, k_in, splits, ptr<float>(workspace)));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("weight"), py::arg("bias"), py::arg("lora_xa"), py::arg("lora_b"),
+      py::arg("scaling"), py::arg("rank"), py::arg("y"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
+      py::arg("splits"), py::arg("workspace"), py::call_guard<py::gil_scoped_release>(),
+      "quant_gemv's chunked kernel on the CPU, host pointers (see qft_kernels.h).");
   m.attr("max_gemv_rows") = qft::kMaxGemvRows;
 
   m.def(

@@ -42,12 +42,25 @@ int dequantize(const QuantWeight& w, void* out, DType out_dtype, void* stream);
 constexpr int kMaxGemvRows = 4;
 
 // y [rows, n_out] = x [rows, k_in] @ W^T (+ bias) (+ scaling * lora_xa [rows, rank] @ lora_b [n_out, rank]^T)
-// with W = w [n_out, k_in] in any qft format, decoded as dequantize does and rounded to x's dtype. x,
-// bias and y have `dtype`; lora_xa and lora_b are fp32; bias and lora_xa may be nullptr.
-// rows <= kMaxGemvRows; w.block_size % 32 == 0; w.numel == n_out * k_in.
+// with W = w [n_out, k_in] in any qft format. x, bias and y have `dtype`; lora_xa and lora_b are fp32;
+// bias and lora_xa may be nullptr; rows <= kMaxGemvRows; w.numel == n_out * k_in.
+// Every real layer (blocks of >= 64 inside rows, power-of-two nested blocks, x and codes 16-byte
+// aligned) takes the chunked kernel (csrc/gemv_core.cuh): fp32 sums of code values times x, scaled
+// once per block, so decoded weights are never rounded to x's dtype. With splits > 1 it splits K
+// over that many CTAs (at most k_in / 64), writing fp32 partials to workspace [splits, rows, n_out]
+// that a second kernel adds in split order (deterministic). Other shapes take a per-value kernel that
+// rounds each decoded weight as dequantize does (splits then unused).
 int quant_gemv(const void* x, DType dtype, const QuantWeight& w, const void* bias, const float* lora_xa,
                const float* lora_b, float scaling, int rank, void* y, int rows, int64_t n_out, int64_t k_in,
-               void* stream);
+               int splits, float* workspace, void* stream);
+
+// quant_gemv's chunked kernel run on the CPU, every pointer a host one: the same arithmetic, table
+// and reduction order (csrc/gemv_core.cuh), so a GPU result can be checked bit for bit against it and
+// its index math tested on machines without a GPU. Returns cudaErrorInvalidValue where quant_gemv
+// would refuse, cudaErrorNotSupported for problems quant_gemv sends to the per-value kernel.
+int quant_gemv_emulate(const void* x, DType dtype, const QuantWeight& w, const void* bias, const float* lora_xa,
+                       const float* lora_b, float scaling, int rank, void* y, int rows, int64_t n_out,
+                       int64_t k_in, int splits, float* workspace);
 
 // Managed (unified) memory for paged optimizer state (csrc/managed.cu). managed_prefetch moves a
 // range to GPU `device`, or to the host when device < 0; it sets *prefetched = 0 (and succeeds) on

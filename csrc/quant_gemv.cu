@@ -1,110 +1,161 @@
 // Decode GEMV for the smallest M: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) (+ s * xa[m, :] . B[n, :]),
-// for every qft format (4-bit code books and int4: bytes; 3-bit planar and 2-bit: int32 words).
-// One warp per output feature n; the weight row is decoded once and used for all M <= kMaxRows rows
-// of x. Memory-bound: each lane decodes one packing unit per step (8 values at 4 bits, 32 at 3, 16
-// at 2) when K is a multiple of the unit, else value by value. fp32 accumulation; y rounded once.
+// every qft format. Two kernels:
+// * chunked (gemv_core.cuh): blocks inside rows, power-of-two sizes, aligned pointers (every real
+//   layer): a warp owns 4 weight rows (fewer at M >= 3 or fp32 x), its lanes whole 64-value chunks, codes decoded through
+//   a per-lane shared-memory table; K may be split across CTAs (fp32 partials in `workspace`, added
+//   up by a second kernel in split order, so results do not depend on timing);
+// * per value (any shape): one warp per row, lanes over K, each value decoded as dequantize does and
+//   rounded to x's dtype.
+// Bit width, format kind and M are template parameters: no local arrays, nothing spilled.
 #include <cuda_runtime.h>
 
 #include "decode.cuh"
 #include "element.cuh"
+#include "gemv_core.cuh"
 
 namespace qft {
 namespace {
 
+using gemv::Args;
+
+// ---- chunked ----------------------------------------------------------------------------------------------
+
+template <typename T, int kBits, bool kAffine, int kRows>
+__global__ void __launch_bounds__(gemv::kThreads, gemv::min_ctas_per_sm(kRows, sizeof(T))) chunked_kernel(Args<T> a) {
+  using L = gemv::Lut<kBits>;
+  __shared__ __align__(16) unsigned char lut[L::kBytes];
+  for (int slot = threadIdx.x; slot < L::kEntries * L::kCopies; slot += gemv::kThreads)
+    gemv::fill_slot<kBits>(lut, slot, a.w.code, kAffine);
+  __syncthreads();
+  constexpr int kRowsPerWarp = gemv::rows_per_warp(kRows, sizeof(T));
+  const int lane = threadIdx.x & 31;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * gemv::kWarps + (threadIdx.x >> 5)) * kRowsPerWarp;
+  if (n0 >= a.n_out) return;
+  float acc[kRowsPerWarp][kRows];
+  gemv::lane_sums<T, kBits, kAffine, kRows>(a, lut, n0, blockIdx.y, lane, acc);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[r][m] = __fadd_rn(acc[r][m], __shfl_xor_sync(0xffffffffu, acc[r][m], o));
+      if (lane == 0 && n0 + r < a.n_out) gemv::store_sum(a, blockIdx.y, n0 + r, m, acc[r][m]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void finish_kernel(Args<T> a) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < a.rows * a.n_out) gemv::finish(a, i % a.n_out, static_cast<int>(i / a.n_out));
+}
+
+template <typename T, int kBits, bool kAffine>
+cudaError_t launch_chunked(const Args<T>& a, cudaStream_t stream) {
+  const int64_t per_cta = gemv::kWarps * gemv::rows_per_warp(a.rows, sizeof(T));
+  const dim3 grid(static_cast<unsigned>((a.n_out + per_cta - 1) / per_cta), a.splits);
+  switch (a.rows) {
+    case 1: chunked_kernel<T, kBits, kAffine, 1><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+    case 2: chunked_kernel<T, kBits, kAffine, 2><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+    case 3: chunked_kernel<T, kBits, kAffine, 3><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+    default: chunked_kernel<T, kBits, kAffine, 4><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+  }
+  if (a.splits > 1) {
+    const int64_t outputs = a.rows * a.n_out;
+    finish_kernel<T><<<static_cast<unsigned>((outputs + 255) / 256), 256, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int kBits>
+cudaError_t launch_chunked(const Args<T>& a, cudaStream_t stream) {
+  return a.w.affine ? launch_chunked<T, kBits, true>(a, stream) : launch_chunked<T, kBits, false>(a, stream);
+}
+
+// ---- per value --------------------------------------------------------------------------------------------
+
 constexpr int kWarpsPerCta = 8;
 
-// Decoded weights are rounded to x's dtype, as dequantize writes them, so y matches
-// decode-then-matmul.
+// Decoded weights are rounded to x's dtype, as dequantize writes them, so y matches decode-then-matmul.
 __device__ __forceinline__ float round_to(float v, float*) { return v; }
 __device__ __forceinline__ float round_to(float v, __half*) { return __half2float(__float2half_rn(v)); }
 __device__ __forceinline__ float round_to(float v, __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
-template <typename T>
-__device__ __forceinline__ float value_of(const QuantWeight& w, const float* code, int q, float scale, float zero) {
-  return round_to(decode_value(w.affine, code, q, scale, zero), static_cast<T*>(nullptr));
-}
-
-template <typename T>
-__global__ void quant_gemv_kernel(const T* __restrict__ x, QuantWeight w, const T* __restrict__ bias,
-                                  const float* __restrict__ lora_xa, const float* __restrict__ lora_b, float scaling,
-                                  T* __restrict__ y, int rows, int64_t n_out, int64_t k_in, int rank) {
+template <typename T, int kRows>
+__global__ void per_value_kernel(Args<T> a) {
   __shared__ float code[16];
+  const QuantWeight& w = a.w;
   if (threadIdx.x < 16 && !w.affine && threadIdx.x < (1 << w.bits)) code[threadIdx.x] = __ldg(w.code + threadIdx.x);
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5);
-  if (n >= n_out) return;
+  if (n >= a.n_out) return;
   const bool nested = w.nested_scales != nullptr;
   const ReadOnly map{w.dynamic_map};
-  float acc[kMaxGemvRows] = {};
-  const int64_t row_start = n * k_in;
-  const int unit_size = unit_values(w.bits);
-  const bool vector = k_in % unit_size == 0 && reinterpret_cast<uintptr_t>(w.codes) % 4 == 0;
-  if (vector) {
-    int q[32];
-    for (int64_t k = lane * unit_size; k < k_in; k += 32 * unit_size) {
-      const int64_t flat = row_start + k;  // a whole unit inside one block (blocks hold >= 32 values)
-      const int count = unit_codes(w.codes, w.bits, flat / unit_size, q);
-      const int64_t block = flat / w.block_size;
-      const float s = block_scale(w, nested, map, block);
-      const float zero = block_zero(w, block);
-      for (int i = 0; i < count; ++i) {
-        const float value = value_of<T>(w, code, q[i], s, zero);
-        for (int m = 0; m < rows; ++m) acc[m] += to_float(x[m * k_in + k + i]) * value;
-      }
-    }
-  } else {
-    for (int64_t k = lane; k < k_in; k += 32) {
-      const int64_t flat = row_start + k;
-      const int64_t block = flat / w.block_size;
-      const float zero = block_zero(w, block);
-      const int q = code_at(w.codes, w.bits, flat);
-      const float value = value_of<T>(w, code, q, block_scale(w, nested, map, block), zero);
-      for (int m = 0; m < rows; ++m) acc[m] += to_float(x[m * k_in + k]) * value;
+  float acc[kRows] = {};
+  for (int64_t k = lane; k < a.k_in; k += 32) {
+    const int64_t flat = n * a.k_in + k;
+    const int64_t block = flat / w.block_size;
+    const float value = decode_value(w.affine, code, code_at(w.codes, w.bits, flat),
+                                     block_scale(w, nested, map, block), block_zero(w, block));
+    const float rounded = round_to(value, static_cast<T*>(nullptr));
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) acc[m] += to_float(a.x[m * a.k_in + k]) * rounded;
+  }
+  if (a.lora_xa != nullptr) {
+    for (int r = lane; r < a.rank; r += 32) {
+      const float b = a.scaling * a.lora_b[n * a.rank + r];
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) acc[m] += a.lora_xa[m * a.rank + r] * b;
     }
   }
-  if (lora_xa != nullptr) {
-    for (int r = lane; r < rank; r += 32) {
-      const float b = scaling * lora_b[n * rank + r];
-      for (int m = 0; m < rows; ++m) acc[m] += lora_xa[m * rank + r] * b;
-    }
-  }
-  for (int m = 0; m < rows; ++m) {
+#pragma unroll
+  for (int m = 0; m < kRows; ++m) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
-  }
-  if (lane == 0) {
-    const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
-    for (int m = 0; m < rows; ++m) store1(y + m * n_out + n, acc[m] + b);
+    if (lane == 0) store1(a.y + m * a.n_out + n, acc[m] + (a.bias != nullptr ? to_float(a.bias[n]) : 0.0f));
   }
 }
 
 template <typename T>
-cudaError_t launch(const void* x, const QuantWeight& w, const void* bias, const float* lora_xa, const float* lora_b,
-                   float scaling, void* y, int rows, int64_t n_out, int64_t k_in, int rank, cudaStream_t stream) {
-  const unsigned ctas = static_cast<unsigned>((n_out + kWarpsPerCta - 1) / kWarpsPerCta);
-  quant_gemv_kernel<T><<<ctas, 32 * kWarpsPerCta, 0, stream>>>(static_cast<const T*>(x), w,
-                                                              static_cast<const T*>(bias), lora_xa, lora_b, scaling,
-                                                              static_cast<T*>(y), rows, n_out, k_in, rank);
+cudaError_t launch_per_value(const Args<T>& a, cudaStream_t stream) {
+  const unsigned ctas = static_cast<unsigned>((a.n_out + kWarpsPerCta - 1) / kWarpsPerCta);
+  switch (a.rows) {
+    case 1: per_value_kernel<T, 1><<<ctas, 32 * kWarpsPerCta, 0, stream>>>(a); break;
+    case 2: per_value_kernel<T, 2><<<ctas, 32 * kWarpsPerCta, 0, stream>>>(a); break;
+    case 3: per_value_kernel<T, 3><<<ctas, 32 * kWarpsPerCta, 0, stream>>>(a); break;
+    default: per_value_kernel<T, 4><<<ctas, 32 * kWarpsPerCta, 0, stream>>>(a); break;
+  }
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(Args<T> a, cudaStream_t stream) {
+  if (!gemv::takes_fast_path(a)) return launch_per_value(a, stream);
+  switch (a.w.bits) {
+    case 4: return launch_chunked<T, 4>(a, stream);
+    case 3: return launch_chunked<T, 3>(a, stream);
+    default: return launch_chunked<T, 2>(a, stream);
+  }
 }
 
 }  // namespace
 
 int quant_gemv(const void* x, DType dtype, const QuantWeight& w, const void* bias, const float* lora_xa,
                const float* lora_b, float scaling, int rank, void* y, int rows, int64_t n_out, int64_t k_in,
-               void* stream) {
-  if (!valid_weight(w) || rows < 1 || rows > kMaxGemvRows || n_out <= 0 || k_in <= 0 || w.numel != n_out * k_in ||
-      w.block_size < 32 || w.block_size % 32 || (lora_xa != nullptr && (lora_b == nullptr || rank <= 0)))
-    return cudaErrorInvalidValue;
+               int splits, float* workspace, void* stream) {
+  if (!gemv::gemv_args_valid(w, rows, n_out, k_in, lora_xa, lora_b, rank, splits, workspace)) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat32:
-      return launch<float>(x, w, bias, lora_xa, lora_b, scaling, y, rows, n_out, k_in, rank, s);
+      return launch(gemv::make_args<float>(x, w, bias, lora_xa, lora_b, scaling, rank, y, workspace, rows, n_out, k_in,
+                                     splits), s);
     case DType::kFloat16:
-      return launch<__half>(x, w, bias, lora_xa, lora_b, scaling, y, rows, n_out, k_in, rank, s);
+      return launch(gemv::make_args<__half>(x, w, bias, lora_xa, lora_b, scaling, rank, y, workspace, rows, n_out, k_in,
+                                      splits), s);
     case DType::kBFloat16:
-      return launch<__nv_bfloat16>(x, w, bias, lora_xa, lora_b, scaling, y, rows, n_out, k_in, rank, s);
+      return launch(gemv::make_args<__nv_bfloat16>(x, w, bias, lora_xa, lora_b, scaling, rank, y, workspace, rows, n_out,
+                                             k_in, splits), s);
   }
   return cudaErrorInvalidValue;
 }

@@ -8,7 +8,7 @@ import torch
 from qft import formats
 from qft.ops import backend_triton, cuda_calls, gemm
 from qft.ops.dispatch import cuda_stream, device_guard
-from qft.ops.thresholds import fused_max_m, gemv_max_m
+from qft.ops.thresholds import fused_max_m, gemv_max_m, gemv_splits
 
 
 def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bool) -> formats.Weight:
@@ -33,13 +33,13 @@ def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | N
     return out
 
 
-def linear(x, weight, bias, lora_xa, lora_B, scaling: float, rot=None) -> torch.Tensor:
+def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     """M <= ``gemv_max_m``: the decode GEMV; M <= ``fused_max_m``: Triton's fused kernel; else ``gemm``."""
     m = x.shape[0]
-    if rot is None and m <= gemv_max_m(x.device):
+    if m <= gemv_max_m(x.device):
         return _gemv(x, weight, bias, lora_xa, lora_B, scaling)
     if m <= fused_max_m(x.device):
-        return backend_triton.linear(x, weight, bias, lora_xa, lora_B, scaling, rot)
+        return backend_triton.linear(x, weight, bias, lora_xa, lora_B, scaling)
     w = gemm.decoded(weight, weight.numel // x.shape[1], x.dtype, dequantize)
     return gemm.linear(x, w, bias, lora_xa, lora_B, scaling)
 
@@ -60,7 +60,10 @@ def _gemv(x, weight, bias, xa, lora_b, scaling: float) -> torch.Tensor:
     bias = bias.to(x.dtype).contiguous() if bias is not None else None
     xa = xa.float().contiguous() if xa is not None else None
     lora_b = lora_b.float().contiguous() if lora_b is not None else None
-    y = torch.empty((m, weight.numel // x.shape[1]), dtype=x.dtype, device=x.device)
+    n = weight.numel // x.shape[1]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    splits = gemv_splits(x.device, n, x.shape[1])
+    workspace = torch.empty(splits * m * n, device=x.device) if splits > 1 else None
     with device_guard(x.device):
-        cuda_calls.quant_gemv(x, weight, bias, xa, lora_b, scaling, y, cuda_stream(x.device))
+        cuda_calls.quant_gemv(x, weight, bias, xa, lora_b, scaling, y, cuda_stream(x.device), workspace)
     return y

@@ -96,28 +96,52 @@ def quant_gemv(
     scaling: float,
     y: torch.Tensor,
     stream: int,
+    workspace: torch.Tensor | None = None,
 ) -> None:
     """``y [M, N] = x [M, K] @ W^T (+ bias) (+ scaling * lora_xa @ lora_b^T)`` for M <= ``max_gemv_rows``.
 
-    ``weight`` holds ``W`` row-major (``numel == N * K``); ``lora_xa`` and ``lora_b`` are fp32.
+    ``weight`` holds ``W`` row-major (``numel == N * K``); ``lora_xa`` and ``lora_b`` are fp32. With a
+    ``workspace`` (fp32, ``splits x M x N`` values, splits >= 2) K is split that many ways.
     """
+    _module().quant_gemv(**_gemv_arguments(x, weight, bias, lora_xa, lora_b, scaling, y, workspace), stream=stream)
+
+
+def quant_gemv_emulate(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_xa: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    y: torch.Tensor,
+    workspace: torch.Tensor | None = None,
+) -> None:
+    """``quant_gemv``'s chunked kernel run on the CPU (every tensor a CPU one): the kernel's own arithmetic
+    and summation order, for tests on machines without a GPU and bit-for-bit checks on one with it.
+    Raises for shapes the kernel leaves to its per-value path."""
+    _module().quant_gemv_emulate(**_gemv_arguments(x, weight, bias, lora_xa, lora_b, scaling, y, workspace))
+
+
+def _gemv_arguments(x, weight, bias, lora_xa, lora_b, scaling, y, workspace) -> dict:
     rows, k = x.shape
-    rank = 0 if lora_xa is None else lora_xa.shape[1]
-    _module().quant_gemv(
-        x=_ptr(x),
-        dtype=DTYPE_CODES[x.dtype],
-        weight=_quant_weight(weight),
-        bias=_ptr(bias),
-        lora_xa=_ptr(lora_xa),
-        lora_b=_ptr(lora_b),
-        scaling=float(scaling),
-        rank=rank,
-        y=_ptr(y),
-        rows=rows,
-        n_out=y.shape[1],
-        k_in=k,
-        stream=stream,
-    )
+    n = y.shape[1]
+    splits = 1 if workspace is None else workspace.numel() // (rows * n)
+    return {
+        "x": _ptr(x),
+        "dtype": DTYPE_CODES[x.dtype],
+        "weight": _quant_weight(weight),
+        "bias": _ptr(bias),
+        "lora_xa": _ptr(lora_xa),
+        "lora_b": _ptr(lora_b),
+        "scaling": float(scaling),
+        "rank": 0 if lora_xa is None else lora_xa.shape[1],
+        "y": _ptr(y),
+        "rows": rows,
+        "n_out": n,
+        "k_in": k,
+        "splits": splits,
+        "workspace": _ptr(workspace),
+    }
 
 
 def managed_alloc(nbytes: int) -> int:

@@ -94,3 +94,12 @@ def test_managed_memory_contracts_without_gpu():
         cuda_calls.managed_alloc(1024)
     with pytest.raises(RuntimeError, match=REFUSED):
         cuda_calls.managed_prefetch(0, 0, -1, 0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quant_gemv_emulate_contract(fmt, dtype):
+    weight = _weight(fmt, False)
+    x, y = torch.empty(0, 64, dtype=dtype), torch.empty(0, 32, dtype=dtype)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        cuda_calls.quant_gemv_emulate(x, weight, None, None, None, 1.0, y)
