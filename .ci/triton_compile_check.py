@@ -96,15 +96,10 @@ def _launch_everything(full: bool):
                 dequantize.dequantize(qt.weight, dtype)
             x = torch.randn(5, 128, dtype=dtype)
             lora = (torch.randn(5, 8), torch.randn(96, 8)) if double_quant else (None, None)
-            rot = reference.oft_rotation(0.05 * torch.randn(4, 32 * 31 // 2), 32) if fmt == "nf4" else None
-            quant_matmul.quant_matmul(x, qt.weight, torch.randn(96, dtype=dtype), *lora, 0.5, rot)
+            quant_matmul.quant_matmul(x, qt.weight, torch.randn(96, dtype=dtype), *lora, 0.5)
     for fmt in ("nf4", "int3", "lloyd2"):  # K = 100, blocks crossing rows: the fused matmul's per-value decode
         qt = qft.quantize(torch.randn(96, 100), fmt, 32, True)
         quant_matmul.quant_matmul(torch.randn(5, 100, dtype=bf16), qt.weight)
-    for b in (16, 64):  # the fused matmul's OFT prologue at the smallest and largest block it takes
-        qt = qft.quantize(torch.randn(96, 128), "nf4", 64, True)
-        rot = reference.oft_rotation(0.05 * torch.randn(128 // b, b * (b - 1) // 2), b)
-        quant_matmul.quant_matmul(torch.randn(5, 128, dtype=bf16), qt.weight, None, None, None, 1.0, rot)
     for b in (8, 16, 32, 64) if full else (8, 64):
         params = 0.05 * torch.randn(128 // b, b * (b - 1) // 2)
         for terms in (2, 5) if full else (5,):

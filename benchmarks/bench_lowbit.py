@@ -8,6 +8,10 @@ On a GPU each forward is timed eagerly (``do_bench``, L2 flushed) and replayed a
 M = 1 on 8192x28672: 4-bit >= 3x, 3-bit >= 4x, 2-bit >= 6x faster than bf16 (byte floors ~3.9x,
 5.1x, 7.5x), and >= 2x bitsandbytes' 4-bit GEMV. The floor column is bytes moved over the measured
 copy bandwidth.
+
+Each format is timed three ways: ``qft <fmt>`` as the dispatcher routes it (``qft/ops/thresholds.py``),
+``qft <fmt> gemv`` pinned to the CUDA decode GEMV (M <= 4) and ``qft <fmt> fused`` pinned to the fused
+Triton kernel (M <= 16), so one run measures every small-M path and the table can be set from it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import common
 import torch
 
 import qft
+from qft.ops import thresholds
 
 FORMATS = list(qft.formats.FORMATS)  # every format qft declares
 GPU_SHAPE, CPU_SHAPE = (28672, 8192), (1024, 1024)  # (out, in)
@@ -80,6 +85,18 @@ def _forward_rows(provider, fn, nbytes, n, k, ms, device, repeats, rates, rec) -
             rec.attempt(label, measure)
 
 
+# (provider suffix, thresholds.forced limits, largest M the path serves): the dispatcher's own choice,
+# then each small-M kernel pinned.
+PATHS = [("", None, max(MS)), (" gemv", {"gemv_max_m": 4}, 4), (" fused", {"gemv_max_m": 0, "fused_max_m": 16}, 16)]
+
+
+def _pinned(limits, qt, x):
+    if limits is None:
+        return qft.functional.quant_linear(x, qt)
+    with thresholds.forced(**limits):
+        return qft.functional.quant_linear(x, qt)
+
+
 def _bnb_forward(w: torch.Tensor):
     """bitsandbytes' nf4 + double-quant forward (its GEMV at M = 1), or None where it is not installed."""
     try:
@@ -130,18 +147,19 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
             ]
 
         rec.attempt(label, decode)
-        _forward_rows(
-            f"qft {fmt}",
-            lambda x, qt=qt: qft.functional.quant_linear(x, qt),
-            qt.nbytes,
-            n,
-            k,
-            ms,
-            device,
-            repeats,
-            rates,
-            rec,
-        )
+        for path, limits, most in PATHS:
+            _forward_rows(
+                f"qft {fmt}{path}",
+                lambda x, qt=qt, limits=limits: _pinned(limits, qt, x),
+                qt.nbytes,
+                n,
+                k,
+                [m for m in ms if m <= most],
+                device,
+                repeats,
+                rates,
+                rec,
+            )
         del qt
     rows = rec.rows
     for row in rows:

@@ -25,7 +25,6 @@ def _quant_matmul_kernel(
     xa_ptr,  # [M, R] (HAS_LORA), row stride R
     lora_b_ptr,  # [N, R] (HAS_LORA), row stride R
     y_ptr,  # [M, N] row stride N
-    rot_ptr,  # [K / BLOCK_K, BLOCK_K, BLOCK_K] fp32 OFT rotation (ROTATE)
     M,
     N,
     K,
@@ -36,7 +35,6 @@ def _quant_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32"/default otherwise
-    ROTATE: tl.constexpr,  # OFT prologue: each K tile is one rotation block
     ROW_BLOCKS: tl.constexpr,  # K % BLOCK_SIZE == 0 and BLOCK_K % 32 == 0: decode_tile, else decode_values
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,10 +54,6 @@ def _quant_matmul_kernel(
         # masked x is 0, so the weight's masked (finite: zero codes and scales) values add nothing
         x_ok = row_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=x_ok, other=0.0)
-        if ROTATE:  # x_rot = x @ R_blk in fp32, rounded to x's dtype as the unfused path stores it
-            rb = tl.arange(0, BLOCK_K)
-            r = tl.load(rot_ptr + (k0 // BLOCK_K) * BLOCK_K * BLOCK_K + rb[:, None] * BLOCK_K + rb[None, :])
-            x = tl.dot(x.to(tl.float32), r, input_precision="ieee").to(x_ptr.dtype.element_ty)
         if ROW_BLOCKS:
             w = decode_tile(W, cols, k0, K, col_ok, FMT, BLOCK_N, BLOCK_K)
         else:  # blocks may cross rows: each value from its flat position
@@ -86,14 +80,12 @@ def quant_matmul(
     lora_xa: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None,
     scaling: float = 0.0,
-    rot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused decode + matmul (+ bias, + LoRA epilogue) with Triton; returns y [M, N] in x's dtype.
 
     ``x`` [M, K] fp32/fp16/bf16; ``weight`` holds W [N, K] (N = numel / K) in any ``qft.formats``
-    format; ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32. ``rot`` [K / b, b, b] (b >= 16,
-    dividing K) rotates x block by block first (OFT), in the prologue. Callers check shapes and
-    devices (``qft.ops``).
+    format; ``lora_xa`` [M, r] and ``lora_B`` [N, r] may be fp32. Callers check shapes and devices
+    (``qft.ops``); an OFT x arrives rotated.
     """
     m, k = x.shape
     n = weight.numel // k
@@ -103,7 +95,7 @@ def quant_matmul(
     has_lora = lora_xa is not None
     r = lora_xa.shape[1] if has_lora else 0
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_k = rot.shape[1] if rot is not None else 64
+    block_k = 64
     grid = (triton.cdiv(n, 64), triton.cdiv(m, block_m))
     _quant_matmul_kernel[grid](
         x,
@@ -112,7 +104,6 @@ def quant_matmul(
         lora_xa.contiguous() if has_lora else x,
         lora_B.contiguous() if has_lora else x,
         y,
-        rot.float().contiguous() if rot is not None else x,
         m,
         n,
         k,
@@ -123,7 +114,6 @@ def quant_matmul(
         HAS_BIAS=bias is not None,
         HAS_LORA=has_lora,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        ROTATE=rot is not None,
         ROW_BLOCKS=k % weight.block_size == 0 and block_k % 32 == 0,
         BLOCK_M=block_m,
         BLOCK_N=64,

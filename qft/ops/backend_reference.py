@@ -25,8 +25,8 @@ def decoded_matrix(weight: formats.Weight, rows: int, dtype: torch.dtype) -> tor
     return formats.dequantize(weight, decode_dtype).view(rows, -1).to(dtype)
 
 
-def linear(x, weight, bias, lora_xa, lora_B, scaling: float, rot=None) -> torch.Tensor:
-    """``qft::quant_linear`` by ``qft.reference.quant_linear`` (x already rotated: ``rot`` is None)."""
+def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
+    """``qft::quant_linear`` by ``qft.reference.quant_linear`` (an OFT x arrives rotated)."""
     w = decoded_matrix(weight, weight.numel // x.shape[1], x.dtype)
     return reference.quant_linear(x, w, bias, lora_xa, lora_B, scaling)
 

@@ -40,12 +40,12 @@ def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | N
     return dequantize(weight, dtype, out)
 
 
-def linear(x, weight, bias, lora_xa, lora_B, scaling: float, rot=None) -> torch.Tensor:
+def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     """M <= ``thresholds.fused_max_m``: the fused decode-in-matmul kernel; larger M: ``gemm``."""
     if x.shape[0] <= fused_max_m(x.device):
         from qft.kernels.quant_matmul import quant_matmul
 
-        return quant_matmul(x, weight, bias, lora_xa, lora_B, scaling, rot)
+        return quant_matmul(x, weight, bias, lora_xa, lora_B, scaling)
     w = gemm.decoded(weight, weight.numel // x.shape[1], x.dtype, dequantize)
     return gemm.linear(x, w, bias, lora_xa, lora_B, scaling)
 

@@ -12,8 +12,7 @@ import torch
 from qft import formats
 from qft.ops import backend_cuda, backend_reference, backend_triton
 from qft.ops.dispatch import FLOAT_DTYPES, backend_for
-from qft.ops.oft import oft_rotate, triton_rotates
-from qft.ops.thresholds import fused_max_m
+from qft.ops.oft import oft_rotate
 
 BACKEND_MODULES = {"reference": backend_reference, "triton": backend_triton, "cuda": backend_cuda}
 
@@ -97,13 +96,12 @@ def quant_linear(
     """
     weight = _weight(parts, fmt, meta)
     _check_input(x, "x", weight)
-    # The fused small-M kernel rotates in its prologue (b >= 16, tl.dot); elsewhere rotate first.
-    fused_rotation = rot is not None and rot.shape[1] >= 16 and triton_rotates(x, rot.shape[1])
-    if rot is not None and not (fused_rotation and x.shape[0] <= fused_max_m(x.device)):
+    # x is rotated once (one read of R), then every M takes the same kernels as a plain layer; a
+    # rotation inside the matmul kernels would read R again in every program along N.
+    if rot is not None:
         x = oft_rotate(x, rot, False)
-        rot = None
     backend = backend_reference if x.dtype == torch.float64 else _backend(x.device)
-    return backend.linear(x, weight, bias, lora_xa, lora_B, scaling, rot)
+    return backend.linear(x, weight, bias, lora_xa, lora_B, scaling)
 
 
 @quant_linear.register_fake

@@ -186,8 +186,8 @@ def test_gpu_oft_linear_matches_cpu_reference(dtype):
 
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("m", [3, 40])
-def test_triton_rotation_prologue_and_unfused_paths_match_reference(block_size, m):
-    # m = 3: the fused small-M kernel rotates in its prologue; m = 40: rotate, then decode + GEMM.
+def test_triton_small_and_large_m_paths_match_reference(block_size, m):
+    # x rotated once, then m = 3: the fused small-M kernel; m = 40: decode + GEMM.
     qt = qft.quantize(torch.randn(48, 128), "nf4", 64)
     w = 0.05 * torch.randn(128 // block_size, block_size * (block_size - 1) // 2)
     x = torch.randn(m, 128)
@@ -195,6 +195,23 @@ def test_triton_rotation_prologue_and_unfused_paths_match_reference(block_size, 
     with ops.use_backend("triton"):
         got = F.oft_linear(x, qt, w, block_size)
     assert_as_accurate_as_reference([got], [want], [F.oft_linear(x.double(), qt, w.double(), block_size)])
+
+
+def test_small_m_rotates_x_once_then_runs_the_plain_kernel(monkeypatch):
+    import qft.kernels.quant_matmul as fused_module
+    import qft.ops.schema as schema
+
+    rotations, seen = [], []
+    rotate, fused = schema.oft_rotate, fused_module.quant_matmul
+    monkeypatch.setattr(schema, "oft_rotate", lambda *a: rotations.append(a) or rotate(*a))
+    monkeypatch.setattr(fused_module, "quant_matmul", lambda x, *a: seen.append(x) or fused(x, *a))
+    qt = qft.quantize(torch.randn(48, 64), "nf4", 64)
+    w = 0.05 * torch.randn(2, 32 * 31 // 2)
+    x = torch.randn(3, 64)
+    with ops.use_backend("triton"):
+        F.oft_linear(x, qt, w, 32)
+    assert len(rotations) == 1 and len(seen) == 1
+    torch.testing.assert_close(seen[0], reference.oft_rotate(x, reference.oft_rotation(w, 32), False))
 
 
 def _skew_params(blocks, block_size, dtype=torch.float32):

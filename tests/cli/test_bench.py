@@ -14,6 +14,9 @@ import bench_quant
 RATES = {"copy_bandwidth_gbps": 10.0, "matmul_tflops": 0.1}  # floors only; not measured in tests
 
 
+PATHS = ("", " gemv", " fused")  # bench_lowbit.PATHS: the dispatcher's choice, then each small-M kernel
+
+
 def test_bench_quant_writes_rows_side_by_side(tmp_path, capsys):
     assert bench_quant.main(["--device", "cpu", "--shape", "64x256", "--repeats", "1", "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("quant-*.json")
@@ -55,7 +58,7 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
     expected = {
         "quant": {"qft-reference", "bitsandbytes"},
         "linear": {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"},
-        "lowbit": {"bf16 torch", "bitsandbytes nf4", *(f"qft {f}" for f in formats.FORMATS)},
+        "lowbit": {"bf16 torch", "bitsandbytes nf4", *(f"qft {f}{p}" for f in formats.FORMATS for p in PATHS)},
         "e2e": {"qft", "peft-bf16", "peft-bnb"},
         "optim": {
             "torch AdamW",
@@ -124,7 +127,7 @@ def test_failing_measurement_keeps_the_other_ops(tmp_path, monkeypatch):
     errors = {(r["provider"], r["op"]) for r in rows if "error" in r}
     assert errors == {("qft nf4", "dequantize"), ("qft int2", "dequantize")}
     forwards = {r["provider"] for r in rows if r["op"] == "fwd M=1" and "error" not in r}
-    assert forwards == {"bf16 torch", "bitsandbytes nf4", "qft nf4", "qft int2"}
+    assert forwards == {"bf16 torch", "bitsandbytes nf4", *(f"qft {f}{p}" for f in ("nf4", "int2") for p in PATHS)}
 
 
 def test_filters_select_providers_shapes_and_ms(tmp_path, monkeypatch):

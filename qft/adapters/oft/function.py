@@ -18,7 +18,7 @@ from qft.tensor import QuantizedTensor
 class _OFTLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, rot, bias, qt):
-        # The rotation happens inside qft::quant_linear (fused into the small-M kernel's prologue).
+        # qft::quant_linear rotates x once, then runs the plain layer's kernels.
         y = ops.quant_linear(x2d, *qt.op_args(), bias, None, None, 0.0, rot)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, rot)
         ctx.qt = qt
