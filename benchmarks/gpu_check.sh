@@ -17,8 +17,11 @@
 #   install   build qft._C for sm_90a only, `python -m qft env`, nvidia-smi, measured copy/matmul rates
 #   tests     pytest -m gpu in parallel (-n 8, 180 s per test), the paging test excluded
 #   quant     NF4 quantize/dequantize vs bitsandbytes (% of measured copy bandwidth)
-#   smallm    every format at M = 1, 4, 16 on 8192x28672 vs bf16 cuBLAS and bitsandbytes (eager + CUDA graph)
-#   train     LoRA/OFT fwd+bwd at M = 8192 on 4096x4096, 14336x4096, 4096x14336 vs PEFT bf16 / bnb
+#   smallm    every format at M = 1, 4, 16 on 8192x28672 vs bf16 cuBLAS and bitsandbytes (eager + CUDA graph),
+#             qft's dispatcher choice and each small-M kernel pinned (the chunked GEMV, the fused Triton
+#             kernel): the data for qft/ops/thresholds.py
+#   train     LoRA/OFT fwd+bwd at M = 8192 on 4096x4096, 14336x4096, 4096x14336 vs PEFT bf16 / bnb; the
+#             K + r LoRA GEMMs vs the M x N epilogue they replaced (bench_lora_gemm)
 #   optim     optimizer step vs torch AdamW and bitsandbytes' paged 8-bit AdamW, page_out's freed bytes
 #   sanitize  compute-sanitizer memcheck over a small set of kernel tests
 #   paging    the managed-memory paging test, last and alone
@@ -116,7 +119,7 @@ PYTEST=("${PY[@]}" -m pytest -q -p no:cacheprovider)
 "${PY[@]}" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && PYTEST+=(-n 8)
 "${PY[@]}" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 180)
 PYTEST_SERIAL=("${PY[@]}" -m pytest -q -p no:cacheprovider)
-GPU_TESTS="tests/kernels/test_triton.py tests/ops/test_ops.py tests/test_functional.py tests/formats/test_lowbit.py tests/adapters/test_oft.py tests/optim/test_optim.py"
+GPU_TESTS="tests/kernels/test_triton.py tests/kernels/test_gemv_chunked.py tests/ops/test_lora_gemm.py tests/ops/test_ops.py tests/test_functional.py tests/formats/test_lowbit.py tests/adapters/test_oft.py tests/optim/test_optim.py"
 PAGING_TEST="paged_step_matches_cpu"
 
 if [ "$DRY" = 1 ]; then
@@ -128,7 +131,7 @@ stage install 300 "$INSTALL && ${PY[*]} -m qft env; nvidia-smi --query-gpu=name,
 stage tests 200 "${PYTEST[*]} -m gpu -k 'not $PAGING_TEST' $GPU_TESTS"
 stage quant 60 "$(bench quant quant)"
 stage smallm 150 "$(bench lowbit smallm)"
-stage train 120 "$(bench linear train) --ms $TRAIN_M --shapes $TRAIN_SHAPES"
+stage train 150 "$(bench linear train) --ms $TRAIN_M --shapes $TRAIN_SHAPES && $(bench lora_gemm train)"
 stage optim 60 "$(bench optim optim)"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   stage sanitize 90 "compute-sanitizer --tool memcheck --error-exitcode 1 ${PYTEST_SERIAL[*]} -m gpu -x tests/ops/test_ops.py tests/formats/test_lowbit.py"

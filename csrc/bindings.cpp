@@ -71,10 +71,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dequantize",
-      [](const QuantWeight& w, uintptr_t out, int out_dtype, uintptr_t stream) {
-        check(qft::dequantize(w, ptr<void>(out), static_cast<qft::DType>(out_dtype), ptr<void>(stream)));
+      [](const QuantWeight& w, uintptr_t out, int out_dtype, int64_t row_length, int64_t row_stride,
+         uintptr_t stream) {
+        check(qft::dequantize(w, ptr<void>(out), static_cast<qft::DType>(out_dtype), row_length, row_stride,
+                              ptr<void>(stream)));
       },
-      py::arg("weight"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"),
+      py::arg("weight"), py::arg("out"), py::arg("out_dtype"), py::arg("row_length"), py::arg("row_stride"),
+      py::arg("stream"),
       py::call_guard<py::gil_scoped_release>(), "Decode every value of a weight (see qft_kernels.h).");
 
   m.def(

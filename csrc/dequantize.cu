@@ -14,7 +14,7 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, int kBits>
-__global__ void dequantize_units_kernel(QuantWeight w, T* __restrict__ out) {
+__global__ void dequantize_units_kernel(QuantWeight w, T* __restrict__ out, OutRows rows) {
   constexpr int kValues = unit_values(kBits);
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t first = unit * kValues;
@@ -27,48 +27,55 @@ __global__ void dequantize_units_kernel(QuantWeight w, T* __restrict__ out) {
   float v[kValues];
 #pragma unroll
   for (int i = 0; i < kValues; ++i) v[i] = decode_value(w.affine, w.code, q[i], scale, zero);
-  const bool whole = first + kValues <= w.numel && reinterpret_cast<uintptr_t>(out + first) % 16 == 0;
+  T* dst = out + rows(first);  // a unit stays in one row (length % 32 == 0 when strided)
+  const bool whole = first + kValues <= w.numel && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   if (whole) {
 #pragma unroll
-    for (int i = 0; i < kValues; i += 8) store8(out + first + i, *reinterpret_cast<const float(*)[8]>(v + i));
+    for (int i = 0; i < kValues; i += 8) store8(dst + i, *reinterpret_cast<const float(*)[8]>(v + i));
     return;
   }
-  for (int i = 0; i < kValues && first + i < w.numel; ++i) store1(out + first + i, v[i]);
+  for (int i = 0; i < kValues && first + i < w.numel; ++i) store1(dst + i, v[i]);
 }
 
 template <typename T>
-cudaError_t launch(const QuantWeight& w, void* out, cudaStream_t stream) {
+cudaError_t launch(const QuantWeight& w, void* out, const OutRows& rows, cudaStream_t stream) {
   const int64_t units = (w.numel + unit_values(w.bits) - 1) / unit_values(w.bits);
   const unsigned ctas = static_cast<unsigned>((units + kThreads - 1) / kThreads);
   T* o = static_cast<T*>(out);
   if (w.bits == 3)
-    dequantize_units_kernel<T, 3><<<ctas, kThreads, 0, stream>>>(w, o);
+    dequantize_units_kernel<T, 3><<<ctas, kThreads, 0, stream>>>(w, o, rows);
   else if (w.bits == 2)
-    dequantize_units_kernel<T, 2><<<ctas, kThreads, 0, stream>>>(w, o);
+    dequantize_units_kernel<T, 2><<<ctas, kThreads, 0, stream>>>(w, o, rows);
   else
-    dequantize_units_kernel<T, 4><<<ctas, kThreads, 0, stream>>>(w, o);
+    dequantize_units_kernel<T, 4><<<ctas, kThreads, 0, stream>>>(w, o, rows);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t dequantize_units(const QuantWeight& w, void* out, DType out_dtype, cudaStream_t stream) {
+cudaError_t dequantize_units(const QuantWeight& w, void* out, DType out_dtype, const OutRows& rows,
+                             cudaStream_t stream) {
   if (w.block_size < 32 || w.block_size % 32) return cudaErrorInvalidValue;
   switch (out_dtype) {
     case DType::kFloat32:
-      return launch<float>(w, out, stream);
+      return launch<float>(w, out, rows, stream);
     case DType::kFloat16:
-      return launch<__half>(w, out, stream);
+      return launch<__half>(w, out, rows, stream);
     case DType::kBFloat16:
-      return launch<__nv_bfloat16>(w, out, stream);
+      return launch<__nv_bfloat16>(w, out, rows, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-int dequantize(const QuantWeight& w, void* out, DType out_dtype, void* stream) {
-  if (!valid_weight(w) || out == nullptr) return cudaErrorInvalidValue;
+int dequantize(const QuantWeight& w, void* out, DType out_dtype, int64_t row_length, int64_t row_stride,
+               void* stream) {
+  const bool rows_ok = row_length > 0 && w.numel % row_length == 0 &&
+                       (row_stride == row_length || (row_stride > row_length && row_length % 32 == 0));
+  if (!valid_weight(w) || out == nullptr || !rows_ok) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
-  return w.bits == 4 && !w.affine ? dequantize_codebook4(w, out, out_dtype, s) : dequantize_units(w, out, out_dtype, s);
+  const OutRows rows{row_length, row_stride};
+  return w.bits == 4 && !w.affine ? dequantize_codebook4(w, out, out_dtype, rows, s)
+                                  : dequantize_units(w, out, out_dtype, rows, s);
 }
 
 }  // namespace qft

@@ -32,11 +32,14 @@ struct QuantWeight {
 int quantize_codebook4(const void* w, DType dtype, uint8_t* codes, float* scales, const float* thresholds,
                        const int32_t* encode_order, int64_t numel, int block_size, void* stream);
 
-// Decodes all w.numel values into `out` (flat, `out_dtype`), bit-identical to qft.formats.dequantize:
+// Decodes all w.numel values into `out` (`out_dtype`), bit-identical to qft.formats.dequantize:
 // code[q] * scale or (q - zero) * scale in fp32, rounded to nearest even. nf4/fp4 (4-bit code books)
 // take a byte-pair kernel (block_size % 8 == 0), every other format a packing-unit one
-// (block_size % 32 == 0).
-int dequantize(const QuantWeight& w, void* out, DType out_dtype, void* stream);
+// (block_size % 32 == 0). Rows of `row_length` values land `row_stride` values apart (row_stride ==
+// row_length: flat), so a GEMM operand can hold more columns beside W; a strided row_length must be a
+// multiple of 32.
+int dequantize(const QuantWeight& w, void* out, DType out_dtype, int64_t row_length, int64_t row_stride,
+               void* stream);
 
 // Largest M served by quant_gemv.
 constexpr int kMaxGemvRows = 4;

@@ -3,6 +3,7 @@ weight's pointers and constants in the one order every decoding kernel takes the
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -92,6 +93,22 @@ def store_rounded(out_ptr, idx, values, ok, ROUND_BF16_BY_HAND: tl.constexpr):
         tl.store(out_ptr + idx, (bits >> 16).to(tl.int16), mask=ok)
     else:
         tl.store(out_ptr + idx, values.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def out_rows(out: torch.Tensor) -> tuple[int, int, bool]:
+    """``(row_length, row_pad, STRIDED)`` for a decode into ``out``: flat, or ``[rows, K]`` with unit
+    column stride and rows ``K + row_pad`` apart (other columns of a wider buffer beside W)."""
+    if out.dim() == 2 and out.stride(0) != out.shape[1]:
+        return out.shape[1], out.stride(0) - out.shape[1], True
+    return 1, 0, False
+
+
+@triton.jit
+def out_index(idx, row_length, row_pad, STRIDED: tl.constexpr):
+    """Where decoded value ``idx`` goes (``out_rows``)."""
+    if STRIDED:
+        return idx + (idx // row_length) * row_pad
+    return idx
 
 
 @triton.jit

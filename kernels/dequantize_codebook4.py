@@ -14,7 +14,7 @@ import triton.language as tl
 from qft import formats
 
 from . import interpreting
-from .decode import load_scales, store_rounded, weight_constants, weight_pointers
+from .decode import load_scales, out_index, out_rows, store_rounded, weight_constants, weight_pointers
 
 BYTES_PER_PROGRAM = 1024  # 2048 outputs per program
 
@@ -25,8 +25,11 @@ def _dequantize_codebook4_kernel(
     out_ptr,  # [numel] fp32/fp16/bf16, or int16 when ROUND_BF16_BY_HAND
     numel,
     n_packed,
+    row_length,  # decode.out_rows
+    row_pad,
     FMT: tl.constexpr,  # decode.weight_constants
     ROUND_BF16_BY_HAND: tl.constexpr,  # the interpreter truncates fp32 -> bf16; round here instead
+    STRIDED: tl.constexpr,
     BYTES: tl.constexpr,
 ):
     BLOCK_SIZE: tl.constexpr = FMT[2]
@@ -40,12 +43,14 @@ def _dequantize_codebook4_kernel(
     low = tl.load(W[5] + (byte & 0xF)) * absmax
     values = tl.interleave(high, low)
     index = 2 * pid * BYTES + tl.arange(0, 2 * BYTES)
-    store_rounded(out_ptr, index, values, index < numel, ROUND_BF16_BY_HAND)
+    target = out_index(index, row_length, row_pad, STRIDED)
+    store_rounded(out_ptr, target, values, index < numel, ROUND_BF16_BY_HAND)
 
 
 def dequantize_codebook4(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode an nf4/fp4 ``weight`` with Triton into ``out`` (a contiguous ``[numel]`` scratch buffer)
-    or a new flat ``dtype`` tensor; callers have checked the parts (``qft.formats.check_weight``)."""
+    """Decode an nf4/fp4 ``weight`` with Triton into ``out`` (flat, or ``[rows, K]`` rows of a wider
+    buffer: ``decode.out_rows``) or a new flat ``dtype`` tensor; callers have checked the parts
+    (``qft.formats.check_weight``)."""
     formats.get_bnb_format(weight.fmt)
     pointers = weight_pointers(weight)
     n_packed = pointers[0].numel()
@@ -58,8 +63,10 @@ def dequantize_codebook4(weight: formats.Weight, dtype: torch.dtype, out: torch.
         out.view(torch.int16) if by_hand else out,
         weight.numel,
         n_packed,
+        *out_rows(out)[:2],
         FMT=weight_constants(weight),
         ROUND_BF16_BY_HAND=by_hand,
+        STRIDED=out_rows(out)[2],
         BYTES=BYTES_PER_PROGRAM,
         enable_fp_fusion=False,
     )

@@ -65,6 +65,19 @@ def quant_linear_grad_input(
     return acc.to(grad.dtype)
 
 
+def lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling: float, need_x: bool, grad_input):
+    """LoRA's backward in the adapters' dtype (fp32 adapters over a bf16 layer: fp32, as PEFT):
+    ``(grad_x, grad_a, grad_b)`` with grad_xa = s g B (the gradient reaching ``xa = x_lora @ A^T``),
+    grad_a = grad_xa^T x_lora (empty without ``x_lora``), grad_b = s g^T xa and grad_x =
+    ``grad_input(grad_xa)`` (empty when not ``need_x``)."""
+    adapter = lora_A.dtype
+    grad_ad = grad.to(adapter)
+    grad_xa = scaling * (grad_ad @ lora_B)
+    grad_x = grad_input(grad_xa) if need_x else grad.new_empty(0)
+    grad_a = grad_xa.t() @ x_lora.to(adapter) if x_lora is not None else lora_A.new_empty(0)
+    return grad_x, grad_a, scaling * (grad_ad.t() @ xa)
+
+
 def oft_skew(params: torch.Tensor, block_size: int) -> torch.Tensor:
     """Q = U - U^T: ``[r, b(b-1)/2] -> [r, b, b]``."""
     rows, cols = torch.triu_indices(block_size, block_size, 1, device=params.device)

@@ -46,4 +46,4 @@ def test_kernel_launch_without_gpu_raises_runtime_error():
             block_size=64,
             nested_block_size=256,
         )
-        ext.module.dequantize(weight, 16, 0, 0)
+        ext.module.dequantize(weight, out=16, out_dtype=0, row_length=64, row_stride=64, stream=0)

@@ -5,7 +5,7 @@
 
 from qft.ops.dispatch import BACKENDS, DTYPE_CODES, FLOAT_DTYPES, backend_for, use_backend
 from qft.ops.oft import oft_rotate, oft_rotate_backward, oft_rotation, oft_rotation_backward
-from qft.ops.schema import dequantize, quant_linear, quant_linear_grad_input, quantize
+from qft.ops.schema import dequantize, quant_linear, quant_linear_grad_input, quant_lora_backward, quantize
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +19,7 @@ __all__ = [
     "oft_rotation_backward",
     "quant_linear",
     "quant_linear_grad_input",
+    "quant_lora_backward",
     "quantize",
     "use_backend",
 ]

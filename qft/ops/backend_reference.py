@@ -31,6 +31,15 @@ def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     return reference.quant_linear(x, w, bias, lora_xa, lora_B, scaling)
 
 
+def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
+    """``qft::quant_lora_backward`` by ``qft.reference.lora_backward`` (fp32 LoRA terms)."""
+
+    def grad_input(grad_xa):
+        return linear_grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale)
+
+    return reference.lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling, need_x, grad_input)
+
+
 def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
     """``qft::quant_linear_grad_input`` by ``qft.reference.quant_linear_grad_input``."""
     w = decoded_matrix(weight, grad.shape[1], grad.dtype)

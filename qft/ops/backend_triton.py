@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qft import formats
+from qft import formats, reference
 from qft.ops import gemm
 from qft.ops.thresholds import fused_max_m
 
@@ -46,8 +46,24 @@ def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
         from qft.kernels.quant_matmul import quant_matmul
 
         return quant_matmul(x, weight, bias, lora_xa, lora_B, scaling)
+    if lora_xa is not None and gemm.beside(x.shape[1]):
+        return gemm.lora_forward(x, weight, bias, lora_xa, lora_B, scaling, dequantize)
     w = gemm.decoded(weight, weight.numel // x.shape[1], x.dtype, dequantize)
     return gemm.linear(x, w, bias, lora_xa, lora_B, scaling)
+
+
+def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
+    """One GEMM over K + r (``gemm.lora_backward``) where K allows it, else decode + GEMMs as the
+    reference arranges them."""
+    if gemm.beside(weight.numel // grad.shape[1]):
+        return gemm.lora_backward(
+            grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x, dequantize
+        )
+
+    def grad_input(grad_xa):
+        return linear_grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale)
+
+    return reference.lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling, need_x, grad_input)
 
 
 def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:

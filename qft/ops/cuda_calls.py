@@ -83,8 +83,17 @@ def quantize_codebook4(
 
 
 def dequantize(weight: Weight, out: torch.Tensor, stream: int) -> None:
-    """Decode the ``weight.numel`` values of ``weight`` (any format) into the flat ``out``, in its dtype."""
-    _module().dequantize(weight=_quant_weight(weight), out=_ptr(out), out_dtype=DTYPE_CODES[out.dtype], stream=stream)
+    """Decode the ``weight.numel`` values of ``weight`` (any format) into ``out``, in its dtype: flat, or
+    ``[rows, K]`` with unit column stride and any row stride >= K (other columns of a wider buffer)."""
+    length, stride = (out.shape[1], out.stride(0)) if out.dim() == 2 else (out.numel(), out.numel())
+    _module().dequantize(
+        weight=_quant_weight(weight),
+        out=_ptr(out),
+        out_dtype=DTYPE_CODES[out.dtype],
+        row_length=length,
+        row_stride=stride,
+        stream=stream,
+    )
 
 
 def quant_gemv(

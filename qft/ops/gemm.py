@@ -1,5 +1,11 @@
 """The large-M path of both GPU backends: decode the weight into a reused scratch buffer (never kept
-across calls) and let cuBLAS run one GEMM whose ``beta * C`` epilogue adds the bias and LoRA term."""
+across calls) and run one GEMM.
+
+With LoRA, B sits beside the decoded W in the scratch rows, so each pass is one GEMM over K + r:
+forward ``[x | s xa] @ [W | B]^T``, backward ``g @ [W | B] = [g W | g B]``. No M x N tensor is made
+besides y and g, and nothing in fp32 larger than M x r: the LoRA terms ride the GEMM in x's dtype
+(B and s xa rounded to it, products summed in fp32 by the GEMM).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,63 @@ def decoded(weight: formats.Weight, rows: int, dtype: torch.dtype, decode) -> to
     """``[rows, numel / rows]`` dense weight in ``dtype``: ``decode(weight, dtype, out)`` into scratch."""
     out = scratch.buffer(weight.device, dtype, weight.numel)
     return decode(weight, dtype, out).view(rows, -1)
+
+
+# 16-byte aligned rows for the GEMM (8 bf16/fp16 values); the decode kernels need K % 32 == 0 to write
+# rows of a wider buffer.
+ROW_ALIGN, STRIDED_DECODE_MULTIPLE = 8, 32
+
+
+def beside(k: int) -> bool:
+    """Whether a weight with K input features can take the K + r GEMMs (else decode + addmm)."""
+    return k % STRIDED_DECODE_MULTIPLE == 0
+
+
+def decoded_beside(weight: formats.Weight, rows: int, dtype: torch.dtype, decode, extra: torch.Tensor) -> torch.Tensor:
+    """``[rows, K + r]`` in ``dtype``: the decoded W in columns ``[0, K)`` and ``extra`` [rows, r] beside it,
+    a view of the scratch buffer (rows padded to ``ROW_ALIGN`` values)."""
+    k, r = weight.numel // rows, extra.shape[1]
+    stride = -(-(k + r) // ROW_ALIGN) * ROW_ALIGN
+    buf = scratch.buffer(weight.device, dtype, rows * stride).view(rows, stride)
+    decode(weight, dtype, buf[:, :k])
+    buf[:, k : k + r].copy_(extra)
+    return buf[:, : k + r]
+
+
+def lora_forward(x, weight, bias, lora_xa, lora_B, scaling: float, decode) -> torch.Tensor:
+    """``x @ W^T + bias + scaling * lora_xa @ lora_B^T`` as one GEMM over K + r (``beside(K)``)."""
+    m, k = x.shape
+    w = decoded_beside(weight, weight.numel // k, x.dtype, decode, lora_B)
+    x_cat = torch.empty((m, w.shape[1]), dtype=x.dtype, device=x.device)
+    x_cat[:, :k] = x
+    x_cat[:, k:] = scaling * lora_xa
+    return x_cat @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x_cat, w.t())
+
+
+def lora_backward(
+    grad, weight, x_lora, xa, lora_A, lora_B, scaling: float, mask, dropout_scale: float, need_x: bool, decode
+):
+    """``(grad_x, grad_a, grad_b)`` from one GEMM ``g @ [W | B]`` (``beside(K)``): grad_xa = s g B (M x r),
+    grad_x = g W + (grad_xa A) * mask * dropout_scale, grad_a = grad_xa^T x_lora, grad_b = s g^T xa;
+    the LoRA products in g's dtype (summed in fp32), returned in the adapters' dtype; empty tensors for
+    what is not asked (``need_x``; ``x_lora`` None)."""
+    n = grad.shape[1]
+    adapter = lora_A.dtype
+    if need_x:
+        w = decoded_beside(weight, n, grad.dtype, decode, lora_B)
+        k = w.shape[1] - lora_B.shape[1]
+        both = grad @ w  # [M, K + r]
+        grad_x, grad_xa = both[:, :k], scaling * both[:, k:].to(adapter)
+        lora = grad_xa.to(grad.dtype) @ lora_A.to(grad.dtype)
+        if mask is not None:
+            lora.mul_(mask).mul_(dropout_scale)  # in place: no M x K fp32 product of the mask
+        grad_x += lora
+    else:
+        grad_x = grad.new_empty(0)
+        grad_xa = scaling * (grad @ lora_B.to(grad.dtype)).to(adapter)
+    grad_a = (grad_xa.t().to(grad.dtype) @ x_lora).to(adapter) if x_lora is not None else lora_A.new_empty(0)
+    grad_b = scaling * (grad.t() @ xa.to(grad.dtype)).to(adapter)
+    return grad_x, grad_a, grad_b
 
 
 def linear(x, w, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
@@ -33,5 +96,5 @@ def linear_grad_input(grad, w, lora_grad_xa, lora_A, dropout_mask, dropout_scale
         return grad @ w
     lora = lora_grad_xa @ lora_A
     if dropout_mask is not None:
-        lora *= dropout_mask * dropout_scale
+        lora.mul_(dropout_mask).mul_(dropout_scale)
     return torch.addmm(lora.to(grad.dtype), grad, w)

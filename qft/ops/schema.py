@@ -132,6 +132,44 @@ def quant_linear_grad_input(
     return backend.linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale)
 
 
+@torch.library.custom_op("qft::quant_lora_backward", mutates_args=())
+def quant_lora_backward(
+    grad: torch.Tensor,
+    parts: list[torch.Tensor | None],
+    fmt: str,
+    meta: list[int],
+    x_lora: torch.Tensor | None,
+    xa: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None,
+    dropout_scale: float,
+    need_x: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA's backward over a quantized layer: ``(grad_x, grad_a, grad_b)``.
+
+    grad [M, N]; ``x_lora`` [M, K] = dropout(x) (None when A needs no gradient); ``xa`` [M, r] =
+    ``x_lora @ A^T``; A [r, K], B [N, r] (one dtype). With grad_xa = s g B (the gradient reaching xa):
+    grad_a = grad_xa^T x_lora and grad_b = s g^T xa in the adapters' dtype (empty without x_lora);
+    grad_x = g W + (grad_xa A) * dropout_mask * dropout_scale in grad's dtype, or empty when not
+    ``need_x``. The reference computes the LoRA terms in the adapters' dtype; the GPU backends run one
+    GEMM over K + r (``gemm.lora_backward``: LoRA terms in grad's dtype, nothing M x N in fp32).
+    """
+    weight = _weight(parts, fmt, meta)
+    _check_input(grad, "grad", weight)
+    backend = backend_reference if grad.dtype == torch.float64 else _backend(grad.device)
+    return backend.lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, dropout_mask, dropout_scale, need_x)
+
+
+@quant_lora_backward.register_fake
+def _(grad, parts, fmt, meta, x_lora, xa, lora_A, lora_B, *rest):
+    need_x = rest[-1]
+    grad_x = grad.new_empty((grad.shape[0], meta[0] // grad.shape[1]) if need_x else (0,))
+    grad_a = lora_A.new_empty(lora_A.shape if x_lora is not None else (0,))
+    return grad_x, grad_a, lora_B.new_empty(lora_B.shape)
+
+
 @quant_linear_grad_input.register_fake
 def _(grad, parts, fmt, meta, *rest):
     return grad.new_empty((grad.shape[0], meta[0] // grad.shape[1]))

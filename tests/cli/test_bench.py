@@ -160,3 +160,14 @@ def test_optim_host_bench_appends_labelled_rows(tmp_path):
     ]
     assert all(r["tensors"] == 14 and r["host_ms"] > 0 for r in rows)
     assert next(tmp_path.glob("optim-host-*.md")).read_text().count("| after |") == 2
+
+
+def test_lora_gemm_bench_counts_what_each_arrangement_creates(tmp_path, monkeypatch):
+    import bench_lora_gemm
+
+    monkeypatch.setitem(bench_lora_gemm.SHAPES, "cpu", [(64, 128, 96, 8)])
+    rows = {r["provider"]: r for r in bench_lora_gemm.run("cpu", tmp_path)}
+    before, fused = rows["before (M x N epilogue)"], rows["fused (K + r GEMMs)"]
+    assert fused["m_by_n_extra"] == 0 < before["m_by_n_extra"]
+    assert fused["created_mb"] < before["created_mb"] and fused["p50_ms"] > 0
+    assert len(list(tmp_path.glob("lora_gemm-*.md"))) == 1

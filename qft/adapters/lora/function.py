@@ -18,21 +18,27 @@ from qft.functional import _FLOATS, _autocast_dtype, _cast, _check_bias, _check_
 from qft.tensor import QuantizedTensor, quantize
 
 
+def _adapter_input(x_lora: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """``x_lora @ A^T`` (M x r) in the adapters' dtype. The reference multiplies in the adapters' dtype
+    (fp32 adapters over a bf16 layer: an fp32 copy of x, as PEFT); the GPU backends multiply in x's
+    dtype (A rounded to it, fp32 sums), so no fp32 tensor of x's size is made."""
+    if x_lora.dtype == lora_A.dtype or ops.backend_for(x_lora.device) == "reference":
+        return x_lora.to(lora_A.dtype) @ lora_A.t()
+    return (x_lora @ lora_A.t().to(x_lora.dtype)).to(lora_A.dtype)
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, lora_A, lora_B, bias, qt, scaling, dropout):
-        adapter_dtype = lora_A.dtype
         mask = None
         x_lora = x2d
         if dropout > 0:
-            mask = torch.rand(x2d.shape, device=x2d.device) >= dropout
+            mask = torch.empty(x2d.shape, dtype=torch.bool, device=x2d.device).bernoulli_(1 - dropout)
             x_lora = x2d * mask / (1 - dropout)
-        # The adapter path runs in the adapters' dtype (fp32 adapters over a bf16 base keep fp32
-        # precision, as PEFT does), without keeping that copy of x.
-        xa = x_lora.to(adapter_dtype) @ lora_A.t()
+        xa = _adapter_input(x_lora, lora_A)
         y = ops.quant_linear(x2d, *qt.op_args(), bias, xa, lora_B, scaling)
-        needs_a, needs_b = ctx.needs_input_grad[1:3]
-        ctx.save_for_backward(x2d if needs_a else None, lora_A, lora_B, xa if needs_b else None, mask)
+        needs_a = ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2d if needs_a else None, lora_A, lora_B, xa, mask)
         ctx.qt, ctx.scaling, ctx.dropout = qt, scaling, dropout
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -43,16 +49,17 @@ class _LoRALinear(torch.autograd.Function):
         x2d, lora_A, lora_B, xa, mask = ctx.saved_tensors
         qt, scaling, dropout = ctx.qt, ctx.scaling, ctx.dropout
         needs_x, needs_a, needs_b, needs_bias = ctx.needs_input_grad[:4]
-        grad_ad = grad.to(lora_A.dtype)
-        grad_xa = scaling * (grad_ad @ lora_B)  # gradient reaching dropout(x) @ A^T
-        grad_x = grad_a = grad_b = grad_bias = None
-        if needs_x:
-            grad_x = ops.quant_linear_grad_input(grad, *qt.op_args(), grad_xa, lora_A, mask, 1.0 / (1.0 - dropout))
+        x_lora = None
         if needs_a:
             x_lora = x2d if mask is None else x2d * mask / (1 - dropout)
-            grad_a = grad_xa.t() @ x_lora.to(lora_A.dtype)
-        if needs_b:
-            grad_b = scaling * (grad_ad.t() @ xa)
+        # grad_x, dA and dB from one op (one GEMM over K + r on a GPU)
+        grad_x, grad_a, grad_b = ops.quant_lora_backward(
+            grad, *qt.op_args(), x_lora, xa, lora_A, lora_B, scaling, mask, 1.0 / (1.0 - dropout), needs_x
+        )
+        grad_x = grad_x if needs_x else None
+        grad_a = grad_a if needs_a else None
+        grad_b = grad_b if needs_b else None
+        grad_bias = None
         if needs_bias:
             grad_bias = grad.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_a, grad_b, grad_bias, None, None, None
