@@ -13,6 +13,7 @@ import torch
 
 from qft import formats
 from qft.ops import scratch
+from qft.ops.oft import oft_rotate
 
 
 def decoded(weight: formats.Weight, rows: int, dtype: torch.dtype, decode) -> torch.Tensor:
@@ -76,6 +77,19 @@ def lora_backward(
     grad_a = (grad_xa.t().to(grad.dtype) @ x_lora).to(adapter) if x_lora is not None else lora_A.new_empty(0)
     grad_b = scaling * (grad.t() @ xa.to(grad.dtype)).to(adapter)
     return grad_x, grad_a, grad_b
+
+
+def rotates_weight(m: int, n: int) -> bool:
+    """OFT at large M: rotate the decoded weight (N x K x b flops, a pass over the N x K scratch) rather
+    than x (M x K x b, a pass over x) when M >= N."""
+    return m >= n
+
+
+def rotated_weight_linear(x, weight, bias, rot, decode) -> torch.Tensor:
+    """OFT's ``(x R) @ W^T + bias`` as ``x @ (W R^T)^T + bias``: W decoded into scratch, its rows rotated
+    per block by R^T (fp32, rounded to x's dtype as the x-side rounds x R), x untouched."""
+    w = decoded(weight, weight.numel // x.shape[1], x.dtype, decode)
+    return linear(x, oft_rotate(w, rot, True), bias, None, None, 0.0)
 
 
 def linear(x, w, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from qft import formats
-from qft.ops import backend_cuda, backend_reference, backend_triton
+from qft.ops import backend_cuda, backend_reference, backend_triton, gemm
 from qft.ops.dispatch import FLOAT_DTYPES, backend_for
 from qft.ops.oft import oft_rotate
+from qft.ops.thresholds import fused_max_m
 
 BACKEND_MODULES = {"reference": backend_reference, "triton": backend_triton, "cuda": backend_cuda}
 
@@ -91,16 +92,21 @@ def quant_linear(
     """``y = x' @ W^T + bias + scaling * lora_xa @ lora_B^T``; x [M, K], W [numel / K, K] quantized.
 
     x' is x, or with ``rot`` [K / b, b, b] (OFT) x rotated block by block in fp32 and rounded back
-    to x's dtype. Accumulates in fp32 and returns y [M, N] in x's dtype. ``lora_xa`` [M, r] and
-    ``lora_B`` [N, r] (both or neither) may be fp32 over a bf16/fp16 x.
+    to x's dtype (on the GPU backends at large M with M >= N the equal ``x @ (W R^T)^T``, W R^T
+    rounded instead: ``gemm.rotates_weight``). Accumulates in fp32 and returns y [M, N] in x's
+    dtype. ``lora_xa`` [M, r] and ``lora_B`` [N, r] (both or neither) may be fp32 over a bf16/fp16 x.
     """
     weight = _weight(parts, fmt, meta)
     _check_input(x, "x", weight)
-    # x is rotated once (one read of R), then every M takes the same kernels as a plain layer; a
-    # rotation inside the matmul kernels would read R again in every program along N.
-    if rot is not None:
-        x = oft_rotate(x, rot, False)
     backend = backend_reference if x.dtype == torch.float64 else _backend(x.device)
+    if rot is not None:
+        # Large M with M >= N on a GPU backend: rotate the decoded weight, not x. Otherwise x is
+        # rotated once (one read of R) and every M takes the same kernels as a plain layer (a rotation
+        # inside the matmul kernels would read R again in every program along N).
+        m, n = x.shape[0], weight.numel // x.shape[1]
+        if backend is not backend_reference and m > fused_max_m(x.device) and gemm.rotates_weight(m, n):
+            return backend.rotated_weight_linear(x, weight, bias, rot)
+        x = oft_rotate(x, rot, False)
     return backend.linear(x, weight, bias, lora_xa, lora_B, scaling)
 
 

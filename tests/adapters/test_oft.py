@@ -197,6 +197,34 @@ def test_triton_small_and_large_m_paths_match_reference(block_size, m):
     assert_as_accurate_as_reference([got], [want], [F.oft_linear(x.double(), qt, w.double(), block_size)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_m_at_least_n_rotates_the_weight_not_x(monkeypatch, dtype):
+    import qft.ops.gemm as gemm_module
+
+    rotated = []
+    rotate = gemm_module.oft_rotate
+    monkeypatch.setattr(gemm_module, "oft_rotate", lambda t, *a: rotated.append(tuple(t.shape)) or rotate(t, *a))
+    qt = qft.quantize(torch.randn(48, 64), "nf4", 64)
+    w = (0.05 * torch.randn(2, 32 * 31 // 2)).requires_grad_()
+    x = torch.randn(64, 64).to(dtype).requires_grad_()  # M = 64 >= N = 48, above the fused kernel's M
+    grad = torch.randn(64, 48).to(dtype)
+    results = {}
+    for backend in ("reference", "triton"):
+        x.grad = w.grad = None
+        with ops.use_backend(backend):
+            y = F.oft_linear(x, qt, w, 32)
+            y.backward(grad)
+        results[backend] = (y.detach(), x.grad, w.grad)
+    assert rotated == [(48, 64)]  # the decoded weight, once; the reference rotated x
+    exact_x = x.detach().double().requires_grad_()
+    exact_w = w.detach().double().requires_grad_()
+    exact = F.oft_linear(exact_x, qt, exact_w, 32)
+    exact.backward(grad.double())
+    # W R^T rounded where x R was: as far from the exact answer as the reference, up to bf16's last bit
+    want, got = results["reference"], results["triton"]
+    assert_as_accurate_as_reference(list(got), list(want), [exact.detach(), exact_x.grad, exact_w.grad])
+
+
 def test_small_m_rotates_x_once_then_runs_the_plain_kernel(monkeypatch):
     import qft.kernels.quant_matmul as fused_module
     import qft.ops.schema as schema
