@@ -1,10 +1,15 @@
-"""End-to-end training step: a Llama-3-8B-shaped slice, qft vs PEFT over bitsandbytes vs PEFT over bf16.
+"""End-to-end training step: a full Llama-3-8B-shaped model, qft vs PEFT over bitsandbytes vs PEFT over bf16.
 
-Four decoder layers built from a transformers ``LlamaConfig`` (random weights), every decoder
-linear quantized to nf4 + double quant (the LM head stays bf16, as transformers' bitsandbytes
-loader leaves it), LoRA r = 16 on all of them, bf16, sequence 2048, gradient checkpointing off and
-on. Reports one training step's tokens/s and peak memory. On CPU a tiny config runs as a smoke test
-only.
+All 32 decoder layers built from a transformers ``LlamaConfig`` directly on the GPU in bf16 (random
+weights, no CPU copy), every decoder linear quantized on the device to nf4 + double quant (the LM
+head stays bf16, as transformers' bitsandbytes loader leaves it), LoRA r = 16 on all of them,
+sequence 2048, gradient checkpointing on. The parts no stack here owns (RMSNorm, RoPE, SwiGLU and the
+128k-vocabulary loss) come from Liger kernels, applied to every model alike, so the loss never holds
+full-vocabulary logits (the fused linear cross entropy); the meta records whether Liger was there.
+``qft-fused`` is qft with ``qft.nn.fuse_projections`` (q/k/v and gate/up sharing one decode + GEMM),
+kept opt-in until this measures it. Reports one training step's tokens/s and peak memory. On CPU a
+tiny config runs as a smoke test only (no Liger there: its kernels are Triton's, for the GPU), with
+checkpointing off and on.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--quick]
 """
@@ -24,7 +29,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GPU_CONFIG = {
     "hidden_size": 4096,
     "intermediate_size": 14336,
-    "num_hidden_layers": 4,
+    "num_hidden_layers": 32,
     "num_attention_heads": 32,
     "num_key_value_heads": 8,
     "vocab_size": 128256,
@@ -44,16 +49,18 @@ COLUMNS = [
     "vs_peft_bf16",
     "vs_peft_bnb",
 ]
-CPU_NOTE = "CPU run: a tiny config as a smoke test; not GPU kernel results and not the Llama-3-8B slice."
+CPU_NOTE = "CPU run: a tiny config as a smoke test; not GPU kernel results and not the Llama-3-8B model."
 
 
 def build(provider: str, dense_state: dict, config, device: str, dtype) -> nn.Module:
     """The slice for one provider, from the same dense weights."""
     model = _empty_model(config, device, dtype)
     model.load_state_dict(dense_state)
-    if provider == "qft":
+    if provider in ("qft", "qft-fused"):
         qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
         qft.add_adapters(model, qft.LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
+        if provider == "qft-fused":  # q/k/v and gate/up as one decode + GEMM each (opt-in)
+            qft.nn.fuse_projections(model)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -65,14 +72,19 @@ def build(provider: str, dense_state: dict, config, device: str, dtype) -> nn.Mo
                 layer = bnb.nn.Linear4bit(
                     module.in_features,
                     module.out_features,
-                    bias=module.bias is not None,
+                    bias=False,  # Llama's linears have none
                     compute_dtype=dtype,
                     quant_type="nf4",
                     compress_statistics=True,
+                    device="meta",
                 )
-                layer.load_state_dict({k: v.float().cpu() for k, v in module.state_dict().items()})
+                # quantized where the weight already is (Params4bit quantizes on .to() of a GPU)
+                weight = bnb.nn.Params4bit(
+                    module.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
+                )
+                layer.weight = weight.to(device)
                 parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent), leaf, layer.to(device))
+                setattr(model.get_submodule(parent), leaf, layer)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGETS)))
 
 
@@ -87,6 +99,21 @@ def _empty_model(config, device: str, dtype):
             return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def apply_shared_kernels(model, device: str) -> str:
+    """Liger's RMSNorm, RoPE, SwiGLU and fused linear cross entropy on ``model`` (GPU only); returns
+    what was applied, for the meta."""
+    if device != "cuda":
+        return "none (CPU)"
+    try:
+        import liger_kernel
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        return "none (liger-kernel not installed: the loss materializes full-vocabulary logits)"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    apply_liger_kernel_to_llama(model=base)
+    return f"liger-kernel {getattr(liger_kernel, '__version__', '?')}: rms_norm, rope, swiglu, fused linear CE"
 
 
 def _step_fn(model, ids, checkpointing: bool):
@@ -130,9 +157,9 @@ def _measure(model, ids, checkpointing: bool, label: dict, device: str, repeats:
     }
 
 
-def _bench_provider(provider, rec, shape, make, ids, device, repeats) -> None:
+def _bench_provider(provider, rec, shape, make, ids, device, repeats, modes) -> None:
     model = rec.build({"provider": provider, "shape": shape}, make)
-    for checkpointing in (False, True) if model is not None else ():
+    for checkpointing in modes if model is not None else ():
         label = {"op": "train step" + (" +ckpt" if checkpointing else ""), "provider": provider, "shape": shape}
         rec.attempt(label, lambda label=label, ckpt=checkpointing: [_measure(model, ids, ckpt, label, device, repeats)])
 
@@ -150,13 +177,20 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
     dense_state = _empty_model(config, device, dtype).state_dict()
     ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
     rec = common.Recorder("e2e", device, out)
+    shared: dict[str, str] = {}
     shape = f"{config.num_hidden_layers}L h{config.hidden_size} seq{seq}"
-    for provider in common.peer_providers():
+    providers = common.peer_providers()
+    for provider in [providers[0], "qft-fused", *providers[1:]]:
         if not common.wanted("providers", provider):
             continue
-        _bench_provider(
-            provider, rec, shape, lambda p=provider: build(p, dense_state, config, device, dtype), ids, device, repeats
-        )
+
+        def make(p=provider):
+            model = build(p, dense_state, config, device, dtype)
+            shared[p] = apply_shared_kernels(model, device)
+            return model
+
+        modes = (True,) if on_gpu else (False, True)  # the full model trains with checkpointing
+        _bench_provider(provider, rec, shape, make, ids, device, repeats, modes)
         if device == "cuda":
             torch.cuda.empty_cache()
     rows = rec.rows
@@ -171,6 +205,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
         **rates,
         "config": config.to_dict() if hasattr(config, "to_dict") else {},
         "note": "" if on_gpu else CPU_NOTE,
+        "shared_kernels": shared,
     }
     meta["config"] = {k: meta["config"].get(k) for k in GPU_CONFIG}
     return rows, meta, common.write_results("e2e", device, rows, meta, out, COLUMNS)

@@ -7,7 +7,7 @@ fp32 work counts in both), so the rows compare only what the arrangement adds: t
 the tensors it creates (counted with a ``TorchDispatchMode``), of which those of size M x N besides y
 and in fp32 beyond M x r.
 
-    python benchmarks/bench_lora_gemm.py [--device cpu|cuda] [--out DIR]
+    python benchmarks/bench_lora_gemm.py [--device cpu|cuda] [--out DIR] [--quick] [--repeats N]
 
 On CPU these are torch's CPU GEMMs, not GPU kernels: the byte counts carry over, the times do not.
 """
@@ -15,7 +15,9 @@ On CPU these are torch's CPU GEMMs, not GPU kernels: the byte counts carry over,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import common
 import torch
@@ -70,10 +72,10 @@ class _Created(TorchDispatchMode):
         return out
 
 
-def run(device: str, out) -> list[dict]:
-    """Time and count both arrangements at each shape; write the result files."""
+def run(device: str, out, quick: bool = False, repeats: int = 3) -> list[dict]:
+    """Time and count both arrangements at each shape (``quick``: the CPU shape); write the result files."""
     rows = []
-    for m, k, n, r in SHAPES[device]:
+    for m, k, n, r in SHAPES["cpu" if quick else device]:
         torch.manual_seed(0)
         weight = qft.quantize(torch.randn(n, k, device=device), "nf4", 64).weight
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -86,7 +88,7 @@ def run(device: str, out) -> list[dict]:
                 fn(x, weight, a, b, grad)
             made = record.made
             args = (x, weight, a, b, grad)
-            p50, _, _ = common.time_ms(lambda fn=fn, args=args: fn(*args), device, 3)
+            p50, _, _ = common.time_ms(lambda fn=fn, args=args: fn(*args), device, repeats)
             timed[name] = p50
             rows.append(
                 {
@@ -113,6 +115,8 @@ def run(device: str, out) -> list[dict]:
     meta["note"] = __doc__.split("\n\n")[1].replace("\n", " ")
     for path in common.write_results("lora_gemm", device, rows, meta, out, COLUMNS):
         print(f"wrote {path}")
+    lines = "".join(json.dumps(row) + "\n" for row in rows)  # as common.Recorder keeps rows
+    (out / f"{common.result_stem('lora_gemm', device)}.jsonl").write_text(lines)
     print(common.markdown_table(rows, meta, COLUMNS))
     return rows
 
@@ -122,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=common.RESULTS_DIR)
+    parser.add_argument("--quick", action="store_true", help="the small CPU shape on any device")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    run(args.device, __import__("pathlib").Path(args.out))
+    run(args.device, Path(args.out), args.quick, args.repeats)
     return 0
 
 

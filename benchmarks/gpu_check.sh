@@ -2,7 +2,8 @@
 # The GPU check: the one place a session lent a GPU reads to know what to run and what to commit.
 #
 # Before the device call, here on CPU:
-#   ../shared/tools/device-site.sh            # .devsite/: bitsandbytes 0.50.2 for the GPU's Python 3.12
+#   ../shared/tools/device-site.sh bitsandbytes==0.50.2 liger-kernel==0.8.5
+#                                             # .devsite/: the peer and Liger for the GPU's Python 3.12
 #   bash benchmarks/gpu_check.sh --dry-run    # the whole staged run with tiny shapes (CI runs it too)
 # Through the device tool (carry [".devsite"], timeout_s 600):
 #   bash benchmarks/gpu_check.sh              # every stage, ~9 minutes on an H100/H200
@@ -22,10 +23,12 @@
 #             kernel): the data for qft/ops/thresholds.py
 #   train     LoRA/OFT fwd+bwd at M = 8192 on 4096x4096, 14336x4096, 4096x14336 vs PEFT bf16 / bnb; the
 #             K + r LoRA GEMMs vs the M x N epilogue they replaced (bench_lora_gemm)
+#   e2e       a full Llama-3-8B-shaped model (32 layers, seq 2048, checkpointing, Liger kernels on every
+#             stack), one LoRA training step: qft vs bitsandbytes + PEFT vs bf16 PEFT, tokens/s and peak memory
 #   optim     optimizer step vs torch AdamW and bitsandbytes' paged 8-bit AdamW, page_out's freed bytes
 #   sanitize  compute-sanitizer memcheck over a small set of kernel tests
 #   paging    the managed-memory paging test, last and alone
-#   rest      the rest of the linear grid, e2e (4 Llama-3-8B layers), FSDP2 on one GPU wrapped vs unwrapped
+#   rest      the rest of the linear grid, FSDP2 on one GPU wrapped vs unwrapped
 set -uo pipefail
 
 DRY=0
@@ -119,7 +122,7 @@ PYTEST=("${PY[@]}" -m pytest -q -p no:cacheprovider)
 "${PY[@]}" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && PYTEST+=(-n 8)
 "${PY[@]}" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 180)
 PYTEST_SERIAL=("${PY[@]}" -m pytest -q -p no:cacheprovider)
-GPU_TESTS="tests/kernels/test_triton.py tests/kernels/test_gemv_chunked.py tests/ops/test_lora_gemm.py tests/ops/test_ops.py tests/test_functional.py tests/formats/test_lowbit.py tests/adapters/test_oft.py tests/optim/test_optim.py"
+GPU_TESTS="tests/kernels/test_triton.py tests/kernels/test_gemv_chunked.py tests/ops/test_lora_gemm.py tests/nn/test_fuse.py tests/ops/test_ops.py tests/test_functional.py tests/formats/test_lowbit.py tests/adapters/test_oft.py tests/optim/test_optim.py"
 PAGING_TEST="paged_step_matches_cpu"
 
 if [ "$DRY" = 1 ]; then
@@ -132,6 +135,7 @@ stage tests 200 "${PYTEST[*]} -m gpu -k 'not $PAGING_TEST' $GPU_TESTS"
 stage quant 60 "$(bench quant quant)"
 stage smallm 150 "$(bench lowbit smallm)"
 stage train 150 "$(bench linear train) --ms $TRAIN_M --shapes $TRAIN_SHAPES && $(bench lora_gemm train)"
+stage e2e 240 "$(bench e2e e2e)"
 stage optim 60 "$(bench optim optim)"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   stage sanitize 90 "compute-sanitizer --tool memcheck --error-exitcode 1 ${PYTEST_SERIAL[*]} -m gpu -x tests/ops/test_ops.py tests/formats/test_lowbit.py"
@@ -144,7 +148,7 @@ if [ "$DRY" = 1 ]; then
 else
   FSDP="${PY[*]} benchmarks/fsdp_qlora.py --no-shard --cases nf4:lora,nf4:oft --out $WORK/rest/fsdp-single.json; ${PY[*]} -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/fsdp_qlora.py --cases nf4:lora,nf4:oft --out $WORK/rest/fsdp-wrapped.json"
 fi
-stage rest 600 "mkdir -p $WORK/rest; $FSDP; $(bench e2e rest); $(bench linear rest)"
+stage rest 600 "mkdir -p $WORK/rest; $FSDP; $(bench linear rest)"
 
 cat "$TABLES" >> "$SUMMARY"
 echo >> "$SUMMARY"

@@ -6,6 +6,7 @@ from qft.adapters.oft import OFTConfig, OFTLinear
 from qft.nn.adapters_io import load_adapters, save_adapters
 from qft.nn.config import QuantConfig
 from qft.nn.fsdp import prepare_fsdp, quantized_bytes, shard_model
+from qft.nn.fuse import fuse_projections, unfuse_projections
 from qft.nn.model import (
     adapter_layers,
     add_adapters,
@@ -26,6 +27,7 @@ __all__ = [
     "QuantLinear",
     "adapter_layers",
     "add_adapters",
+    "fuse_projections",
     "load_adapters",
     "lora_layers",
     "merge_adapters",
@@ -35,5 +37,6 @@ __all__ = [
     "quantized_bytes",
     "save_adapters",
     "shard_model",
+    "unfuse_projections",
     "unmerge_adapters",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qft import formats, reference
+from qft import formats
 from qft.ops import gemm
 from qft.ops.thresholds import fused_max_m
 
@@ -58,17 +58,9 @@ def rotated_weight_linear(x, weight, bias, rot) -> torch.Tensor:
 
 
 def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
-    """One GEMM over K + r (``gemm.lora_backward``) where K allows it, else decode + GEMMs as the
-    reference arranges them."""
-    if gemm.beside(weight.numel // grad.shape[1]):
-        return gemm.lora_backward(
-            grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x, dequantize
-        )
-
-    def grad_input(grad_xa):
-        return linear_grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale)
-
-    return reference.lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling, need_x, grad_input)
+    """``gemm.lora_backward_any`` with Triton's decode."""
+    args = (x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x)
+    return gemm.lora_backward_any(grad, weight, *args, dequantize)
 
 
 def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qft import formats
+from qft import formats, reference
 from qft.ops import scratch
 from qft.ops.oft import oft_rotate
 
@@ -77,6 +77,20 @@ def lora_backward(
     grad_a = (grad_xa.t().to(grad.dtype) @ x_lora).to(adapter) if x_lora is not None else lora_A.new_empty(0)
     grad_b = scaling * (grad.t() @ xa.to(grad.dtype)).to(adapter)
     return grad_x, grad_a, grad_b
+
+
+def lora_backward_any(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x, decode):
+    """``lora_backward`` where K allows the K + r GEMM; else the reference's arrangement with grad_x from
+    decode + one GEMM (``linear_grad_input``)."""
+    if beside(weight.numel // grad.shape[1]):
+        args = (x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x)
+        return lora_backward(grad, weight, *args, decode)
+
+    def grad_input(grad_xa):
+        w = decoded(weight, grad.shape[1], grad.dtype, decode)
+        return linear_grad_input(grad, w, grad_xa, lora_A, mask, dropout_scale)
+
+    return reference.lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling, need_x, grad_input)
 
 
 def rotates_weight(m: int, n: int) -> bool:

@@ -59,7 +59,7 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
         "quant": {"qft-reference", "bitsandbytes"},
         "linear": {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"},
         "lowbit": {"bf16 torch", "bitsandbytes nf4", *(f"qft {f}{p}" for f in formats.FORMATS for p in PATHS)},
-        "e2e": {"qft", "peft-bf16", "peft-bnb"},
+        "e2e": {"qft", "qft-fused", "peft-bf16", "peft-bnb"},
         "optim": {
             "torch AdamW",
             "qft PagedAdamW",

@@ -149,7 +149,15 @@ class LoRALinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in] -> [..., out]`` in x's dtype."""
+        """``[..., in] -> [..., out]`` in x's dtype (with the layers it shares x with, once
+        ``qft.nn.fuse_projections`` has grouped them)."""
+        group = self.__dict__.get("projection_group")
+        if group is not None:
+            return group(self, x)
+        return self.forward_alone(x)
+
+    def forward_alone(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's output computed by itself."""
         if self.merged:
             return self.base_layer(x)
         dropout = self.config.dropout if self.training else 0.0
