@@ -22,9 +22,10 @@ DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def fuse_projections(model: nn.Module, groups=DEFAULT_GROUPS) -> list[ProjectionGroup]:
     """Group, in place, each set of sibling LoRA layers named in ``groups`` that can run as one: all
-    ``LoRALinear`` over a quantized base without act-order permutation or trainable bias, unmerged, with
-    the same in_features, device, adapter dtype and dropout. Returns the groups made (a set that does
-    not qualify is left as it is)."""
+    ``LoRALinear`` over a quantized base without act-order permutation, trainable bias or FSDP storage
+    (``prepare_fsdp``/``shard_model`` make each layer its own unit), unmerged, with the same
+    in_features, device, adapter dtype and dropout. Returns the groups made (a set that does not
+    qualify is left as it is)."""
     made = []
     for parent in model.modules():
         for names in groups:
@@ -59,7 +60,10 @@ def _alone_ok(layer: LoRALinear) -> bool:
     if quantized_weight(base) is None or layer.merged or "projection_group" in layer.__dict__:
         return False
     no_perm = getattr(base, "input_perm", None) is None
-    return no_perm and (base.bias is None or not base.bias.requires_grad)
+    # FSDP-prepared (flat, shardable storage): each layer is its own FSDP unit, so a sibling's weight
+    # may still be sharded while the first member runs
+    sharded = getattr(base, "_flat_layout", None) is not None
+    return no_perm and not sharded and (base.bias is None or not base.bias.requires_grad)
 
 
 def _get(obj, path: str):

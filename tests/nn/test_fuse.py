@@ -117,6 +117,9 @@ def test_layers_that_cannot_share_are_left_alone():
     layer.self_attn.k_proj.merge()  # a merged member: that set stays ungrouped
     assert len(fuse_projections(model)) == 3
     assert "projection_group" not in layer.self_attn.q_proj.__dict__
+    unfuse_projections(model)
+    qft.nn.prepare_fsdp(model)  # each layer its own FSDP unit: siblings may be sharded mid-forward
+    assert fuse_projections(model) == []
 
 
 @pytest.mark.gpu
