@@ -1,6 +1,7 @@
 """Modules and model-level verbs: QuantLinear (frozen quantized base), the adapter layers (LoRALinear,
 OFTLinear, from ``qft.adapters``), quantize_/add_adapters/merge/save/load, and the FSDP helpers."""
 
+from qft.adapters.diablo import DiaBloConfig, DiaBloLinear
 from qft.adapters.lora import LoRAConfig, LoRALinear
 from qft.adapters.oft import OFTConfig, OFTLinear
 from qft.nn.adapters_io import load_adapters, save_adapters
@@ -19,6 +20,8 @@ from qft.nn.model import (
 from qft.nn.quant_linear import QuantLinear
 
 __all__ = [
+    "DiaBloConfig",
+    "DiaBloLinear",
     "LoRAConfig",
     "LoRALinear",
     "OFTConfig",

@@ -1,0 +1,110 @@
+"""DiaBloConfig (what users hold) and DiaBloLinear: a frozen base layer plus trainable diagonal blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches
+from qft.adapters.diablo.function import diablo_delta, diablo_linear
+
+
+@dataclass(frozen=True)
+class DiaBloConfig:
+    """DiaBlo adapters (Sun et al. 2025): ``W + blockdiag(D_1, ..., D_N)``, D zero at the start.
+
+    Attributes:
+        blocks: N, the number of diagonal blocks; must divide every target's in_features and
+            out_features (each block is [out / N, in / N]; the update holds out * in / N values).
+        target_modules: PEFT's name matching (names or suffixes, or one regular expression).
+        adapter_dtype: D's dtype (fp32 by default, as PEFT keeps adapters).
+    """
+
+    blocks: int = 64
+    target_modules: tuple[str, ...] | str = field(default_factory=tuple)
+    adapter_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
+            raise ValueError(f"blocks must be a positive int, got {self.blocks!r}")
+        if self.adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"adapter_dtype must be a floating dtype, got {self.adapter_dtype}")
+        object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
+
+    def matches(self, name: str) -> bool:
+        """True when module ``name`` is one of the targets (PEFT's matching rules)."""
+        return target_matches(self.target_modules, name)
+
+
+class _Blocks(nn.Module):
+    """Holds ``weight`` [N, out/N, in/N] so the state-dict key is ``diablo_D.weight``."""
+
+    def __init__(self, blocks: int, rows: int, cols: int, device, dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(blocks, rows, cols, device=device, dtype=dtype))
+
+
+class DiaBloLinear(nn.Module):
+    """``base_layer(x) + [x_1 D_1^T | ... | x_N D_N^T]``; a fresh adapter (D = 0) leaves the output unchanged."""
+
+    def __init__(self, base_layer: nn.Module, config: DiaBloConfig) -> None:
+        super().__init__()
+        check_base_layer(base_layer)
+        if not isinstance(config, DiaBloConfig):
+            raise TypeError(f"config must be a DiaBloConfig, got {type(config).__name__}")
+        n = config.blocks
+        if base_layer.in_features % n or base_layer.out_features % n:
+            raise ValueError(
+                f"DiaBlo blocks {n} must divide in_features {base_layer.in_features} and "
+                f"out_features {base_layer.out_features}"
+            )
+        self.base_layer = base_layer
+        self.config = config
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        rows, cols = self.out_features // n, self.in_features // n
+        self.diablo_D = _Blocks(n, rows, cols, base_layer.weight.device, config.adapter_dtype)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in] -> [..., out]`` in x's dtype."""
+        if self.merged:
+            return self.base_layer(x)
+        base, d = self.base_layer, self.diablo_D.weight
+        qt = quantized_weight(base)
+        if qt is not None and base.input_perm is None:
+            return diablo_linear(x, qt, d, base.bias)
+        # nn.Linear, or an act-order layer (it permutes its own input; D acts on x's own order)
+        y = base(x)
+        delta = diablo_delta(x.reshape(-1, self.in_features), d).view(*x.shape[:-1], self.out_features)
+        return (y.to(d.dtype) + delta).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``blockdiag(D_1, ..., D_N)`` [out, in] in fp32: what merging adds to the base weight."""
+        return torch.block_diag(*self.diablo_D.weight.float())
+
+    def merge(self) -> None:
+        """Fold the blocks into the base weight (a quantized base is re-quantized: lossy)."""
+        if not self.merged:
+            self._add_to_base(self.delta_weight())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the blocks back out of the base weight (a quantized base is re-quantized again)."""
+        if self.merged:
+            self._add_to_base(-self.delta_weight())
+            self.merged = False
+
+    @torch.no_grad()
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        base = self.base_layer
+        if quantized_weight(base) is not None:  # re-quantized (set_weight warns)
+            base.set_weight(base.dequantize(torch.float32) + delta)
+        else:
+            base.weight += delta.to(base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        """Block count and shape, and whether the adapter is merged."""
+        _, rows, cols = self.diablo_D.weight.shape
+        return f"blocks={self.config.blocks}, block=[{rows}, {cols}], merged={self.merged}"

@@ -1,0 +1,114 @@
+"""DiaBlo (W + blockdiag(D)): the paper's formula, float64 gradcheck, what backward keeps, the layer over
+quantized and plain bases, merge, files."""
+
+import pytest
+import torch
+
+import qft
+from qft import ops
+from qft.adapters.diablo import DiaBloConfig, DiaBloLinear, diablo_linear
+from qft.nn import QuantLinear
+
+
+def _weights(out=48, inp=64, blocks=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qt = qft.quantize(torch.randn(out, inp, generator=g), "nf4", 64)
+    d = 0.1 * torch.randn(blocks, out // blocks, inp // blocks, generator=g, dtype=dtype)
+    return qt, d
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 16])
+def test_is_the_paper_formula(blocks):
+    qt, d = _weights(blocks=blocks, dtype=torch.float64)
+    x, bias = torch.randn(5, 64, dtype=torch.float64), torch.randn(48, dtype=torch.float64)
+    w = qt.dequantize(torch.float32).double() + torch.block_diag(*d)  # W + blockdiag(D_1..D_N)
+    torch.testing.assert_close(diablo_linear(x, qt, d, bias), x @ w.t() + bias, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    qt, d = _weights(blocks=4, dtype=torch.float64)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(48, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, d, b: diablo_linear(x, qt, d, b), (x, d.requires_grad_(), bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_x_once_in_its_own_dtype_and_no_weight(dtype):
+    qt, d = _weights()
+    x = torch.randn(7, 64).to(dtype).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        diablo_linear(x, qt, d.requires_grad_())
+    shapes = sorted((tuple(t.shape), t.dtype) for t in saved)
+    assert shapes == sorted([((7, 64), dtype), ((4, 12, 16), torch.float32)])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_layer_over_quantized_and_plain_bases_agree(backend):
+    qt, d = _weights()
+    plain = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(qt.dequantize(torch.float32))
+    layers = [
+        DiaBloLinear(QuantLinear(qt), DiaBloConfig(blocks=4, target_modules=("proj",))),
+        DiaBloLinear(plain, DiaBloConfig(blocks=4, target_modules=("proj",))),
+    ]
+    x = torch.randn(40, 64)  # M = 40: the large-M path on the Triton backend
+    assert torch.equal(layers[0](x), layers[0].base_layer(x))  # fresh: D = 0 changes nothing
+    outs, grads = [], []
+    for layer in layers:
+        with torch.no_grad():
+            layer.diablo_D.weight.copy_(d)
+        with ops.use_backend(backend):
+            y = layer(x)
+            y.square().sum().backward()
+        outs.append(y)
+        grads.append(layer.diablo_D.weight.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+
+
+def test_merge_and_unmerge():
+    _, d = _weights()
+    plain = torch.nn.Linear(64, 48)
+    layer = DiaBloLinear(plain, DiaBloConfig(blocks=4, target_modules=("proj",)))
+    with torch.no_grad():
+        layer.diablo_D.weight.copy_(d)
+    x = torch.randn(3, 64)
+    want = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_blocks_must_divide_both_sides():
+    qt, _ = _weights()
+    with pytest.raises(ValueError, match="must divide in_features 64 and out_features 48"):
+        DiaBloLinear(QuantLinear(qt), DiaBloConfig(blocks=5, target_modules=("proj",)))
+    with pytest.raises(ValueError, match="blocks must be a positive int"):
+        DiaBloConfig(blocks=0)
+
+
+def test_model_verbs_train_only_d_and_files_round_trip(tmp_path):
+    from llama_models import tiny_llama_config, token_ids
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
+    qft.add_adapters(model, qft.DiaBloConfig(blocks=4, target_modules=("q_proj", "v_proj", "down_proj")))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("diablo_D.weight") for n in trainable)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    ids = token_ids()
+    want = model(ids).logits
+    qft.save_adapters(model, tmp_path)
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(tiny_llama_config())
+    qft.quantize_(fresh, filter_fn=lambda module, name: name != "lm_head")
+    qft.load_adapters(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
