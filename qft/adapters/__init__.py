@@ -131,6 +131,16 @@ def quantized_weight(layer: nn.Module) -> QuantizedTensor | None:
     return qt if isinstance(qt, QuantizedTensor) else None
 
 
+@torch.no_grad()
+def add_to_base_weight(base: nn.Module, delta: torch.Tensor) -> None:
+    """``W += delta`` (fp32 [out, in]) for an additive adapter's merge: a quantized base is decoded,
+    summed and re-quantized (lossy; ``set_weight`` warns), a plain one updated in its dtype."""
+    if quantized_weight(base) is not None:
+        base.set_weight(base.dequantize(torch.float32) + delta)
+    else:
+        base.weight += delta.to(base.weight.dtype)
+
+
 def check_base_layer(layer: nn.Module) -> None:
     """``TypeError`` unless ``layer`` is an ``nn.Linear`` or a quantized linear layer."""
     if not isinstance(layer, nn.Linear) and quantized_weight(layer) is None:

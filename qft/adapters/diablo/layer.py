@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches
+from qft.adapters import add_to_base_weight, check_base_layer, checked_targets, quantized_weight, target_matches
 from qft.adapters.diablo.function import diablo_delta, diablo_linear
 
 
@@ -87,22 +87,14 @@ class DiaBloLinear(nn.Module):
     def merge(self) -> None:
         """Fold the blocks into the base weight (a quantized base is re-quantized: lossy)."""
         if not self.merged:
-            self._add_to_base(self.delta_weight())
+            add_to_base_weight(self.base_layer, self.delta_weight())
             self.merged = True
 
     def unmerge(self) -> None:
         """Take the blocks back out of the base weight (a quantized base is re-quantized again)."""
         if self.merged:
-            self._add_to_base(-self.delta_weight())
+            add_to_base_weight(self.base_layer, -self.delta_weight())
             self.merged = False
-
-    @torch.no_grad()
-    def _add_to_base(self, delta: torch.Tensor) -> None:
-        base = self.base_layer
-        if quantized_weight(base) is not None:  # re-quantized (set_weight warns)
-            base.set_weight(base.dequantize(torch.float32) + delta)
-        else:
-            base.weight += delta.to(base.weight.dtype)
 
     def extra_repr(self) -> str:
         """Block count and shape, and whether the adapter is merged."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from qft.adapters import (
     QuantizeWith,
+    add_to_base_weight,
     check_base_layer,
     checked_targets,
     compile_pattern,
@@ -175,22 +176,14 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Fold the adapter into the base weight (a 4-bit base is re-quantized: lossy, as in PEFT)."""
         if not self.merged:
-            self._add_to_base(self.delta_weight())
+            add_to_base_weight(self.base_layer, self.delta_weight())
             self.merged = True
 
     def unmerge(self) -> None:
         """Take the adapter back out of the base weight (a 4-bit base is re-quantized again)."""
         if self.merged:
-            self._add_to_base(-self.delta_weight())
+            add_to_base_weight(self.base_layer, -self.delta_weight())
             self.merged = False
-
-    @torch.no_grad()
-    def _add_to_base(self, delta: torch.Tensor) -> None:
-        base = self.base_layer
-        if quantized_weight(base) is not None:  # re-quantized (set_weight warns)
-            base.set_weight(base.dequantize(torch.float32) + delta)
-        else:
-            base.weight += delta.to(base.weight.dtype)
 
     def extra_repr(self) -> str:
         """Rank, scaling, dropout and whether the adapter is merged."""
