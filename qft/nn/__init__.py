@@ -2,6 +2,7 @@
 OFTLinear, from ``qft.adapters``), quantize_/add_adapters/merge/save/load, and the FSDP helpers."""
 
 from qft.adapters.diablo import DiaBloConfig, DiaBloLinear
+from qft.adapters.ether import ETHERConfig, ETHERLinear
 from qft.adapters.lora import LoRAConfig, LoRALinear
 from qft.adapters.oft import OFTConfig, OFTLinear
 from qft.nn.adapters_io import load_adapters, save_adapters
@@ -22,6 +23,8 @@ from qft.nn.quant_linear import QuantLinear
 __all__ = [
     "DiaBloConfig",
     "DiaBloLinear",
+    "ETHERConfig",
+    "ETHERLinear",
     "LoRAConfig",
     "LoRALinear",
     "OFTConfig",
