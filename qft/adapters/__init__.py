@@ -131,6 +131,19 @@ def quantized_weight(layer: nn.Module) -> QuantizedTensor | None:
     return qt if isinstance(qt, QuantizedTensor) else None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """How a qft-only adapter's ``adapter_config.json`` writes a dtype (``"float32"``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_named(raw: dict, key: str = "adapter_dtype") -> torch.dtype:
+    """The dtype ``raw[key]`` names (fp32 when absent); ``ValueError`` for a name torch does not have."""
+    dtype = getattr(torch, raw.get(key, "float32"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{key} {raw.get(key)!r} is not a torch dtype")
+    return dtype
+
+
 @torch.no_grad()
 def add_to_base_weight(base: nn.Module, delta: torch.Tensor) -> None:
     """``W += delta`` (fp32 [out, in]) for an additive adapter's merge: a quantized base is decoded,

@@ -112,3 +112,13 @@ def test_model_verbs_train_only_d_and_files_round_trip(tmp_path):
     qft.quantize_(fresh, filter_fn=lambda module, name: name != "lm_head")
     qft.load_adapters(fresh, tmp_path)
     torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
+
+
+def test_config_file_fields_round_trip_and_bad_dtype_is_refused():
+    from qft.adapters.diablo import SPEC
+
+    config = DiaBloConfig(blocks=8, target_modules=("q_proj",), adapter_dtype=torch.bfloat16)
+    raw = {**SPEC.to_peft(config), "target_modules": ["q_proj"]}
+    assert SPEC.from_peft(raw) == config
+    with pytest.raises(ValueError, match="adapter_dtype 'float13' is not a torch dtype"):
+        SPEC.from_peft({**raw, "adapter_dtype": "float13"})

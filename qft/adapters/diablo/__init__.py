@@ -6,9 +6,7 @@ Not a PEFT method: qft's files keep PEFT's layout (``adapter_config.json`` with 
 
 from __future__ import annotations
 
-import torch
-
-from qft.adapters import AdapterSpec, register
+from qft.adapters import AdapterSpec, dtype_name, dtype_named, register
 from qft.adapters.diablo.function import diablo_delta, diablo_linear
 from qft.adapters.diablo.layer import DiaBloConfig, DiaBloLinear
 
@@ -16,14 +14,11 @@ __all__ = ["DiaBloConfig", "DiaBloLinear", "diablo_delta", "diablo_linear"]
 
 
 def _to_peft(config: DiaBloConfig) -> dict:
-    return {"blocks": config.blocks, "adapter_dtype": str(config.adapter_dtype).removeprefix("torch.")}
+    return {"blocks": config.blocks, "adapter_dtype": dtype_name(config.adapter_dtype)}
 
 
 def _from_peft(raw: dict) -> DiaBloConfig:
-    dtype = getattr(torch, raw.get("adapter_dtype", "float32"), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"adapter_dtype {raw.get('adapter_dtype')!r} is not a torch dtype")
-    return DiaBloConfig(blocks=raw["blocks"], target_modules=raw["target_modules"], adapter_dtype=dtype)
+    return DiaBloConfig(blocks=raw["blocks"], target_modules=raw["target_modules"], adapter_dtype=dtype_named(raw))
 
 
 def _build(base, config: DiaBloConfig, name: str, quantize) -> DiaBloLinear:

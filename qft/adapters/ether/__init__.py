@@ -7,9 +7,7 @@ Not a PEFT method: qft's files keep PEFT's layout (``adapter_config.json`` with 
 
 from __future__ import annotations
 
-import torch
-
-from qft.adapters import AdapterSpec, register
+from qft.adapters import AdapterSpec, dtype_name, dtype_named, register
 from qft.adapters.ether.function import reflect, reflect_blocks
 from qft.adapters.ether.layer import ETHERConfig, ETHERLinear
 
@@ -17,20 +15,17 @@ __all__ = ["ETHERConfig", "ETHERLinear", "reflect", "reflect_blocks"]
 
 
 def _to_peft(config: ETHERConfig) -> dict:
-    dtype = str(config.adapter_dtype).removeprefix("torch.")
+    dtype = dtype_name(config.adapter_dtype)
     return {"blocks": config.blocks, "plus": config.plus, "output_side": config.output_side, "adapter_dtype": dtype}
 
 
 def _from_peft(raw: dict) -> ETHERConfig:
-    dtype = getattr(torch, raw.get("adapter_dtype", "float32"), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"adapter_dtype {raw.get('adapter_dtype')!r} is not a torch dtype")
     return ETHERConfig(
         blocks=raw["blocks"],
         plus=raw.get("plus", False),
         output_side=raw.get("output_side", False),
         target_modules=raw["target_modules"],
-        adapter_dtype=dtype,
+        adapter_dtype=dtype_named(raw),
     )
 
 
