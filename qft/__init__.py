@@ -2,7 +2,7 @@
 
 ``quantize``/``dequantize``/``QuantizedTensor`` (nf4/fp4 with double quantization, byte-compatible
 with bitsandbytes); ``qft.functional`` (quant_linear, lora_linear, oft_linear); ``qft.adapters``
-(one folder per kind of adapter: LoRA, OFT, DiaBlo, ETHER, registered by config type); ``qft.nn`` modules and the
+(one folder per kind of adapter: LoRA, OFT, DiaBlo, ETHER, HRA, registered by config type); ``qft.nn`` modules and the
 model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``, ``save_adapters``, ``load_adapters``;
 ``qft.ops`` holds the ``qft::`` custom ops.
 """
@@ -11,6 +11,7 @@ from qft import adapters, formats, functional, integrations, nn, ops, optim
 from qft.nn import (
     DiaBloConfig,
     ETHERConfig,
+    HRAConfig,
     LoRAConfig,
     OFTConfig,
     QuantConfig,
@@ -41,6 +42,7 @@ def __getattr__(name: str):
 __all__ = [
     "DiaBloConfig",
     "ETHERConfig",
+    "HRAConfig",
     "LoRAConfig",
     "OFTConfig",
     "QuantConfig",

@@ -70,6 +70,8 @@ class AdapterSpec:
             needs a QuantConfig.
         demo_config(targets, rank, block_size, init): the demo's config (options it does not take raise
             ``ValueError``); demo_lr: the demo's learning rate; demo_report(config): extra report rows.
+        bare_parts: the parts are the layer's own parameters, saved as ``<module>.<part>`` without
+            ``.weight`` (PEFT's HRA keeps ``hra_u`` so).
     """
 
     name: str
@@ -84,6 +86,15 @@ class AdapterSpec:
     demo_lr: float
     demo_report: Callable[[Any], dict] = _no_report
     quantizing_init: Callable[[Any], str | None] = _no_quantizing_init
+    bare_parts: bool = False
+
+    def part_tensor(self, layer: nn.Module, part: str) -> torch.Tensor:
+        """The trained tensor ``part`` of ``layer`` (a parameter, or its submodule's ``weight``)."""
+        return getattr(layer, part) if self.bare_parts else getattr(layer, part).weight
+
+    def part_key(self, module: str, part: str) -> str:
+        """The key of ``part`` of layer ``module`` in PEFT's files (without ``base_model.model.``)."""
+        return f"{module}.{part}" if self.bare_parts else f"{module}.{part}.weight"
 
 
 _SPECS: dict[str, AdapterSpec] = {}

@@ -3,6 +3,7 @@ OFTLinear, from ``qft.adapters``), quantize_/add_adapters/merge/save/load, and t
 
 from qft.adapters.diablo import DiaBloConfig, DiaBloLinear
 from qft.adapters.ether import ETHERConfig, ETHERLinear
+from qft.adapters.hra import HRAConfig, HRALinear
 from qft.adapters.lora import LoRAConfig, LoRALinear
 from qft.adapters.oft import OFTConfig, OFTLinear
 from qft.nn.adapters_io import load_adapters, save_adapters
@@ -25,6 +26,8 @@ __all__ = [
     "DiaBloLinear",
     "ETHERConfig",
     "ETHERLinear",
+    "HRAConfig",
+    "HRALinear",
     "LoRAConfig",
     "LoRALinear",
     "OFTConfig",

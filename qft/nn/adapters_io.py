@@ -27,7 +27,8 @@ _PREFIX = "base_model.model."
 def _key_pattern() -> re.Pattern:
     parts = "|".join(re.escape(part) for spec in adapters.specs() for part in spec.parts)
     # PEFT's in-memory keys carry the adapter name (lora_A.default.weight); saved files drop it.
-    return re.compile(rf"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>{parts})(?:\.[^.]+)?\.weight$")
+    # Parts that are bare parameters (PEFT's hra_u) have no ``.weight``.
+    return re.compile(rf"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>{parts})(?:\.[^.]+)?(?:\.weight)?$")
 
 
 def _adapter_layers(model: nn.Module) -> tuple[dict, adapters.AdapterSpec | None]:
@@ -61,7 +62,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     if len(configs) != 1:
         raise ValueError("adapters with different configs cannot be saved as one PEFT adapter")
     tensors = {
-        f"{_PREFIX}{name}.{part}.weight": getattr(layer, part).weight.detach().cpu().contiguous()
+        _PREFIX + spec.part_key(name, part): spec.part_tensor(layer, part).detach().cpu().contiguous()
         for name, layer in layers.items()
         for part in spec.parts
     }
@@ -134,12 +135,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"adapter does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for (name, part), tensor in loaded.items():
-        param = getattr(layers[name], part).weight
+        param = spec.part_tensor(layers[name], part)
         if tensor.shape != param.shape:
             raise ValueError(f"{name}.{part}: adapter has shape {tuple(tensor.shape)}, model {tuple(param.shape)}")
     with torch.no_grad():
         for (name, part), tensor in loaded.items():
-            getattr(layers[name], part).weight.copy_(tensor)
+            spec.part_tensor(layers[name], part).copy_(tensor)
     if fresh is not None:
         install_adapters(model, fresh)
     return model

@@ -123,9 +123,9 @@ def install_adapters(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Modul
     for param in model.parameters():
         param.requires_grad = False
     for layer in layers.values():
-        trained = tuple(f"{part}." for part in adapters.spec_for_layer(layer).parts)
+        parts = adapters.spec_for_layer(layer).parts
         for name, param in layer.named_parameters():
-            param.requires_grad = name.startswith(trained)
+            param.requires_grad = name.split(".", 1)[0] in parts
     return model
 
 

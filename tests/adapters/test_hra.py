@@ -1,0 +1,120 @@
+"""HRA against PEFT's HRA layer on an nn.Linear holding the same dequantized weight: outputs and
+gradients (fp32 and bf16, several r, with and without Gram-Schmidt), files both ways, what backward
+keeps, gradcheck."""
+
+import pytest
+import torch
+from peft_models import TwoLayer
+
+import qft
+from qft.adapters.hra import HRAConfig, HRALinear, householder
+from qft.nn import QuantLinear
+
+TARGETS = ("fc1", "fc2")
+
+
+def _twins(dtype, r, apply_gs, seed=0):
+    """(PEFT HRA over nn.Linear with qft's dequantized weights, qft HRA over the quantized ones), same vectors."""
+    from peft import HRAConfig as PeftHRAConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    ours = TwoLayer(dtype=dtype)
+    qft.quantize_(ours)
+    dense = TwoLayer(dtype=dtype)
+    with torch.no_grad():
+        for name in TARGETS:
+            getattr(dense, name).weight.copy_(getattr(ours, name).dequantize(dtype))
+            getattr(dense, name).bias.copy_(getattr(ours, name).bias)
+    peft_model = get_peft_model(dense, PeftHRAConfig(r=r, apply_GS=apply_gs, target_modules=list(TARGETS)))
+    qft.add_adapters(ours, qft.HRAConfig(r=r, apply_GS=apply_gs, target_modules=TARGETS))
+    with torch.no_grad():
+        for name in TARGETS:
+            u = torch.randn_like(getattr(ours, name).hra_u)  # away from the identity start
+            getattr(peft_model.base_model.model, name).hra_u["default"].copy_(u)
+            getattr(ours, name).hra_u.copy_(u)
+    return peft_model, ours
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r,apply_gs", [(2, False), (4, False), (8, False), (3, False), (4, True), (8, True)])
+def test_forward_and_grads_equal_peft(dtype, r, apply_gs):
+    peft_model, ours = _twins(dtype, r, apply_gs)
+    x = torch.randn(6, 64).to(dtype)
+    x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_peft, y_ours = peft_model(x_peft), ours(x_ours)
+    # fp32: the same products in another order; bf16: PEFT keeps x H^T in fp32, qft rounds it to bf16
+    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    assert y_ours.dtype == y_peft.dtype and _rel(y_ours, y_peft) <= tol
+    grad = torch.randn_like(y_peft)
+    y_peft.backward(grad)
+    y_ours.backward(grad)
+    assert _rel(x_ours.grad, x_peft.grad) <= tol
+    for name in TARGETS:
+        theirs = getattr(peft_model.base_model.model, name).hra_u["default"].grad
+        assert _rel(getattr(ours, name).hra_u.grad, theirs) <= tol, name
+
+
+def test_init_matches_peft_start():
+    layer = HRALinear(QuantLinear(qft.quantize(torch.randn(48, 64), "nf4", 64)), HRAConfig(r=4, target_modules=TARGETS))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=1e-5, atol=1e-5)  # pairs: the identity
+    assert torch.equal(layer.hra_u[:, 0], layer.hra_u[:, 1])
+    with pytest.warns(UserWarning, match="odd r"):
+        HRALinear(torch.nn.Linear(64, 48), HRAConfig(r=3, target_modules=TARGETS))
+
+
+def test_adapters_move_between_qft_and_peft(tmp_path):
+    from peft import PeftModel
+
+    peft_model, ours = _twins(torch.float32, 4, False)
+    x = torch.randn(4, 64)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    torch.manual_seed(0)
+    fresh = TwoLayer()
+    qft.quantize_(fresh)
+    for name in TARGETS:
+        getattr(fresh, name).load_state_dict(getattr(ours, name).base_layer.state_dict())
+    qft.load_adapters(fresh, tmp_path / "from_peft")  # builds HRA layers from adapter_config.json
+    torch.testing.assert_close(fresh(x), ours(x))
+
+    with torch.no_grad():
+        ours.fc2.hra_u.mul_(-1.5)
+    qft.save_adapters(ours, tmp_path / "from_qft")
+    plain = peft_model.base_model.model
+    for name in TARGETS:
+        setattr(plain, name, getattr(plain, name).base_layer)
+    loaded = PeftModel.from_pretrained(plain, tmp_path / "from_qft", is_trainable=True)
+    torch.testing.assert_close(loaded(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_x_once_in_its_own_dtype_and_no_weight(dtype):
+    layer = HRALinear(QuantLinear(qft.quantize(torch.randn(48, 64), "nf4", 64)), HRAConfig(r=4, target_modules=TARGETS))
+    x = torch.randn(7, 64).to(dtype).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    big = [(tuple(t.shape), t.dtype) for t in saved if t.numel() >= 7 * 64]
+    assert big == [((7, 64), dtype)]  # x once; the rest are [64, 4]-sized vectors and norms
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_gradcheck_float64(apply_gs):
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, u: householder(x, u, apply_gs), (x, u))
+
+
+def test_merge_and_unmerge():
+    layer = HRALinear(torch.nn.Linear(64, 48), HRAConfig(r=4, init_weights=False, target_modules=TARGETS))
+    x = torch.randn(3, 64)
+    want = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
