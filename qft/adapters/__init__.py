@@ -64,7 +64,8 @@ class AdapterSpec:
         from_peft(raw): the config from PEFT's ``adapter_config.json`` dict; ``KeyError`` / ``ValueError``
             / ``TypeError`` when it is unusable.
         build(base, config, name, quantize): the layer over target ``name``; ``quantize`` is a
-            ``QuantizeWith`` when ``quantizing_init(config)``, else None.
+            ``QuantizeWith`` when ``quantizing_init(config)``, else None. Left out (None): the layer
+            type called with ``(base, config)``.
         quantizing_init(config): None, or how the config names an init that quantizes a full-precision
             target itself (``"init='loftq'"``): its targets must be ``nn.Linear`` and ``add_adapters``
             needs a QuantConfig.
@@ -81,12 +82,18 @@ class AdapterSpec:
     peft_type: str
     to_peft: Callable[[Any], dict]
     from_peft: Callable[[dict], Any]
-    build: Callable[[nn.Module, Any, str, QuantizeWith | None], nn.Module]
     demo_config: Callable[..., Any]
     demo_lr: float
     demo_report: Callable[[Any], dict] = _no_report
     quantizing_init: Callable[[Any], str | None] = _no_quantizing_init
     bare_parts: bool = False
+    build: Callable[[nn.Module, Any, str, QuantizeWith | None], nn.Module] | None = None
+
+    def make_layer(self, base: nn.Module, config, name: str, quantize: QuantizeWith | None) -> nn.Module:
+        """The adapter layer over target ``name`` (``build``, or the layer type over ``(base, config)``)."""
+        if self.build is None:
+            return self.layer_type(base, config)
+        return self.build(base, config, name, quantize)
 
     def part_tensor(self, layer: nn.Module, part: str) -> torch.Tensor:
         """The trained tensor ``part`` of ``layer`` (a parameter, or its submodule's ``weight``)."""
@@ -142,6 +149,12 @@ def quantized_weight(layer: nn.Module) -> QuantizedTensor | None:
     return qt if isinstance(qt, QuantizedTensor) else None
 
 
+def require_default_init(init: str, kind: str) -> None:
+    """The demo's ``--init`` check for adapters with one init: ``ValueError`` for any other."""
+    if init != "default":
+        raise ValueError(f"--init {init} does not apply to {kind} adapters")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """How a qft-only adapter's ``adapter_config.json`` writes a dtype (``"float32"``)."""
     return str(dtype).removeprefix("torch.")
@@ -163,6 +176,17 @@ def add_to_base_weight(base: nn.Module, delta: torch.Tensor) -> None:
         base.set_weight(base.dequantize(torch.float32) + delta)
     else:
         base.weight += delta.to(base.weight.dtype)
+
+
+@torch.no_grad()
+def transform_base_weight(base: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``W = transform(W)`` (fp32 [out, in] in and out) for a multiplicative adapter's merge: a quantized
+    base is decoded, transformed and re-quantized (lossy; ``set_weight`` warns), a plain one transformed
+    in fp32 and stored in its dtype."""
+    if quantized_weight(base) is not None:
+        base.set_weight(transform(base.dequantize(torch.float32)))
+    else:
+        base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
 
 
 def check_base_layer(layer: nn.Module) -> None:

@@ -113,7 +113,7 @@ def build_adapters(model: nn.Module, config, quant_config: QuantConfig | None = 
     if not targets:
         raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
     quantize = adapters.QuantizeWith(quant_config, QuantLinear) if quantizing else None
-    return {name: spec.build(module, config, name, quantize) for name, module in targets.items()}
+    return {name: spec.make_layer(module, config, name, quantize) for name, module in targets.items()}
 
 
 def install_adapters(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:

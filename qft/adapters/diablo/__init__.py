@@ -6,7 +6,7 @@ Not a PEFT method: qft's files keep PEFT's layout (``adapter_config.json`` with 
 
 from __future__ import annotations
 
-from qft.adapters import AdapterSpec, dtype_name, dtype_named, register
+from qft.adapters import AdapterSpec, dtype_name, dtype_named, register, require_default_init
 from qft.adapters.diablo.function import diablo_delta, diablo_linear
 from qft.adapters.diablo.layer import DiaBloConfig, DiaBloLinear
 
@@ -21,13 +21,8 @@ def _from_peft(raw: dict) -> DiaBloConfig:
     return DiaBloConfig(blocks=raw["blocks"], target_modules=raw["target_modules"], adapter_dtype=dtype_named(raw))
 
 
-def _build(base, config: DiaBloConfig, name: str, quantize) -> DiaBloLinear:
-    return DiaBloLinear(base, config)
-
-
 def _demo_config(targets: tuple[str, ...], rank: int, block_size: int, init: str) -> DiaBloConfig:
-    if init != "default":
-        raise ValueError(f"--init {init} does not apply to DiaBlo adapters")
+    require_default_init(init, "DiaBlo")
     return DiaBloConfig(blocks=rank, target_modules=targets)  # --rank sets the block count
 
 
@@ -40,7 +35,6 @@ SPEC = register(
         peft_type="DIABLO",
         to_peft=_to_peft,
         from_peft=_from_peft,
-        build=_build,
         demo_config=_demo_config,
         demo_lr=2e-4,
         demo_report=lambda config: {"diablo blocks": config.blocks},

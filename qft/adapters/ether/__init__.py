@@ -7,7 +7,7 @@ Not a PEFT method: qft's files keep PEFT's layout (``adapter_config.json`` with 
 
 from __future__ import annotations
 
-from qft.adapters import AdapterSpec, dtype_name, dtype_named, register
+from qft.adapters import AdapterSpec, dtype_name, dtype_named, register, require_default_init
 from qft.adapters.ether.function import reflect, reflect_blocks
 from qft.adapters.ether.layer import ETHERConfig, ETHERLinear
 
@@ -29,13 +29,8 @@ def _from_peft(raw: dict) -> ETHERConfig:
     )
 
 
-def _build(base, config: ETHERConfig, name: str, quantize) -> ETHERLinear:
-    return ETHERLinear(base, config)
-
-
 def _demo_config(targets: tuple[str, ...], rank: int, block_size: int, init: str) -> ETHERConfig:
-    if init != "default":
-        raise ValueError(f"--init {init} does not apply to ETHER adapters")
+    require_default_init(init, "ETHER")
     # ETHER+ on both sides: the identity at the start, as the demo's before/after comparison wants
     return ETHERConfig(blocks=rank, plus=True, output_side=True, target_modules=targets)
 
@@ -49,7 +44,6 @@ SPEC = register(
         peft_type="ETHER",
         to_peft=_to_peft,
         from_peft=_from_peft,
-        build=_build,
         demo_config=_demo_config,
         demo_lr=2e-3,
         demo_report=lambda config: {"ether blocks": config.blocks, "ether+": config.plus},

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qft import functional
-from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches
+from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches, transform_base_weight
 from qft.adapters.ether.function import TERMS, reflect, reflect_blocks
 
 
@@ -115,7 +115,7 @@ class ETHERLinear(nn.Module):
         """Fold the reflections into the base weight, ``W' = H_out W H_in`` (a quantized base is re-quantized)."""
         if not self.merged:
             h_in, h_out = self._side_matrices()
-            self._set_base_weight(lambda w: (w if h_out is None else h_out @ w) @ h_in)
+            transform_base_weight(self.base_layer, lambda w: (w if h_out is None else h_out @ w) @ h_in)
             self.merged = True
 
     @torch.no_grad()
@@ -123,15 +123,8 @@ class ETHERLinear(nn.Module):
         """Undo ``merge`` with the inverses (ETHER's reflections are their own)."""
         if self.merged:
             h_in, h_out = (None if h is None else torch.linalg.inv(h) for h in self._side_matrices())
-            self._set_base_weight(lambda w: (w if h_out is None else h_out @ w) @ h_in)
+            transform_base_weight(self.base_layer, lambda w: (w if h_out is None else h_out @ w) @ h_in)
             self.merged = False
-
-    def _set_base_weight(self, transform) -> None:
-        base = self.base_layer
-        if quantized_weight(base) is not None:  # re-quantized (set_weight warns)
-            base.set_weight(transform(base.dequantize(torch.float32)))
-        else:
-            base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
 
     def extra_repr(self) -> str:
         """Variant, blocks, sides and whether merged."""

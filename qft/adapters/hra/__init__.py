@@ -6,7 +6,7 @@ bare parameter, no ``.weight``).
 
 from __future__ import annotations
 
-from qft.adapters import AdapterSpec, register
+from qft.adapters import AdapterSpec, register, require_default_init
 from qft.adapters.hra.function import householder
 from qft.adapters.hra.layer import HRAConfig, HRALinear
 
@@ -26,13 +26,8 @@ def _from_peft(raw: dict) -> HRAConfig:
     )
 
 
-def _build(base, config: HRAConfig, name: str, quantize) -> HRALinear:
-    return HRALinear(base, config)
-
-
 def _demo_config(targets: tuple[str, ...], rank: int, block_size: int, init: str) -> HRAConfig:
-    if init != "default":
-        raise ValueError(f"--init {init} does not apply to HRA adapters")
+    require_default_init(init, "HRA")
     return HRAConfig(r=rank, target_modules=targets)  # --rank sets the reflections
 
 
@@ -45,7 +40,6 @@ SPEC = register(
         peft_type="HRA",
         to_peft=_to_peft,
         from_peft=_from_peft,
-        build=_build,
         demo_config=_demo_config,
         demo_lr=2e-3,
         demo_report=lambda config: {"hra reflections": config.r},

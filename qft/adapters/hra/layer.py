@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches
+from qft.adapters import check_base_layer, checked_targets, target_matches, transform_base_weight
 from qft.adapters.hra.function import delta_matrix, householder
 
 
@@ -81,7 +81,7 @@ class HRALinear(nn.Module):
         """Fold H into the base weight, ``W' = W H`` (a quantized base is re-quantized: lossy)."""
         if not self.merged:
             h = delta_matrix(self.hra_u, self.config.apply_GS)
-            self._set_base_weight(lambda w: w @ h)
+            transform_base_weight(self.base_layer, lambda w: w @ h)
             self.merged = True
 
     @torch.no_grad()
@@ -89,15 +89,8 @@ class HRALinear(nn.Module):
         """Undo ``merge`` with H^T (H is orthogonal)."""
         if self.merged:
             h = delta_matrix(self.hra_u, self.config.apply_GS)
-            self._set_base_weight(lambda w: w @ h.t())
+            transform_base_weight(self.base_layer, lambda w: w @ h.t())
             self.merged = False
-
-    def _set_base_weight(self, transform) -> None:
-        base = self.base_layer
-        if quantized_weight(base) is not None:  # re-quantized (set_weight warns)
-            base.set_weight(transform(base.dequantize(torch.float32)))
-        else:
-            base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
 
     def extra_repr(self) -> str:
         """r, Gram-Schmidt and whether merged."""

@@ -6,7 +6,7 @@ weights under ``<module>.oft_R.weight``.
 
 from __future__ import annotations
 
-from qft.adapters import AdapterSpec, register
+from qft.adapters import AdapterSpec, register, require_default_init
 from qft.adapters.oft.function import coft_project, oft_linear, oft_rotation, rotate
 from qft.adapters.oft.layer import OFTConfig, OFTLinear
 
@@ -42,13 +42,8 @@ def _from_peft(raw: dict) -> OFTConfig:
     )
 
 
-def _build(base, config: OFTConfig, name: str, quantize) -> OFTLinear:
-    return OFTLinear(base, config)
-
-
 def _demo_config(targets: tuple[str, ...], rank: int, block_size: int, init: str) -> OFTConfig:
-    if init != "default":
-        raise ValueError(f"--init {init} does not apply to OFT adapters")
+    require_default_init(init, "OFT")
     return OFTConfig(block_size=block_size, target_modules=targets)
 
 
@@ -61,7 +56,6 @@ SPEC = register(
         peft_type="OFT",
         to_peft=_to_peft,
         from_peft=_from_peft,
-        build=_build,
         demo_config=_demo_config,
         # OFT's parameters enter R through Q, so Adam steps of LoRA's size rotate too far (measured on
         # the demo: 30 steps at 2e-3 lower the held-out cosine, at 2e-4 raise it).

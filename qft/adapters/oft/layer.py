@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches
+from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches, transform_base_weight
 from qft.adapters.oft.function import coft_project, oft_linear, oft_rotation, rotate
 
 
@@ -105,7 +105,7 @@ class OFTLinear(nn.Module):
         if self.merged:
             return
         rot = torch.block_diag(*self.rotation())
-        self._set_base_weight(lambda w: w @ rot.t())
+        transform_base_weight(self.base_layer, lambda w: w @ rot.t())
         self.merged = True
 
     @torch.no_grad()
@@ -114,15 +114,8 @@ class OFTLinear(nn.Module):
         if not self.merged:
             return
         rot = torch.block_diag(*self.rotation())
-        self._set_base_weight(lambda w: w @ torch.linalg.inv(rot.t()))
+        transform_base_weight(self.base_layer, lambda w: w @ torch.linalg.inv(rot.t()))
         self.merged = False
-
-    def _set_base_weight(self, transform) -> None:
-        base = self.base_layer
-        if quantized_weight(base) is not None:  # re-quantized (set_weight warns)
-            base.set_weight(transform(base.dequantize(torch.float32)))  # original column order both ways
-        else:
-            base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
 
     def extra_repr(self) -> str:
         """Block size, block count, Cayley-Neumann terms and whether the adapter is merged."""
