@@ -3,6 +3,7 @@ quantized and plain bases, merge, files."""
 
 import pytest
 import torch
+from adapter_checks import assert_merge_round_trip, assert_trains_only_parts_and_files_round_trip, saved_by
 
 import qft
 from qft import ops
@@ -36,11 +37,8 @@ def test_gradcheck_float64():
 def test_backward_keeps_x_once_in_its_own_dtype_and_no_weight(dtype):
     qt, d = _weights()
     x = torch.randn(7, 64).to(dtype).requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        diablo_linear(x, qt, d.requires_grad_())
-    shapes = sorted((tuple(t.shape), t.dtype) for t in saved)
-    assert shapes == sorted([((7, 64), dtype), ((4, 12, 16), torch.float32)])
+    saved = saved_by(lambda: diablo_linear(x, qt, d.requires_grad_()))
+    assert sorted(saved) == sorted([((7, 64), dtype), ((4, 12, 16), torch.float32)])
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -74,12 +72,7 @@ def test_merge_and_unmerge():
     layer = DiaBloLinear(plain, DiaBloConfig(blocks=4, target_modules=("proj",)))
     with torch.no_grad():
         layer.diablo_D.weight.copy_(d)
-    x = torch.randn(3, 64)
-    want = layer(x)
-    layer.merge()
-    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
-    layer.unmerge()
-    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    assert_merge_round_trip(layer, torch.randn(3, 64), 1e-6)
 
 
 def test_blocks_must_divide_both_sides():
@@ -91,27 +84,8 @@ def test_blocks_must_divide_both_sides():
 
 
 def test_model_verbs_train_only_d_and_files_round_trip(tmp_path):
-    from llama_models import tiny_llama_config, token_ids
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
-    qft.add_adapters(model, qft.DiaBloConfig(blocks=4, target_modules=("q_proj", "v_proj", "down_proj")))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith("diablo_D.weight") for n in trainable)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.02)
-    ids = token_ids()
-    want = model(ids).logits
-    qft.save_adapters(model, tmp_path)
-    torch.manual_seed(0)
-    fresh = LlamaForCausalLM(tiny_llama_config())
-    qft.quantize_(fresh, filter_fn=lambda module, name: name != "lm_head")
-    qft.load_adapters(fresh, tmp_path)
-    torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
+    config = qft.DiaBloConfig(blocks=4, target_modules=("q_proj", "v_proj", "down_proj"))
+    assert_trains_only_parts_and_files_round_trip(config, ("diablo_D",), tmp_path)
 
 
 def test_config_file_fields_round_trip_and_bad_dtype_is_refused():

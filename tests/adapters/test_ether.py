@@ -3,6 +3,7 @@ keeps, the layer over quantized and plain bases, merge, files."""
 
 import pytest
 import torch
+from adapter_checks import assert_merge_round_trip, assert_trains_only_parts_and_files_round_trip, saved_by
 
 import qft
 from qft import ops
@@ -63,10 +64,7 @@ def test_backward_keeps_x_once_in_its_own_dtype_and_no_weight(dtype):
     qt = qft.quantize(torch.randn(48, 64), "nf4", 64)
     layer = ETHERLinear(QuantLinear(qt), ETHERConfig(4, plus=True, target_modules=TARGETS))
     x = torch.randn(7, 64).to(dtype).requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x)
-    assert sorted((tuple(t.shape), t.dtype) for t in saved) == sorted([((7, 64), dtype), ((2, 4, 16), torch.float32)])
+    assert sorted(saved_by(lambda: layer(x))) == sorted([((7, 64), dtype), ((2, 4, 16), torch.float32)])
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -101,12 +99,7 @@ def test_merge_and_unmerge(plus):
     with torch.no_grad():
         layer.ether_in.weight.normal_()
         layer.ether_out.weight.normal_()
-    x = torch.randn(3, 64)
-    want = layer(x)
-    layer.merge()
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
-    layer.unmerge()
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert_merge_round_trip(layer, torch.randn(3, 64), 1e-5)
 
 
 def test_blocks_must_divide_the_reflected_sides():
@@ -119,27 +112,5 @@ def test_blocks_must_divide_the_reflected_sides():
 
 
 def test_model_verbs_train_only_the_vectors_and_files_round_trip(tmp_path):
-    from llama_models import tiny_llama_config, token_ids
-    from transformers import LlamaForCausalLM
-
-    def model():
-        torch.manual_seed(0)
-        m = LlamaForCausalLM(tiny_llama_config())
-        qft.quantize_(m, filter_fn=lambda module, name: name != "lm_head")
-        return m
-
-    trained = model()
     config = qft.ETHERConfig(blocks=4, plus=True, output_side=True, target_modules=("q_proj", "down_proj"))
-    qft.add_adapters(trained, config)
-    names = [n for n, p in trained.named_parameters() if p.requires_grad]
-    assert names and all(".ether_in." in n or ".ether_out." in n for n in names)
-    with torch.no_grad():
-        for p in trained.parameters():
-            if p.requires_grad:
-                p.normal_()
-    ids = token_ids()
-    want = trained(ids).logits
-    qft.save_adapters(trained, tmp_path)
-    fresh = model()
-    qft.load_adapters(fresh, tmp_path)
-    torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
+    assert_trains_only_parts_and_files_round_trip(config, ("ether_in", "ether_out"), tmp_path)

@@ -4,6 +4,7 @@ keeps, gradcheck."""
 
 import pytest
 import torch
+from adapter_checks import assert_merge_round_trip, saved_by
 from peft_models import TwoLayer
 
 import qft
@@ -48,7 +49,7 @@ def test_forward_and_grads_equal_peft(dtype, r, apply_gs):
     x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_peft, y_ours = peft_model(x_peft), ours(x_ours)
     # fp32: the same products in another order; bf16: PEFT keeps x H^T in fp32, qft rounds it to bf16
-    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: 7.6e-3 at worst over these cases
     assert y_ours.dtype == y_peft.dtype and _rel(y_ours, y_peft) <= tol
     grad = torch.randn_like(y_peft)
     y_peft.backward(grad)
@@ -96,10 +97,7 @@ def test_adapters_move_between_qft_and_peft(tmp_path):
 def test_backward_keeps_x_once_in_its_own_dtype_and_no_weight(dtype):
     layer = HRALinear(QuantLinear(qft.quantize(torch.randn(48, 64), "nf4", 64)), HRAConfig(r=4, target_modules=TARGETS))
     x = torch.randn(7, 64).to(dtype).requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x)
-    big = [(tuple(t.shape), t.dtype) for t in saved if t.numel() >= 7 * 64]
+    big = [(shape, dt) for shape, dt in saved_by(lambda: layer(x)) if torch.Size(shape).numel() >= 7 * 64]
     assert big == [((7, 64), dtype)]  # x once; the rest are [64, 4]-sized vectors and norms
 
 
@@ -112,9 +110,4 @@ def test_gradcheck_float64(apply_gs):
 
 def test_merge_and_unmerge():
     layer = HRALinear(torch.nn.Linear(64, 48), HRAConfig(r=4, init_weights=False, target_modules=TARGETS))
-    x = torch.randn(3, 64)
-    want = layer(x)
-    layer.merge()
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
-    layer.unmerge()
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert_merge_round_trip(layer, torch.randn(3, 64), 1e-5)

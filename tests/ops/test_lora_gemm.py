@@ -55,7 +55,7 @@ def test_k_plus_r_gemms_match_the_reference(dtype, dropout, bias):
     want = _run("reference", dtype, dropout, bias)
     # fp32: the same sums in another order; bf16: B, s xa and the LoRA grads' operands rounded to
     # bf16 (the reference keeps the LoRA terms in fp32), a few bf16 ulps of the largest value.
-    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: 5.7e-3 at worst (grad_B)
     for name, g, w in zip(("y", "grad_x", "grad_A", "grad_B"), got, want, strict=True):
         assert g.dtype == w.dtype, name
         scale = w.abs().max().item()
