@@ -13,6 +13,7 @@ since been rebuilt (chunked, csrc/gemv_core.cuh; a static model puts it near 3.9
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -41,12 +42,23 @@ def forced(fused_max_m: int | None = None, gemv_max_m: int | None = None) -> Ite
         _forced.pop()
 
 
+@functools.cache
+def device_facts(index: int) -> tuple[str, int]:
+    """``("sm90", 132)``: GPU ``index``'s compute capability and SM count, read once (every small-M
+    linear asks; reading the properties each time costs more than a decode GEMV launch's host work)."""
+    props = torch.cuda.get_device_properties(index)
+    return f"sm{props.major}{props.minor}", props.multi_processor_count
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _lookup(name: str, table: dict[str, int], device: torch.device) -> int:
     if _forced and name in _forced[-1]:
         return _forced[-1][name]
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return table.get(f"sm{major}{minor}", table["default"])
+        return table.get(device_facts(_index(device))[0], table["default"])
     return table["default"]
 
 
@@ -66,7 +78,7 @@ def gemv_splits(device: torch.device, n_out: int, k_in: int) -> int:
     yet measured: each split past one costs an fp32 partial per output and a second launch."""
     if device.type != "cuda":
         return 1
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * GEMV_RESIDENT_WARPS_PER_SM
+    slots = device_facts(_index(device))[1] * GEMV_RESIDENT_WARPS_PER_SM
     warps = -(-n_out // GEMV_ROWS_PER_WARP)
     most = max(1, k_in // (GEMV_CHUNK * 32))
     return 1 if warps >= slots else min(most, -(-slots // warps))

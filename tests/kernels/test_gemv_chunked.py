@@ -119,10 +119,7 @@ def test_refuses_more_splits_than_chunks():
 
 
 def test_split_rule(monkeypatch):
-    class Properties:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    monkeypatch.setattr(thresholds, "device_facts", lambda index: ("sm90", 132))
     gpu = torch.device("cuda", 0)
     assert thresholds.gemv_splits(torch.device("cpu"), 1024, 8192) == 1
     assert thresholds.gemv_splits(gpu, 28672, 8192) == 1  # 7168 warps fill 132 x 16 slots
