@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--adapter", default=defaults.adapter, help=f"adapter kind: {' or '.join(s.name for s in kinds)}")
     demo.add_argument("--oft-block-size", type=int, default=defaults.oft_block_size, help="OFT block size")
     demo.add_argument("--init", default=defaults.init, help="adapter init: default or loftq")
-    demo.add_argument("--rank", type=int, default=defaults.rank)
+    demo.add_argument(
+        "--rank", type=int, default=defaults.rank, help="LoRA rank; DiaBlo and ETHER blocks; HRA reflections"
+    )
     demo.add_argument("--steps", type=int, default=defaults.steps)
     demo.add_argument("--batch-size", type=int, default=defaults.batch_size)
     lrs = ", ".join(f"{s.demo_lr:g} for {s.name}" for s in kinds)
@@ -66,22 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"python -m qft bench: error: {exc}\n")
     from qft.cli import demo
 
-    config = demo.DemoConfig(
-        model=args.model,
-        format=args.format,
-        adapter=args.adapter,
-        init=args.init,
-        rank=args.rank,
-        steps=args.steps,
-        oft_block_size=args.oft_block_size,
-        optim=args.optim,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        out=args.out,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    # DemoConfig's fields that are options have the option's name (progress is --no-progress)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(demo.DemoConfig) if hasattr(args, f.name)}
+    config = demo.DemoConfig(**fields, progress=not args.no_progress)
     try:
         result = demo.run(config)
     except demo.DemoError as exc:

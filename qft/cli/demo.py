@@ -39,7 +39,7 @@ class DemoConfig:
     format: str = "nf4"
     adapter: str = "lora"  # a name in qft.adapters' registry
     init: str = "default"  # or "loftq" (LoRA)
-    rank: int = 16  # LoRA's rank
+    rank: int = 16  # LoRA's rank; DiaBlo's and ETHER's blocks; HRA's reflections
     oft_block_size: int = 32
     optim: str = "paged-adamw8bit"  # or "adamw" (torch)
     steps: int = 150

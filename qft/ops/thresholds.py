@@ -45,7 +45,7 @@ def forced(fused_max_m: int | None = None, gemv_max_m: int | None = None) -> Ite
 @functools.cache
 def device_facts(index: int) -> tuple[str, int]:
     """``("sm90", 132)``: GPU ``index``'s compute capability and SM count, read once (every small-M
-    linear asks; reading the properties each time costs more than a decode GEMV launch's host work)."""
+    linear asks two or three times per call)."""
     props = torch.cuda.get_device_properties(index)
     return f"sm{props.major}{props.minor}", props.multi_processor_count
 
