@@ -178,6 +178,23 @@ def add_to_base_weight(base: nn.Module, delta: torch.Tensor) -> None:
         base.weight += delta.to(base.weight.dtype)
 
 
+class AdditiveMerge:
+    """``merge`` / ``unmerge`` for an adapter layer whose update adds ``delta_weight()`` (fp32 [out, in])
+    to ``base_layer``'s weight (LoRA, DiaBlo); the layer keeps ``merged``."""
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (a quantized base is re-quantized: lossy, as in PEFT)."""
+        if not self.merged:
+            add_to_base_weight(self.base_layer, self.delta_weight())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight (a quantized base is re-quantized again)."""
+        if self.merged:
+            add_to_base_weight(self.base_layer, -self.delta_weight())
+            self.merged = False
+
+
 @torch.no_grad()
 def transform_base_weight(base: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """``W = transform(W)`` (fp32 [out, in] in and out) for a multiplicative adapter's merge: a quantized

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import add_to_base_weight, check_base_layer, checked_targets, quantized_weight, target_matches
+from qft.adapters import AdditiveMerge, check_base_layer, checked_targets, quantized_weight, target_matches
 from qft.adapters.diablo.function import diablo_delta, diablo_linear
 
 
@@ -46,7 +46,7 @@ class _Blocks(nn.Module):
         self.weight = nn.Parameter(torch.zeros(blocks, rows, cols, device=device, dtype=dtype))
 
 
-class DiaBloLinear(nn.Module):
+class DiaBloLinear(AdditiveMerge, nn.Module):
     """``base_layer(x) + [x_1 D_1^T | ... | x_N D_N^T]``; a fresh adapter (D = 0) leaves the output unchanged."""
 
     def __init__(self, base_layer: nn.Module, config: DiaBloConfig) -> None:
@@ -83,18 +83,6 @@ class DiaBloLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``blockdiag(D_1, ..., D_N)`` [out, in] in fp32: what merging adds to the base weight."""
         return torch.block_diag(*self.diablo_D.weight.float())
-
-    def merge(self) -> None:
-        """Fold the blocks into the base weight (a quantized base is re-quantized: lossy)."""
-        if not self.merged:
-            add_to_base_weight(self.base_layer, self.delta_weight())
-            self.merged = True
-
-    def unmerge(self) -> None:
-        """Take the blocks back out of the base weight (a quantized base is re-quantized again)."""
-        if self.merged:
-            add_to_base_weight(self.base_layer, -self.delta_weight())
-            self.merged = False
 
     def extra_repr(self) -> str:
         """Block count and shape, and whether the adapter is merged."""

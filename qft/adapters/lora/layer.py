@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from qft.adapters import (
+    AdditiveMerge,
     QuantizeWith,
-    add_to_base_weight,
     check_base_layer,
     checked_targets,
     compile_pattern,
@@ -109,7 +109,7 @@ def _pattern_value(pairs, name: str, default):
     return default
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdditiveMerge, nn.Module):
     """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``, PEFT's LoRA layer.
 
     ``lora_A`` / ``lora_B`` are ``nn.Linear`` without bias (``lora_A.weight`` [r, in], ``lora_B.weight``
@@ -172,18 +172,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32: what merging adds to the base weight."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-
-    def merge(self) -> None:
-        """Fold the adapter into the base weight (a 4-bit base is re-quantized: lossy, as in PEFT)."""
-        if not self.merged:
-            add_to_base_weight(self.base_layer, self.delta_weight())
-            self.merged = True
-
-    def unmerge(self) -> None:
-        """Take the adapter back out of the base weight (a 4-bit base is re-quantized again)."""
-        if self.merged:
-            add_to_base_weight(self.base_layer, -self.delta_weight())
-            self.merged = False
 
     def extra_repr(self) -> str:
         """Rank, scaling, dropout and whether the adapter is merged."""
