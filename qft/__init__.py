@@ -2,13 +2,14 @@
 
 ``quantize``/``dequantize``/``QuantizedTensor`` (nf4/fp4 with double quantization, byte-compatible
 with bitsandbytes); ``qft.functional`` (quant_linear, lora_linear, oft_linear); ``qft.adapters``
-(one folder per kind of adapter: LoRA, OFT, DiaBlo, ETHER, HRA, registered by config type); ``qft.nn`` modules and the
-model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``, ``save_adapters``, ``load_adapters``;
-``qft.ops`` holds the ``qft::`` custom ops.
+(one folder per kind of adapter: LoRA, OFT, BOFT, DiaBlo, ETHER, HRA, registered by config type);
+``qft.nn`` modules and the model verbs ``quantize_``, ``add_adapters``, ``merge_adapters``,
+``save_adapters``, ``load_adapters``; ``qft.ops`` holds the ``qft::`` custom ops.
 """
 
 from qft import adapters, formats, functional, integrations, nn, ops, optim
 from qft.nn import (
+    BOFTConfig,
     DiaBloConfig,
     ETHERConfig,
     HRAConfig,
@@ -40,6 +41,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BOFTConfig",
     "DiaBloConfig",
     "ETHERConfig",
     "HRAConfig",

@@ -155,6 +155,12 @@ def require_default_init(init: str, kind: str) -> None:
         raise ValueError(f"--init {init} does not apply to {kind} adapters")
 
 
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """What an input-side transform (a rotation, a reflection) computes in: fp32, or fp64 when an
+    input is fp64 (float64 gradchecks)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """How a qft-only adapter's ``adapter_config.json`` writes a dtype (``"float32"``)."""
     return str(dtype).removeprefix("torch.")

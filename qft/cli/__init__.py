@@ -25,10 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", default=defaults.format, help=", ".join(formats.FORMATS))
     kinds = adapters.specs()
     demo.add_argument("--adapter", default=defaults.adapter, help=f"adapter kind: {' or '.join(s.name for s in kinds)}")
-    demo.add_argument("--oft-block-size", type=int, default=defaults.oft_block_size, help="OFT block size")
+    demo.add_argument("--oft-block-size", type=int, default=defaults.oft_block_size, help="OFT and BOFT block size")
     demo.add_argument("--init", default=defaults.init, help="adapter init: default or loftq")
     demo.add_argument(
-        "--rank", type=int, default=defaults.rank, help="LoRA rank; DiaBlo and ETHER blocks; HRA reflections"
+        "--rank",
+        type=int,
+        default=defaults.rank,
+        help="LoRA rank; DiaBlo and ETHER blocks; HRA reflections (BOFT takes 2 butterfly factors)",
     )
     demo.add_argument("--steps", type=int, default=defaults.steps)
     demo.add_argument("--batch-size", type=int, default=defaults.batch_size)

@@ -40,7 +40,7 @@ class DemoConfig:
     adapter: str = "lora"  # a name in qft.adapters' registry
     init: str = "default"  # or "loftq" (LoRA)
     rank: int = 16  # LoRA's rank; DiaBlo's and ETHER's blocks; HRA's reflections
-    oft_block_size: int = 32
+    oft_block_size: int = 32  # OFT's and BOFT's
     optim: str = "paged-adamw8bit"  # or "adamw" (torch)
     steps: int = 150
     batch_size: int = 16

@@ -1,6 +1,7 @@
 """Modules and model-level verbs: QuantLinear (frozen quantized base), the adapter layers (LoRALinear,
 OFTLinear, from ``qft.adapters``), quantize_/add_adapters/merge/save/load, and the FSDP helpers."""
 
+from qft.adapters.boft import BOFTConfig, BOFTLinear
 from qft.adapters.diablo import DiaBloConfig, DiaBloLinear
 from qft.adapters.ether import ETHERConfig, ETHERLinear
 from qft.adapters.hra import HRAConfig, HRALinear
@@ -22,6 +23,8 @@ from qft.nn.model import (
 from qft.nn.quant_linear import QuantLinear
 
 __all__ = [
+    "BOFTConfig",
+    "BOFTLinear",
     "DiaBloConfig",
     "DiaBloLinear",
     "ETHERConfig",

@@ -31,7 +31,7 @@ def test_demo_trains_oft_adapters_at_two_bits(tmp_path):
     [
         (["--model", "/nonexistent"], "is not a model folder"),
         (["--format", "int9"], "--format must be one of"),
-        (["--adapter", "dora"], "--adapter must be 'diablo' or 'ether' or 'hra' or 'lora' or 'oft'"),
+        (["--adapter", "dora"], "--adapter must be 'boft' or 'diablo' or 'ether' or 'hra' or 'lora' or 'oft'"),
         (["--steps", "0"], "--steps must be positive"),
         (["--optim", "sgd"], "--optim must be one of"),
         (["--steps", "many"], "invalid int value"),

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from qft.adapters import accumulation_dtype
 from qft.functional import _without_autocast
 
 # (vector index, coefficient): x' = x + sum_i coefficient * (x . v_i) v_i, v_i normalised
 TERMS = {1: ((0, -2.0),), 2: ((0, -1.0), (1, 1.0))}
-
-
-def _acc(*tensors) -> torch.dtype:
-    """fp32, or fp64 when an input is fp64 (float64 gradchecks)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _unit(vectors: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +33,7 @@ def reflect(x2d: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``x`` [M, N * b] with each block reflected by its vectors [k, N, b], in fp32 (fp64 for fp64 inputs)."""
     m = x2d.shape[0]
     k, n, b = vectors.shape
-    acc = _acc(x2d, vectors)
+    acc = accumulation_dtype(x2d, vectors)
     units, _ = _unit(vectors, acc)
     x = x2d.to(acc).view(m, n, b)
     out = x.clone()
@@ -61,7 +57,7 @@ class _Reflect(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             m = grad.shape[0]
             k, n, b = vectors.shape
-            acc = _acc(x2d, grad, vectors)
+            acc = accumulation_dtype(x2d, grad, vectors)
             units, norm = _unit(vectors, acc)
             x, g = x2d.to(acc).view(m, n, b), grad.to(acc).view(m, n, b)
             rows = []

@@ -2,18 +2,23 @@
 
 PEFT's HRA multiplies the weight by ``H = H_0 H_1 ... H_{r-1}``, ``H_i = I - 2 u_i u_i^T`` (u_i the
 normalised columns of ``hra_u`` [in, r]), or with ``apply_GS`` by ``H = I - 2 U U^T`` (U the columns
-orthonormalised by Gram-Schmidt): ``W' = W H``. So ``y = (x H^T) W^T + bias``: x is reflected by
-``H_{r-1}`` first and ``H_0`` last, or loses twice its projection on U's span. Each reflection costs
-O(M in); no in x in matrix is formed.
+orthonormalised by Gram-Schmidt): ``W' = W H``, so ``y = (x H^T) W^T + bias``.
+
+qft applies the chain in one step through its compact WY form (Schreiber and Van Loan 1989; the
+``T^-1 = diag(1/tau) + striu(U^T U)`` form of Joffrain et al. 2006): ``H = I - U T U^T`` with
+``T = (I/2 + striu(U^T U))^-1`` (r x r, upper triangular), and ``T = 2 I`` for Gram-Schmidt. So
+``x H^T = x - ((x U) T^T) U^T``: two [M, in] x [in, r]-sized products instead of r sequential
+rank-one passes over x, O(M in r) either way; no in x in matrix is formed.
 
 The reflection runs in fp32 (fp64 for fp64 inputs) and rounds to x's dtype; backward keeps x once in
-its own dtype and recomputes the chain (each reflection is its own inverse).
+its own dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qft.adapters import accumulation_dtype
 from qft.functional import _without_autocast
 
 
@@ -30,63 +35,49 @@ def units(hra_u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
-def _acc(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def reflect(x: torch.Tensor, unit: torch.Tensor, chain: bool) -> torch.Tensor:
-    """``x H^T`` for x [M, in]: the chain ``H_{r-1}`` first (``chain``), or ``x - 2 (x U) U^T``."""
+def wy_factor(unit: torch.Tensor, chain: bool) -> torch.Tensor:
+    """T [r, r] with ``H = I - U T U^T`` (differentiable in U): the chain's, or 2 I for Gram-Schmidt."""
+    eye = torch.eye(unit.shape[1], dtype=unit.dtype, device=unit.device)
     if not chain:
-        return x - 2 * (x @ unit) @ unit.t()
-    for i in reversed(range(unit.shape[1])):
-        x = x - 2 * (x @ unit[:, i : i + 1]) @ unit[:, i : i + 1].t()
-    return x
+        return 2 * eye
+    return torch.linalg.solve_triangular(0.5 * eye + torch.triu(unit.t() @ unit, 1), eye, upper=True)
 
 
 class _Householder(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, unit, chain):
-        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, unit)
-        ctx.chain = chain
-        acc = _acc(x2d, unit)
-        return reflect(x2d.to(acc), unit.to(acc), chain).to(x2d.dtype)
+    def forward(ctx, x2d, unit, t):
+        ctx.save_for_backward(x2d if any(ctx.needs_input_grad[1:]) else None, unit, t)
+        acc = accumulation_dtype(x2d, unit)
+        x, u = x2d.to(acc), unit.to(acc)
+        return (x - ((x @ u) @ t.to(acc).t()) @ u.t()).to(x2d.dtype)
 
     @staticmethod
     @_without_autocast
-    def backward(ctx, grad):
-        x2d, unit = ctx.saved_tensors
-        acc = _acc(grad, unit)
-        u, g = unit.to(acc), grad.to(acc)
-        grad_unit = None
-        if not ctx.chain:  # z = x - 2 (x U) U^T
-            if x2d is not None:
-                x = x2d.to(acc)
-                grad_unit = -2 * (x.t() @ (g @ u) + g.t() @ (x @ u))
-            grad_x = g - 2 * (g @ u) @ u.t()
-        else:  # walk the chain back: z_(i+1) = H_i z_i (an involution), g_(i+1) = H_i g_i
-            z = None if x2d is None else reflect(x2d.to(acc), u, True)
-            columns = []
-            for i in range(u.shape[1]):
-                ui = u[:, i : i + 1]
-                if z is not None:
-                    z = z - 2 * (z @ ui) @ ui.t()
-                    columns.append(-2 * (z.t() @ (g @ ui) + g.t() @ (z @ ui)))
-                g = g - 2 * (g @ ui) @ ui.t()
-            grad_x = g
-            if z is not None:
-                grad_unit = torch.cat(columns, dim=1)
-        grad_unit = None if grad_unit is None else grad_unit.to(unit.dtype)
-        return grad_x.to(grad.dtype), grad_unit, None
+    def backward(ctx, grad):  # z = x - a T^T U^T with a = x U
+        x2d, unit, t = ctx.saved_tensors
+        acc = accumulation_dtype(grad, unit)
+        u, g, ta = unit.to(acc), grad.to(acc), t.to(acc)
+        ct = (g @ u) @ ta
+        grad_x = g - ct @ u.t()
+        grad_unit = grad_t = None
+        if x2d is not None:
+            x = x2d.to(acc)
+            a = x @ u
+            grad_unit = (-(g.t() @ (a @ ta.t())) - x.t() @ ct).to(unit.dtype)
+            grad_t = (-((g @ u).t() @ a)).to(t.dtype)
+        return grad_x.to(grad.dtype), grad_unit, grad_t
 
 
 def householder(x: torch.Tensor, hra_u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
     """``x H^T`` for x [..., in] (HRA's input transform; differentiable in x and ``hra_u``)."""
     lead = x.shape[:-1]
-    out = _Householder.apply(x.reshape(-1, x.shape[-1]), units(hra_u, apply_gs), not apply_gs)
+    unit = units(hra_u, apply_gs)
+    out = _Householder.apply(x.reshape(-1, x.shape[-1]), unit, wy_factor(unit, not apply_gs))
     return out.view(*lead, x.shape[-1])
 
 
 def delta_matrix(hra_u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
     """H [in, in] itself (for merging): ``W' = W H``."""
-    eye = torch.eye(hra_u.shape[0], dtype=torch.promote_types(hra_u.dtype, torch.float32), device=hra_u.device)
-    return reflect(eye, units(hra_u, apply_gs).to(eye.dtype), not apply_gs).t()
+    unit = units(hra_u, apply_gs).to(torch.promote_types(hra_u.dtype, torch.float32))
+    eye = torch.eye(unit.shape[0], dtype=unit.dtype, device=unit.device)
+    return eye - unit @ wy_factor(unit, not apply_gs) @ unit.t()
