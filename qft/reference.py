@@ -42,6 +42,14 @@ def quant_linear(
     return acc.to(x.dtype)
 
 
+def blockdiag_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ blockdiag(D_1, ..., D_n)^T`` = ``[x_1 D_1^T | ... | x_n D_n^T]`` [M, n * rows] for x [M, n * cols]
+    and D [n, rows, cols] (DiaBlo's update), in D's dtype (x cast to it); x_i is x's i-th feature slice."""
+    m = x.shape[0]
+    n, rows, cols = blocks.shape
+    return torch.einsum("mbi,boi->mbo", x.to(blocks.dtype).view(m, n, cols), blocks).reshape(m, n * rows)
+
+
 def quant_linear_grad_input(
     grad: torch.Tensor,
     weight: torch.Tensor,

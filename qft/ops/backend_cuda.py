@@ -46,11 +46,6 @@ def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     return gemm.linear(x, w, bias, lora_xa, lora_B, scaling)
 
 
-def rotated_weight_linear(x, weight, bias, rot) -> torch.Tensor:
-    """OFT at large M with M >= N: the decoded weight rotated instead of x (``gemm.rotated_weight_linear``)."""
-    return gemm.rotated_weight_linear(x, weight, bias, rot, dequantize)
-
-
 def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
     """``gemm.lora_backward_any`` with the extension's decode."""
     args = (x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x)

@@ -106,6 +106,26 @@ def rotated_weight_linear(x, weight, bias, rot, decode) -> torch.Tensor:
     return linear(x, oft_rotate(w, rot, True), bias, None, None, 0.0)
 
 
+def add_blockdiag(w: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``w += blockdiag(D)`` in place for w [n * rows, n * cols] and D [n, rows, cols] (rounded to w's
+    dtype): only the diagonal blocks are touched (N x K / n values). Returns w."""
+    n, rows, cols = blocks.shape
+    torch.diagonal(w.view(n, rows, n, cols), dim1=0, dim2=2).add_(blocks.permute(1, 2, 0).to(w.dtype))
+    return w
+
+
+def blockdiag_weight_linear(x, weight, bias, blocks, decode) -> torch.Tensor:
+    """DiaBlo's ``x @ (W + blockdiag(D))^T + bias`` as one GEMM: D added to the decoded scratch weight's
+    diagonal blocks (in x's dtype), so the update costs no pass over x or y."""
+    w = decoded(weight, weight.numel // x.shape[1], x.dtype, decode)
+    return linear(x, add_blockdiag(w, blocks), bias, None, None, 0.0)
+
+
+def blockdiag_weight_grad_input(grad, weight, blocks, decode) -> torch.Tensor:
+    """DiaBlo's ``grad @ (W + blockdiag(D))`` as one GEMM over the decoded scratch weight."""
+    return grad @ add_blockdiag(decoded(weight, grad.shape[1], grad.dtype, decode), blocks)
+
+
 def linear(x, w, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     """``x @ w^T + bias + scaling * lora_xa @ lora_B^T`` as one addmm (the LoRA term rounded to x's dtype)."""
     epilogue = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qft import formats
+from qft import formats, reference
 from qft.ops import backend_cuda, backend_reference, backend_triton, gemm
 from qft.ops.dispatch import FLOAT_DTYPES, backend_for
 from qft.ops.oft import oft_rotate
@@ -88,6 +88,7 @@ def quant_linear(
     lora_B: torch.Tensor | None,
     scaling: float,
     rot: torch.Tensor | None = None,
+    blockdiag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x' @ W^T + bias + scaling * lora_xa @ lora_B^T``; x [M, K], W [numel / K, K] quantized.
 
@@ -95,19 +96,39 @@ def quant_linear(
     to x's dtype (on the GPU backends at large M with M >= N the equal ``x @ (W R^T)^T``, W R^T
     rounded instead: ``gemm.rotates_weight``). Accumulates in fp32 and returns y [M, N] in x's
     dtype. ``lora_xa`` [M, r] and ``lora_B`` [N, r] (both or neither) may be fp32 over a bf16/fp16 x.
+    ``blockdiag`` D [n, N / n, K / n] (DiaBlo; not with LoRA or ``rot``) adds ``x @ blockdiag(D)^T``: in D's
+    dtype to the rounded base output (``reference.blockdiag_linear``), or on the GPU backends at large M
+    to the decoded weight in x's dtype (``gemm.blockdiag_weight_linear``: one GEMM).
     """
     weight = _weight(parts, fmt, meta)
     _check_input(x, "x", weight)
     backend = backend_reference if x.dtype == torch.float64 else _backend(x.device)
+    m, n = x.shape[0], weight.numel // x.shape[1]
+    large = backend is not backend_reference and m > fused_max_m(x.device)
+    if blockdiag is not None:
+        if rot is not None or lora_xa is not None:
+            raise ValueError("blockdiag does not combine with rot or LoRA")
+        _check_blockdiag(blockdiag, n, x.shape[1])
+        if large:
+            return gemm.blockdiag_weight_linear(x, weight, bias, blockdiag, backend.dequantize)
+        y = backend.linear(x, weight, bias, None, None, 0.0)
+        return (y.to(blockdiag.dtype) + reference.blockdiag_linear(x, blockdiag)).to(x.dtype)
     if rot is not None:
         # Large M with M >= N on a GPU backend: rotate the decoded weight, not x. Otherwise x is
         # rotated once (one read of R) and every M takes the same kernels as a plain layer (a rotation
         # inside the matmul kernels would read R again in every program along N).
-        m, n = x.shape[0], weight.numel // x.shape[1]
-        if backend is not backend_reference and m > fused_max_m(x.device) and gemm.rotates_weight(m, n):
-            return backend.rotated_weight_linear(x, weight, bias, rot)
+        if large and gemm.rotates_weight(m, n):
+            return gemm.rotated_weight_linear(x, weight, bias, rot, backend.dequantize)
         x = oft_rotate(x, rot, False)
     return backend.linear(x, weight, bias, lora_xa, lora_B, scaling)
+
+
+def _check_blockdiag(blocks: torch.Tensor, n: int, k: int) -> None:
+    if blocks.dim() != 3 or not blocks.is_floating_point():
+        raise ValueError(f"blockdiag must be a 3-D floating tensor, got {tuple(blocks.shape)} {blocks.dtype}")
+    count, rows, cols = blocks.shape
+    if count * rows != n or count * cols != k:
+        raise ValueError(f"blockdiag {tuple(blocks.shape)} does not tile the diagonal of a [{n}, {k}] weight")
 
 
 @quant_linear.register_fake
@@ -125,16 +146,27 @@ def quant_linear_grad_input(
     lora_A: torch.Tensor | None,
     dropout_mask: torch.Tensor | None,
     dropout_scale: float,
+    blockdiag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``grad_x = grad @ W + (lora_grad_xa @ lora_A) * dropout_mask * dropout_scale``.
 
     grad [M, N]; W [N, numel / N] decoded again (never saved); ``lora_grad_xa`` [M, r] is the
     gradient reaching ``dropout(x) @ A^T`` (scaling included); ``dropout_mask`` [M, K] bool or None.
+    ``blockdiag`` D (DiaBlo, not with LoRA) adds ``grad @ blockdiag(D)`` as ``quant_linear`` does: in D's
+    dtype on the reference, inside the decoded weight on the GPU backends (they decode at every M).
     Returns grad_x [M, K] in grad's dtype.
     """
     weight = _weight(parts, fmt, meta)
     _check_input(grad, "grad", weight)
     backend = backend_reference if grad.dtype == torch.float64 else _backend(grad.device)
+    if blockdiag is not None:
+        if lora_grad_xa is not None:
+            raise ValueError("blockdiag does not combine with LoRA")
+        _check_blockdiag(blockdiag, grad.shape[1], weight.numel // grad.shape[1])
+        if backend is not backend_reference:
+            return gemm.blockdiag_weight_grad_input(grad, weight, blockdiag, backend.dequantize)
+        base = backend.linear_grad_input(grad, weight, None, None, None, 1.0)
+        return (base.to(blockdiag.dtype) + reference.blockdiag_linear(grad, blockdiag.transpose(1, 2))).to(grad.dtype)
     return backend.linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale)
 
 

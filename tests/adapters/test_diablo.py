@@ -7,6 +7,7 @@ from adapter_checks import assert_merge_round_trip, assert_trains_only_parts_and
 
 import qft
 from qft import ops
+from qft.ops import gemm
 from qft.adapters.diablo import DiaBloConfig, DiaBloLinear, diablo_linear
 from qft.nn import QuantLinear
 
@@ -64,6 +65,37 @@ def test_layer_over_quantized_and_plain_bases_agree(backend):
         grads.append(layer.diablo_D.weight.grad)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+
+
+def test_add_blockdiag_touches_only_the_diagonal_blocks():
+    w, d = torch.randn(48, 64), torch.randn(4, 12, 16)
+    want = w + torch.block_diag(*d)
+    assert torch.equal(gemm.add_blockdiag(w, d), want)
+
+
+def _diablo_run(backend, dtype):
+    qt, d = _weights()
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    d.requires_grad_()
+    with ops.use_backend(backend):
+        y = diablo_linear(x, qt, d, torch.ones(48).to(dtype))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype))
+    return y.detach(), x.grad, d.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_m_adds_d_to_the_decoded_weight(dtype, monkeypatch):
+    calls = []
+    add = gemm.add_blockdiag
+    monkeypatch.setattr(gemm, "add_blockdiag", lambda w, blocks: calls.append(w.shape) or add(w, blocks))
+    got = _diablo_run("triton", dtype)  # M = 40: decode into scratch + one GEMM, forward and grad_x
+    assert calls == [(48, 64), (48, 64)]
+    want = _diablo_run("reference", dtype)
+    # fp32: the same sums in another order; bf16: W + D rounded to bf16 (the reference adds x D^T in fp32)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    for name, g, w in zip(("y", "grad_x", "grad_D"), got, want, strict=True):
+        assert g.dtype == w.dtype, name
+        assert ((g.float() - w.float()).abs().max() / w.float().abs().max()).item() <= tol, name
 
 
 def test_merge_and_unmerge():

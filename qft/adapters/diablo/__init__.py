@@ -7,10 +7,10 @@ Not a PEFT method: qft's files keep PEFT's layout (``adapter_config.json`` with 
 from __future__ import annotations
 
 from qft.adapters import AdapterSpec, dtype_name, dtype_named, register, require_default_init
-from qft.adapters.diablo.function import diablo_delta, diablo_linear
+from qft.adapters.diablo.function import diablo_linear
 from qft.adapters.diablo.layer import DiaBloConfig, DiaBloLinear
 
-__all__ = ["DiaBloConfig", "DiaBloLinear", "diablo_delta", "diablo_linear"]
+__all__ = ["DiaBloConfig", "DiaBloLinear", "diablo_linear"]
 
 
 def _to_peft(config: DiaBloConfig) -> dict:

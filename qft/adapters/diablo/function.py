@@ -7,8 +7,10 @@ x_N D_N^T]`` with ``x_i`` the i-th of N equal slices of x's features: no low-ran
 update costs M x in x (out / N) multiply-adds.
 
 Numerics as PEFT's adapters over a low-precision base: the delta in the adapters' dtype, added to the
-base output there, the sum rounded to x's dtype. Kept for backward: x once in its own dtype (only when
-D needs a gradient) and D; never a decoded weight.
+base output there, the sum rounded to x's dtype; on a GPU at large M, D is added to the decoded weight's
+diagonal blocks instead, so forward and grad_x stay one GEMM each (``qft::quant_linear``'s
+``blockdiag``). Kept for backward: x once in its own dtype (only when D needs a gradient) and D; never
+a decoded weight.
 """
 
 from __future__ import annotations
@@ -20,47 +22,34 @@ from qft.functional import _autocast_dtype, _cast, _check_bias, _check_x, _witho
 from qft.tensor import QuantizedTensor
 
 
-def diablo_delta(x2d: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``[x_1 D_1^T | ... | x_N D_N^T]`` [M, N * out/N] for x [M, N * in/N] and D [N, out/N, in/N], in D's
-    dtype (x cast to it)."""
-    m = x2d.shape[0]
-    n, rows, cols = d.shape
-    return torch.einsum("mbi,boi->mbo", x2d.to(d.dtype).view(m, n, cols), d).reshape(m, n * rows)
-
-
-def diablo_grads(x2d: torch.Tensor, grad: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_x part, dD)`` of ``diablo_delta``: ``[g_1 D_1 | ... ]`` [M, in] and ``dD_i = g_i^T x_i``, both in
-    D's dtype (``x2d`` None: no dD)."""
+def grad_blocks(x2d: torch.Tensor, grad: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """dD [n, rows, cols] of ``x @ blockdiag(D)^T``: ``dD_i = g_i^T x_i``, in D's dtype."""
     m = grad.shape[0]
     n, rows, cols = d.shape
-    g = grad.to(d.dtype).view(m, n, rows)
-    grad_x = torch.einsum("mbo,boi->mbi", g, d).reshape(m, n * cols)
-    grad_d = None if x2d is None else torch.einsum("mbo,mbi->boi", g, x2d.to(d.dtype).view(m, n, cols))
-    return grad_x, grad_d
+    return torch.einsum("mbo,mbi->boi", grad.to(d.dtype).view(m, n, rows), x2d.to(d.dtype).view(m, n, cols))
 
 
 class _DiaBloLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, d, bias, qt):
-        y = ops.quant_linear(x2d, *qt.op_args(), bias, None, None, 0.0)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, d)
         ctx.qt = qt
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return (y.to(d.dtype) + diablo_delta(x2d, d)).to(x2d.dtype)
+        return ops.quant_linear(x2d, *qt.op_args(), bias, None, None, 0.0, None, d)
 
     @staticmethod
     @_without_autocast
     def backward(ctx, grad):
         x2d, d = ctx.saved_tensors
         needs_x, needs_d, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = grad_bias = None
-        delta_grad_x, grad_d = diablo_grads(x2d, grad, d)
+        grad_x = grad_d = grad_bias = None
         if needs_x:
-            base = ops.quant_linear_grad_input(grad, *ctx.qt.op_args(), None, None, None, 1.0)
-            grad_x = (base.to(d.dtype) + delta_grad_x).to(grad.dtype)
+            grad_x = ops.quant_linear_grad_input(grad, *ctx.qt.op_args(), None, None, None, 1.0, d)
+        if needs_d:
+            grad_d = grad_blocks(x2d, grad, d)
         if needs_bias:
             grad_bias = grad.sum(0).to(ctx.bias_dtype)
-        return grad_x, (grad_d if needs_d else None), grad_bias, None
+        return grad_x, grad_d, grad_bias, None
 
 
 def diablo_linear(x: torch.Tensor, qt: QuantizedTensor, d: torch.Tensor, bias: torch.Tensor | None = None):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from qft.adapters import AdditiveMerge, check_base_layer, checked_targets, quantized_weight, target_matches
-from qft.adapters.diablo.function import diablo_delta, diablo_linear
+from qft.adapters.diablo.function import diablo_linear
+from qft.reference import blockdiag_linear
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class DiaBloLinear(AdditiveMerge, nn.Module):
             return diablo_linear(x, qt, d, base.bias)
         # nn.Linear, or an act-order layer (it permutes its own input; D acts on x's own order)
         y = base(x)
-        delta = diablo_delta(x.reshape(-1, self.in_features), d).view(*x.shape[:-1], self.out_features)
+        delta = blockdiag_linear(x.reshape(-1, self.in_features), d).view(*x.shape[:-1], self.out_features)
         return (y.to(d.dtype) + delta).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
