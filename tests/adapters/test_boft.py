@@ -11,7 +11,7 @@ from adapter_checks import assert_merge_round_trip, assert_trains_only_parts_and
 from peft_models import TwoLayer
 
 import qft
-from qft.adapters.boft import BOFTConfig, BOFTLinear, butterfly, butterfly_perms, cayley
+from qft.adapters.boft import BOFTConfig, BOFTLinear, butterfly_blocks, butterfly_perms, butterfly_product, cayley
 from qft.nn import QuantLinear
 
 TARGETS = ("fc1", "fc2")
@@ -182,11 +182,18 @@ def test_backward_keeps_x_once_in_its_own_dtype_and_no_weight(dtype):
     assert all(torch.Size(shape).numel() < 48 * 64 for shape, _ in saved)  # nothing weight-sized
 
 
-def test_gradcheck_float64():
-    perms = butterfly_perms(16, 4, 4, 3)
-    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, r: butterfly(x, cayley(r), perms), (x, r))
+def test_blocks_are_the_butterfly_product_and_gradcheck_float64():
+    perms = butterfly_perms(32, 8, 4, 3)  # groups of 16
+    r = torch.randn(3, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    blocks = butterfly_blocks(cayley(r), perms, 16)
+    assert blocks.shape == (2, 16, 16)
+    assert torch.allclose(x @ torch.block_diag(*blocks), butterfly_product(x, cayley(r), perms))  # M is block diagonal
+    qt = qft.quantize(torch.randn(24, 32), "nf4", 32)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, r: qft.adapters.oft.rotated_linear(x, qt, butterfly_blocks(cayley(r), perms, 16)), (x, r)
+    )
 
 
 def test_identity_at_the_start_and_merge_round_trip():

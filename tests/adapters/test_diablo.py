@@ -7,9 +7,9 @@ from adapter_checks import assert_merge_round_trip, assert_trains_only_parts_and
 
 import qft
 from qft import ops
-from qft.ops import gemm
 from qft.adapters.diablo import DiaBloConfig, DiaBloLinear, diablo_linear
 from qft.nn import QuantLinear
+from qft.ops import gemm
 
 
 def _weights(out=48, inp=64, blocks=4, dtype=torch.float32, seed=0):

@@ -7,10 +7,10 @@ PEFT's files: ``adapter_config.json`` with ``peft_type: "BOFT"``, weights under 
 from __future__ import annotations
 
 from qft.adapters import AdapterSpec, register, require_default_init
-from qft.adapters.boft.function import butterfly, butterfly_perms, cayley
+from qft.adapters.boft.function import butterfly_blocks, butterfly_perms, butterfly_product, cayley
 from qft.adapters.boft.layer import BOFTConfig, BOFTLinear
 
-__all__ = ["BOFTConfig", "BOFTLinear", "butterfly", "butterfly_perms", "cayley"]
+__all__ = ["BOFTConfig", "BOFTLinear", "butterfly_blocks", "butterfly_perms", "butterfly_product", "cayley"]
 
 DEMO_FACTORS = 2
 

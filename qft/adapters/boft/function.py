@@ -5,20 +5,18 @@ PEFT's BOFT multiplies the layer's input by ``M = B_{m-1} ... B_1 B_0`` and scal
 ``boft_s``: ``y = s * ((x M) W^T) + bias``, i.e. ``W' = diag(s) W M^T``. Each butterfly factor is
 ``B_i = P_i blockdiag(Q_i1, ..., Q_iD) P_i^T``: D orthogonal b x b blocks (the Cayley transform of the
 skew part of ``boft_R[i]``) between a fixed permutation P_i and its inverse, which pairs blocks
-``2^i`` chunks apart so that m factors mix ``b 2^(m-1)`` features.
+``2^i`` chunks apart.
 
-qft never forms M or P (PEFT keeps P as m dense [in, in] matrices per layer): ``x M`` is m rounds of a
-gather and a batched b x b product, O(M in b m), run in fp32 (fp64 for fp64 inputs) and rounded to x's
-dtype. Backward keeps x once in its own dtype and Q, recomputes the m intermediate inputs, and walks
-back with Q^T.
+Factor i moves features only within groups of ``b 2^i``, so M is block diagonal with groups of
+``g = b 2^(m-1)``: ``x M`` is OFT's block rotation with ``in / g`` blocks ``G_c`` [g, g]. qft builds the
+G_c from Q (m rounds of a gather and a batched b x b product over g x in values, never PEFT's m dense
+[in, in] permutation matrices or the [in, in] M) and runs OFT's path: x rotated once (one kernel on a
+GPU), or at large M with M >= N the decoded weight; backward keeps x once in its own dtype and G.
 """
 
 from __future__ import annotations
 
 import torch
-
-from qft.adapters import accumulation_dtype
-from qft.functional import _without_autocast
 
 
 def butterfly_perms(in_features: int, block_num: int, block_size: int, factors: int) -> torch.Tensor:
@@ -47,60 +45,28 @@ def cayley(boft_r: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + skew, eye - skew, left=False)
 
 
-def _rounds(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor, inverse: torch.Tensor, keep: list | None):
-    """``x M``: for factor i = m-1 .. 0, gather by P_i, multiply each block by Q_i, gather back.
-    ``keep`` collects each factor's block input (for backward)."""
+def group_size(block_size: int, factors: int) -> int:
+    """g = b 2^(m-1): the features one group of M's diagonal blocks mixes."""
+    return block_size * 2 ** (factors - 1)
+
+
+def butterfly_product(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """``x M`` for x [rows, in] (differentiable; in the dtype of x and Q): for factor i = m-1 .. 0, gather
+    by P_i, multiply each b-block by Q_i [D, b, b], gather back by P_i^T."""
     m, blocks, b, _ = q.shape
+    inverse = torch.argsort(perms, dim=1)
     for i in reversed(range(m)):
-        w = x[:, inverse[i]]  # x P_i
-        if keep is not None:
-            keep.append(w)
-        x = torch.bmm(w.view(-1, blocks, b).transpose(0, 1), q[i]).transpose(0, 1).reshape(x.shape)
-        x = x[:, perms[i]]  # (x P_i Q_i) P_i^T
+        w = x[:, inverse[i]].view(-1, blocks, b).transpose(0, 1)  # x P_i, block by block
+        x = torch.bmm(w, q[i]).transpose(0, 1).reshape(x.shape)[:, perms[i]]
     return x
 
 
-class _Butterfly(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, q, perms, inverse):
-        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, q, perms, inverse)
-        acc = accumulation_dtype(x2d, q)
-        return _rounds(x2d.to(acc), q.to(acc), perms, inverse, None).to(x2d.dtype)
-
-    @staticmethod
-    @_without_autocast
-    def backward(ctx, grad):
-        x2d, q, perms, inverse = ctx.saved_tensors
-        acc = accumulation_dtype(grad, q)
-        qa = q.to(acc)
-        m, blocks, b, _ = q.shape
-        inputs: list = []
-        if x2d is not None:
-            _rounds(x2d.to(acc), qa, perms, inverse, inputs)  # inputs[j] is factor m-1-j's
-        g = grad.to(acc)
-        grad_q = torch.empty_like(qa) if x2d is not None else None
-        for i in range(m):  # the last round applied (factor 0) first
-            gw = g[:, inverse[i]].view(-1, blocks, b).transpose(0, 1)  # grad of the block product's output
-            if grad_q is not None:
-                w = inputs[m - 1 - i].view(-1, blocks, b).transpose(0, 1)
-                grad_q[i] = torch.bmm(w.transpose(1, 2), gw)
-            g = torch.bmm(gw, qa[i].transpose(1, 2)).transpose(0, 1).reshape(g.shape)[:, perms[i]]
-        grad_q = None if grad_q is None else grad_q.to(q.dtype)
-        return g.to(grad.dtype), grad_q, None, None
-
-
-def butterfly(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """``x M`` for x [..., in], Q [m, D, b, b] and the factors' permutations [m, in] (differentiable in x
-    and Q), in x's dtype."""
-    inverse = torch.argsort(perms, dim=1)
-    lead = x.shape[:-1]
-    return _Butterfly.apply(x.reshape(-1, x.shape[-1]), q, perms, inverse).view(*lead, x.shape[-1])
-
-
-def butterfly_matrix(q: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """M [in, in] itself (for merging), in Q's dtype (at least fp32)."""
-    eye = torch.eye(perms.shape[1], dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-    return butterfly(eye, q.to(eye.dtype), perms)
+def butterfly_blocks(q: torch.Tensor, perms: torch.Tensor, group: int) -> torch.Tensor:
+    """M's diagonal blocks [in / g, g, g] (differentiable in Q, in Q's dtype): ``x M`` is x rotated per
+    g-group by them (``x_c G_c``, OFT's convention)."""
+    in_features = perms.shape[1]
+    eye = torch.eye(group, dtype=q.dtype, device=q.device).repeat(1, in_features // group)  # [g, in]
+    return butterfly_product(eye, q, perms).view(group, -1, group).transpose(0, 1)
 
 
 def block_dropout(q: torch.Tensor, p: float) -> torch.Tensor:

@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import check_base_layer, checked_targets, target_matches, transform_base_weight
-from qft.adapters.boft.function import block_dropout, butterfly, butterfly_matrix, butterfly_perms, cayley
+from qft.adapters import (
+    check_base_layer,
+    checked_targets,
+    quantized_weight,
+    target_matches,
+    transform_base_weight,
+)
+from qft.adapters.boft.function import block_dropout, butterfly_blocks, butterfly_perms, cayley, group_size
+from qft.adapters.oft.function import rotate, rotated_linear
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,10 @@ class BOFTConfig:
 
 
 class BOFTLinear(nn.Module):
-    """``s * base(x M)`` (bias added after the scale), PEFT's BOFT layer; a fresh adapter is the identity."""
+    """``s * base(x M)`` (bias added after the scale), PEFT's BOFT layer; a fresh adapter is the identity.
+
+    Over a quantized base, x M W^T runs as OFT's rotated linear with M's g x g diagonal blocks
+    (``qft.adapters.boft.function``); the base output before the scale is kept for s's gradient."""
 
     def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
         super().__init__()
@@ -86,6 +96,7 @@ class BOFTLinear(nn.Module):
         blocks, size = config.blocks_for(self.in_features)
         m = config.boft_n_butterfly_factor
         device = base_layer.weight.device
+        self.group = group_size(size, m)
         self.register_buffer("boft_perms", butterfly_perms(self.in_features, blocks, size, m).to(device), False)
         self.boft_R = nn.Parameter(torch.zeros(m, blocks, size, size, device=device))
         self.boft_s = nn.Parameter(torch.ones(self.out_features, 1, device=device))
@@ -95,26 +106,33 @@ class BOFTLinear(nn.Module):
                 self.boft_s.normal_(1.0, 0.1)
         self.merged = False
 
-    def rotation_blocks(self) -> torch.Tensor:
-        """Q [m, D, b, b]: the orthogonal blocks (differentiable; with dropout drawn in training)."""
-        q = cayley(self.boft_R)
-        if self.training and self.config.boft_dropout > 0:
-            q = block_dropout(q, self.config.boft_dropout)
-        return q
+    def rotation(self, dropout: bool = True) -> torch.Tensor:
+        """M's diagonal blocks [in / g, g, g] in fp32 (differentiable; with ``dropout``, PEFT's block
+        dropout is drawn in training)."""
+        with torch.autocast(self.boft_R.device.type, enabled=False):  # fp32, also under autocast
+            q = cayley(self.boft_R.float())
+            if dropout and self.training and self.config.boft_dropout > 0:
+                q = block_dropout(q, self.config.boft_dropout)
+            return butterfly_blocks(q, self.boft_perms, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in] -> [..., out]`` in x's dtype."""
+        """``[..., in] -> [..., out]`` in x's dtype (the autocast dtype under autocast)."""
         if self.merged:
             return self.base_layer(x)
-        y = self.base_layer(butterfly(x, self.rotation_blocks(), self.boft_perms))
-        bias = self.base_layer.bias
-        if bias is None:
-            return (y * self.boft_s.view(-1)).to(x.dtype)
-        return ((y - bias) * self.boft_s.view(-1) + bias).to(x.dtype)
+        base, rot, scale = self.base_layer, self.rotation(), self.boft_s.view(-1)
+        qt = quantized_weight(base)
+        if qt is not None and base.input_perm is None:  # OFT's path; the bias joins after the scale
+            y = rotated_linear(x, qt, rot)
+            return (y * scale if base.bias is None else torch.addcmul(base.bias, y, scale)).to(y.dtype)
+        # nn.Linear, or an act-order layer (it permutes the rotated input): PEFT's arrangement
+        y = base(rotate(x, rot))
+        if base.bias is None:
+            return (y * scale).to(y.dtype)
+        return ((y - base.bias) * scale + base.bias).to(y.dtype)
 
     def delta_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(M [in, in], s [out, 1]) in fp32 without dropout: merging makes the weight ``diag(s) W M^T``."""
-        return butterfly_matrix(cayley(self.boft_R.float()), self.boft_perms), self.boft_s.float()
+        return torch.block_diag(*self.rotation(dropout=False)), self.boft_s.float()
 
     @torch.no_grad()
     def merge(self) -> None:

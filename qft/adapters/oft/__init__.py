@@ -7,10 +7,10 @@ weights under ``<module>.oft_R.weight``.
 from __future__ import annotations
 
 from qft.adapters import AdapterSpec, register, require_default_init
-from qft.adapters.oft.function import coft_project, oft_linear, oft_rotation, rotate
+from qft.adapters.oft.function import coft_project, oft_linear, oft_rotation, rotate, rotated_linear
 from qft.adapters.oft.layer import OFTConfig, OFTLinear
 
-__all__ = ["OFTConfig", "OFTLinear", "coft_project", "oft_linear", "oft_rotation", "rotate"]
+__all__ = ["OFTConfig", "OFTLinear", "coft_project", "oft_linear", "oft_rotation", "rotate", "rotated_linear"]
 
 
 def _to_peft(config: OFTConfig) -> dict:

@@ -107,14 +107,25 @@ def oft_linear(
         raise ValueError(f"oft_weight must have {blocks} rows (or 1 when shared), got {oft_weight.shape[0]}")
     if isinstance(cayley_neumann_terms, bool) or not isinstance(cayley_neumann_terms, int) or cayley_neumann_terms < 1:
         raise ValueError(f"cayley_neumann_terms must be a positive int, got {cayley_neumann_terms!r}")
+    with torch.autocast(x.device.type, enabled=False):  # R is built in fp32, also under autocast
+        rot = oft_rotation(oft_weight, block_size, blocks, cayley_neumann_terms, use_cayley_neumann)
+    return rotated_linear(x, qt, rot, bias)
+
+
+def rotated_linear(x: torch.Tensor, qt: QuantizedTensor, rot: torch.Tensor, bias: torch.Tensor | None = None):
+    """``rotate(x, R) @ W^T + bias`` over a quantized W [out, in] for any block rotation R [in / b, b, b]
+    (differentiable in x, R and bias): OFT's path, which BOFT's butterflies also take. x is kept once in
+    its own dtype (when R needs a gradient) and R; under autocast x and bias take the autocast dtype and
+    R stays fp32."""
+    _check_x(x, qt)
+    _check_bias(bias, qt)
     dtype = _autocast_dtype(x)
-    if dtype is not None:  # x and bias in the autocast dtype; R is built and applied in fp32 as always
+    if dtype is not None:
         with torch.autocast(x.device.type, enabled=False):
             x, bias = _cast(dtype, x, bias)
-            return oft_linear(x, qt, oft_weight, block_size, bias, cayley_neumann_terms, use_cayley_neumann)
-    rot = oft_rotation(oft_weight, block_size, blocks, cayley_neumann_terms, use_cayley_neumann)
+            return rotated_linear(x, qt, rot, bias)
     lead = x.shape[:-1]
-    y = _OFTLinear.apply(x.reshape(-1, in_features), rot, bias, qt)
+    y = _OFTLinear.apply(x.reshape(-1, qt.shape[1]), rot, bias, qt)
     return y.view(*lead, qt.shape[0])
 
 
