@@ -1,14 +1,15 @@
-"""QLoRA / QOFT sharded over N processes with PyTorch FSDP2 (qft.nn.shard_model).
+"""QLoRA, QOFT and the other adapter families sharded over N processes with PyTorch FSDP2 (qft.nn.shard_model).
 
     torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_qlora.py            # 2 CPU ranks (gloo)
     torchrun --standalone --nproc_per_node 8 benchmarks/fsdp_qlora.py --hidden 4096 --layers 32  # GPUs (nccl)
     python benchmarks/fsdp_qlora.py --no-shard                                   # the same run, unsharded
 
 A Llama-style model built from a config (random weights; no download) is quantized with qft, gets
-LoRA or OFT adapters, and trains on fixed token batches: each rank takes an equal slice of the global
-batch, FSDP2 averages the gradients, so the losses equal the unsharded run's (up to fp32 reduction
-order). ``--cases`` runs several format:adapter[:optimizer bits] cases in one launch; ``--out`` writes losses, bytes
-of quantized weights per rank, a checkpoint check and the final adapter weights (rank 0).
+adapters of one family (LoRA, OFT, BOFT, DiaBlo, ETHER, HRA), and trains on fixed token batches: each
+rank takes an equal slice of the global batch, FSDP2 averages the gradients, so the losses equal the
+unsharded run's (up to fp32 reduction order). ``--cases`` runs several format:adapter[:optimizer bits]
+cases in one launch; ``--out`` writes losses, bytes of quantized weights per rank, a checkpoint check
+and the final adapter weights (rank 0).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ import qft
 from qft.optim import PagedAdamW
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTERS = {  # each family's config for this model (the ``adapter`` of a case)
+    "lora": lambda: qft.LoRAConfig(r=8, alpha=16, target_modules=TARGETS),
+    "oft": lambda: qft.OFTConfig(block_size=16, target_modules=TARGETS),
+    "boft": lambda: qft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=TARGETS),
+    "diablo": lambda: qft.DiaBloConfig(blocks=8, target_modules=TARGETS),
+    "ether": lambda: qft.ETHERConfig(blocks=8, plus=True, output_side=True, target_modules=TARGETS),
+    "hra": lambda: qft.HRAConfig(r=4, target_modules=TARGETS),
+}
 
 
 def build(fmt: str, adapter: str, args) -> torch.nn.Module:
@@ -44,12 +53,7 @@ def build(fmt: str, adapter: str, args) -> torch.nn.Module:
     model = LlamaForCausalLM(config)
     qft.quantize_(model, qft.QuantConfig(fmt), filter_fn=lambda module, name: name != "lm_head")
     torch.manual_seed(1)
-    if adapter == "lora":
-        qft.add_adapters(model, qft.LoRAConfig(r=8, alpha=16, target_modules=TARGETS))
-    else:
-        qft.add_adapters(model, qft.OFTConfig(block_size=16, target_modules=TARGETS))
-    for name, p in model.named_parameters():  # train the adapters only
-        p.requires_grad_("lora_" in name or "oft_R" in name)
+    qft.add_adapters(model, ADAPTERS[adapter]())  # leaves only the adapters' parts trainable
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 

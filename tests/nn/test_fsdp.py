@@ -1,5 +1,5 @@
-"""QLoRA / QOFT under FSDP2: 2 CPU ranks (gloo, torchrun) against the same run unsharded, through
-the example benchmarks/fsdp_qlora.py; and the flat storage that FSDP2 shards."""
+"""QLoRA, QOFT and the other adapter families under FSDP2: 2 CPU ranks (gloo, torchrun) against the
+same run unsharded, through the example benchmarks/fsdp_qlora.py; and the flat storage FSDP2 shards."""
 
 import json
 import subprocess
@@ -12,7 +12,8 @@ import torch
 import qft
 
 SCRIPT = str(Path(__file__).resolve().parents[2] / "benchmarks" / "fsdp_qlora.py")
-CASES = ["nf4:lora", "int3:lora", "nf4:oft", "int2:lora:8"]  # the last one with PagedAdamW 8-bit state
+# int2:lora:8 with PagedAdamW 8-bit state; one case for each other adapter family
+CASES = ["nf4:lora", "int3:lora", "nf4:oft", "int2:lora:8", "nf4:boft", "nf4:diablo", "nf4:ether", "nf4:hra"]
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
