@@ -93,6 +93,43 @@ def test_quantized_and_plain_bases_agree(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _ether_run(backend, output_side, m):
+    torch.manual_seed(0)
+    qt = qft.quantize(torch.randn(64, 64), "nf4", 64)
+    layer = ETHERLinear(
+        QuantLinear(qt, torch.randn(64)), ETHERConfig(4, plus=True, output_side=output_side, target_modules=TARGETS)
+    )
+    with torch.no_grad():
+        layer.ether_in.weight.normal_()
+        layer.ether_out.weight.normal_()
+    x = torch.randn(m, 64, requires_grad=True)
+    with ops.use_backend(backend):
+        y = layer(x)
+        y.square().sum().backward()
+    return y, x.grad, layer.ether_in.weight.grad, layer.ether_out.weight.grad
+
+
+@pytest.mark.parametrize("output_side", [False, True])
+@pytest.mark.parametrize("m", [4, 40, 80])  # 80 >= N: the weight side
+def test_rotation_kernel_path_equals_the_reflections(output_side, m, monkeypatch):
+    """Blocks of 16 on the Triton backend go through OFT's rotation kernels (x rotated by each block's
+    reflection matrix, or the weight side at M >= N); the reference reflects through the vectors."""
+    from qft.adapters.ether import layer as ether_layer
+
+    calls = []
+    matrices = ether_layer.block_matrices
+    monkeypatch.setattr(ether_layer, "block_matrices", lambda v: calls.append(v.shape) or matrices(v))
+    got = _ether_run("triton", output_side, m)
+    assert len(calls) == (2 if output_side else 1)
+    want = _ether_run("reference", output_side, m)
+    assert len(calls) == (2 if output_side else 1)  # the reference took the vectors' path
+    for name, g, w in zip(("y", "grad_x", "grad_in", "grad_out"), got, want, strict=True):
+        if w is None:
+            assert g is None, name
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=name)
+
+
 @pytest.mark.parametrize("plus", [False, True])
 def test_merge_and_unmerge(plus):
     layer = ETHERLinear(torch.nn.Linear(64, 48), ETHERConfig(4, plus, True, TARGETS))

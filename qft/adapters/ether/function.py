@@ -71,6 +71,17 @@ class _Reflect(torch.autograd.Function):
         return grad_x, grad_vectors
 
 
+def block_matrices(vectors: torch.Tensor) -> torch.Tensor:
+    """Each block's reflection as a matrix, ``H_c = I + sum_i c_i u_i u_i^T`` [N, b, b] in fp32
+    (differentiable; symmetric, so it is also OFT's ``x_c H_c`` rotation of the block)."""
+    k, n, b = vectors.shape
+    units, _ = _unit(vectors, accumulation_dtype(vectors))
+    h = torch.eye(b, dtype=units.dtype, device=units.device).expand(n, b, b)
+    for i, coefficient in TERMS[k]:
+        h = h + coefficient * units[i].unsqueeze(2) * units[i].unsqueeze(1)
+    return h
+
+
 def reflect_blocks(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``x`` [..., N * b] reflected block by block (differentiable in x and the vectors; keeps x once)."""
     lead = x.shape[:-1]

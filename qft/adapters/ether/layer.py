@@ -9,7 +9,9 @@ from torch import nn
 
 from qft import functional
 from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches, transform_base_weight
-from qft.adapters.ether.function import TERMS, reflect, reflect_blocks
+from qft.adapters.ether.function import TERMS, block_matrices, reflect, reflect_blocks
+from qft.adapters.oft.function import rotate, rotated_linear
+from qft.ops.oft import triton_rotates
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,15 @@ class ETHERLinear(nn.Module):
         """``[..., in] -> [..., out]`` in x's dtype."""
         if self.merged:
             return self.base_layer(x)
-        base = self.base_layer
-        x = reflect_blocks(x, self.ether_in.weight)
-        if not self.config.output_side:
-            return base(x)
+        base, vectors = self.base_layer, self.ether_in.weight
         qt = quantized_weight(base)
+        if not self.config.output_side:
+            if qt is not None and base.input_perm is None and triton_rotates(x, vectors.shape[2]):
+                return rotated_linear(x, qt, block_matrices(vectors), base.bias)  # OFT's path, fused
+            return base(_reflect_side(x, vectors))
+        x = _reflect_side(x, vectors)
         y = functional.quant_linear(base.permute_input(x), qt) if qt is not None else x @ base.weight.t()
-        y = reflect_blocks(y, self.ether_out.weight)
+        y = _reflect_side(y, self.ether_out.weight)
         return y if base.bias is None else y + base.bias.to(y.dtype)
 
     def _matrix(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -131,3 +135,12 @@ class ETHERLinear(nn.Module):
         c = self.config
         kind = "ETHER+" if c.plus else "ETHER"
         return f"{kind}, blocks={c.blocks}, output_side={c.output_side}, merged={self.merged}, terms={TERMS[c.vectors]}"
+
+
+def _reflect_side(t: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``t`` reflected block by block: as OFT's block rotation by the reflections' matrices where the
+    Triton rotation kernel takes the block (one pass over t, one fused backward), else through the
+    vectors (O(M d) per vector, in torch)."""
+    if triton_rotates(t, vectors.shape[2]):
+        return rotate(t, block_matrices(vectors))
+    return reflect_blocks(t, vectors)
