@@ -56,9 +56,9 @@ DRY_OUT ?= /tmp/qft-gpu-check-dry
 gpu-check-dry-run: setup
 	rm -rf $(DRY_OUT)
 	OUT=$(DRY_OUT) QFT_GPU_WORK=$(DRY_OUT)-work PYTHON=$(PY) bash benchmarks/gpu_check.sh --dry-run
-	for stage in install tests quant smallm train e2e optim sanitize paging rest; do \
+	for stage in install tests quant smallm train e2e adapters optim sanitize paging rest; do \
 	  grep -q "^| $$stage | 0 |" $(DRY_OUT)/summary.md || { echo "stage $$stage missing or failed"; exit 1; }; done
-	for rows in quant/quant smallm/lowbit train/linear train/lora_gemm e2e/e2e optim/optim rest/linear; do \
+	for rows in quant/quant smallm/lowbit train/linear train/lora_gemm e2e/e2e adapters/adapters optim/optim rest/linear; do \
 	  tar -xzOf $(DRY_OUT)/results.tgz --wildcards "./$$rows-*.jsonl" | grep -q '"p50_ms"' || { echo "no rows: $$rows"; exit 1; }; done
 
 clean:

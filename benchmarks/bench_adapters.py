@@ -114,7 +114,7 @@ def bench_case(shape, m: int, device: str, repeats: int, rec: common.Recorder) -
             torch.cuda.empty_cache()
 
 
-def run_suite(device: str, quick: bool, out: Path, repeats: int = 3):
+def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):
     """Measure every case and provider; write the result files. Returns (rows, meta, paths)."""
     torch.manual_seed(0)
     shapes, ms = (GPU_SHAPES, GPU_MS) if device == "cuda" else (CPU_SHAPES, CPU_MS)
@@ -137,6 +137,7 @@ def run_suite(device: str, quick: bool, out: Path, repeats: int = 3):
         "device": device,
         "device_name": common.device_name(device),
         "versions": common.versions(),
+        **(rates or common.device_rates(device)),
         "boft": BOFT,
         "note": CPU_NOTE if device == "cpu" else "",
     }

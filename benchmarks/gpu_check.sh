@@ -25,6 +25,8 @@
 #             K + r LoRA GEMMs vs the M x N epilogue they replaced (bench_lora_gemm)
 #   e2e       a full Llama-3-8B-shaped model (32 layers, seq 2048, checkpointing, Liger kernels on every
 #             stack), one LoRA training step: qft vs bitsandbytes + PEFT vs bf16 PEFT, tokens/s and peak memory
+#   adapters  every adapter family (LoRA, OFT, BOFT, DiaBlo, ETHER+, HRA) fwd+bwd at M = 8192 on the train
+#             shapes vs qft's QLoRA (goal <= 1.15x) and PEFT's BOFT over bnb / HRA over bf16 (goal >= 3x slower)
 #   optim     optimizer step vs torch AdamW and bitsandbytes' paged 8-bit AdamW, page_out's freed bytes
 #   sanitize  compute-sanitizer memcheck over a small set of kernel tests
 #   paging    the managed-memory paging test, last and alone
@@ -136,6 +138,7 @@ stage quant 60 "$(bench quant quant)"
 stage smallm 150 "$(bench lowbit smallm)"
 stage train 150 "$(bench linear train) --ms $TRAIN_M --shapes $TRAIN_SHAPES && $(bench lora_gemm train)"
 stage e2e 240 "$(bench e2e e2e)"
+stage adapters 150 "$(bench adapters adapters)"
 stage optim 60 "$(bench optim optim)"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   stage sanitize 90 "compute-sanitizer --tool memcheck --error-exitcode 1 ${PYTEST_SERIAL[*]} -m gpu -x tests/ops/test_ops.py tests/formats/test_lowbit.py"

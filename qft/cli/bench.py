@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("quant", "linear", "lowbit", "optim", "e2e")
+SUITES = ("quant", "linear", "lowbit", "optim", "e2e", "adapters")
 # Suites run only when named: "kernels" compiles the small-M kernels for sm_90 and reports what the
 # compiler made (benchmarks/kernel_report.py, a model; needs nvcc and Triton's NVIDIA backend).
 ON_REQUEST = ("kernels",)

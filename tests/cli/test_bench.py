@@ -60,6 +60,16 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
         "linear": {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"},
         "lowbit": {"bf16 torch", "bitsandbytes nf4", *(f"qft {f}{p}" for f in formats.FORMATS for p in PATHS)},
         "e2e": {"qft", "qft-fused", "peft-bf16", "peft-bnb"},
+        "adapters": {
+            "qft-lora",
+            "qft-oft",
+            "qft-boft",
+            "qft-diablo",
+            "qft-ether",
+            "qft-hra",
+            "peft-boft-bnb",
+            "peft-hra-bf16",
+        },
         "optim": {
             "torch AdamW",
             "qft PagedAdamW",
