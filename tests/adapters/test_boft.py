@@ -233,3 +233,11 @@ def test_config_checks(kwargs):
         BOFTConfig(**kwargs)
     with pytest.raises(ValueError, match="boft_dropout"):
         BOFTConfig(boft_dropout=1.0)
+
+
+def test_permutations_refuse_what_does_not_tile():
+    assert butterfly_perms(64, 16, 4, 2).shape == (2, 64)
+    with pytest.raises(ValueError, match="do not tile"):
+        butterfly_perms(64, 8, 4, 2)  # 8 x 4 != 64
+    with pytest.raises(ValueError, match="do not tile"):
+        butterfly_perms(48, 6, 8, 3)  # groups of 32 do not divide 48

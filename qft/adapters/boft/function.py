@@ -24,6 +24,9 @@ def butterfly_perms(in_features: int, block_num: int, block_size: int, factors: 
 
     Factor i cuts the features into groups of ``b 2^i`` and reorders each group's half-block chunks
     (b / 2 features) even ones first; factor 0, and every factor of a one-factor BOFT, is the identity."""
+    if block_num * block_size != in_features or (factors > 1 and in_features % (block_size * 2 ** (factors - 1))):
+        shape = f"{block_num} blocks of {block_size} with {factors} factors"
+        raise ValueError(f"{shape} do not tile {in_features} features")
     perms = torch.arange(in_features).repeat(factors, 1)
     if factors == 1:
         return perms
@@ -33,7 +36,6 @@ def butterfly_perms(in_features: int, block_num: int, block_size: int, factors: 
         order = torch.cat([torch.arange(0, chunks, 2), torch.arange(1, chunks, 2)])
         grouped = perms[i].view(in_features // (half * chunks), chunks, half)
         perms[i] = grouped[:, order].reshape(-1)
-    assert block_num * block_size == in_features
     return perms
 
 
