@@ -100,7 +100,7 @@ def _launch_everything(full: bool):
     for fmt in ("nf4", "int3", "lloyd2"):  # K = 100, blocks crossing rows: the fused matmul's per-value decode
         qt = qft.quantize(torch.randn(96, 100), fmt, 32, True)
         quant_matmul.quant_matmul(torch.randn(5, 100, dtype=bf16), qt.weight)
-    for b in (8, 16, 32, 64) if full else (8, 64):
+    for b in (2, 4, 8, 16, 32, 64) if full else (8, 64):  # BOFT groups and ETHER blocks take 2 and 4 too
         params = 0.05 * torch.randn(128 // b, b * (b - 1) // 2)
         for terms in (2, 5) if full else (5,):
             oft_build_rotation.rotation(params, b, terms)

@@ -184,21 +184,37 @@ class QftOFTLinear(oft_layer.Linear):
         )
 
 
-_PEFT_LAYER_CLASS = oft_model._get_tuner_layer_class
+class TunerLayerSwap:
+    """Swaps a PEFT tuner module's private ``_get_tuner_layer_class`` for one that returns ``qft_layer``
+    for QuantLinear bases and PEFT's own answer for every other layer (OFT and BOFT have no public hook)."""
+
+    def __init__(self, tuner_model_module, qft_layer: type) -> None:
+        self.module, self.qft_layer = tuner_model_module, qft_layer
+        self.peft_function = tuner_model_module._get_tuner_layer_class
+
+    def _layer_class(self, target_base_layer: nn.Module):
+        if isinstance(target_base_layer, QuantLinear):
+            return self.qft_layer
+        return self.peft_function(target_base_layer)
+
+    def enable(self) -> None:
+        """Install the swap (idempotent)."""
+        self.module._get_tuner_layer_class = self._layer_class
+
+    def disable(self) -> None:
+        """Restore PEFT's function."""
+        self.module._get_tuner_layer_class = self.peft_function
 
 
-def _layer_class_with_qft(target_base_layer: nn.Module):
-    if isinstance(target_base_layer, QuantLinear):
-        return QftOFTLinear
-    return _PEFT_LAYER_CLASS(target_base_layer)
+_OFT_SWAP = TunerLayerSwap(oft_model, QftOFTLinear)
 
 
 def enable_oft() -> None:
     """Opt in: PEFT's OFT wraps QuantLinear layers in ``QftOFTLinear`` (patches PEFT's private
     ``peft.tuners.oft.model._get_tuner_layer_class``; every other layer type is unchanged)."""
-    oft_model._get_tuner_layer_class = _layer_class_with_qft
+    _OFT_SWAP.enable()
 
 
 def disable_oft() -> None:
     """Undo ``enable_oft``."""
-    oft_model._get_tuner_layer_class = _PEFT_LAYER_CLASS
+    _OFT_SWAP.disable()

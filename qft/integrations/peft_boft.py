@@ -19,12 +19,10 @@ import contextlib
 import torch
 from peft.tuners.boft import layer as boft_layer
 from peft.tuners.boft import model as boft_model
-from torch import nn
 
 from qft.adapters.boft.function import butterfly_blocks, cayley, group_size
 from qft.adapters.oft.function import rotate, rotated_linear
-from qft.integrations.peft import QftBackend, _known_layer
-from qft.nn.quant_linear import QuantLinear
+from qft.integrations.peft import QftBackend, TunerLayerSwap, _known_layer
 
 
 @contextlib.contextmanager
@@ -91,21 +89,15 @@ class QftBOFTLinear(boft_layer.Linear):
         return y.to(x.dtype)
 
 
-_PEFT_LAYER_CLASS = boft_model._get_tuner_layer_class
-
-
-def _layer_class_with_qft(target_base_layer: nn.Module):
-    if isinstance(target_base_layer, QuantLinear):
-        return QftBOFTLinear
-    return _PEFT_LAYER_CLASS(target_base_layer)
+_BOFT_SWAP = TunerLayerSwap(boft_model, QftBOFTLinear)
 
 
 def enable_boft() -> None:
     """Opt in: PEFT's BOFT wraps QuantLinear layers in ``QftBOFTLinear`` (patches PEFT's private
     ``peft.tuners.boft.model._get_tuner_layer_class``; every other layer type is unchanged)."""
-    boft_model._get_tuner_layer_class = _layer_class_with_qft
+    _BOFT_SWAP.enable()
 
 
 def disable_boft() -> None:
     """Undo ``enable_boft``."""
-    boft_model._get_tuner_layer_class = _PEFT_LAYER_CLASS
+    _BOFT_SWAP.disable()

@@ -7,7 +7,15 @@ it silently trains one factor; the tests give it ``cpu_block_diag``, which does 
 
 import pytest
 import torch
-from adapter_checks import assert_merge_round_trip, assert_trains_only_parts_and_files_round_trip, saved_by
+from adapter_checks import (
+    assert_equal_to_peft,
+    assert_files_move_between_qft_and_peft,
+    assert_merge_round_trip,
+    assert_trains_only_parts_and_files_round_trip,
+    quantized_and_dense_twins,
+    relative_error,
+    saved_by,
+)
 from peft_models import TwoLayer
 
 import qft
@@ -50,14 +58,7 @@ def _twins(dtype, seed=0, **kwargs):
     random R and s."""
     from peft import get_peft_model
 
-    torch.manual_seed(seed)
-    ours = TwoLayer(dtype=dtype)
-    qft.quantize_(ours)
-    dense = TwoLayer(dtype=dtype)
-    with torch.no_grad():
-        for name in TARGETS:
-            getattr(dense, name).weight.copy_(getattr(ours, name).dequantize(dtype))
-            getattr(dense, name).bias.copy_(getattr(ours, name).bias)
+    ours, dense = quantized_and_dense_twins(dtype, TARGETS, seed)
     peft_model = get_peft_model(dense, _peft_config(**kwargs))
     qft.add_adapters(ours, qft.BOFTConfig(target_modules=TARGETS, **kwargs))
     with torch.no_grad():
@@ -68,10 +69,6 @@ def _twins(dtype, seed=0, **kwargs):
             theirs.boft_R["default"].copy_(layer.boft_R)
             theirs.boft_s["default"].copy_(layer.boft_s)
     return peft_model, ours
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 CONFIGS = [
@@ -98,21 +95,11 @@ def test_permutations_and_blocks_are_peft_s(kwargs):
 @pytest.mark.parametrize("kwargs", CONFIGS)
 def test_forward_and_grads_equal_peft(dtype, kwargs):
     peft_model, ours = _twins(dtype, **kwargs)
-    x = torch.randn(6, 64).to(dtype)
-    x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_peft, y_ours = peft_model(x_peft), ours(x_ours)
     # fp32: the same products in another order. bf16: PEFT multiplies its factors and x in bf16,
     # qft applies them in fp32 and rounds once.
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-6  # measured worst: 1.4e-2 (bf16), 4.7e-7 (fp32)
-    assert y_ours.dtype == y_peft.dtype and _rel(y_ours, y_peft) <= tol
-    grad = torch.randn_like(y_peft)
-    y_peft.backward(grad)
-    y_ours.backward(grad)
-    assert _rel(x_ours.grad, x_peft.grad) <= tol
-    for name in TARGETS:
-        layer, theirs = getattr(ours, name), getattr(peft_model.base_model.model, name)
-        assert _rel(layer.boft_R.grad, theirs.boft_R["default"].grad) <= tol, name
-        assert _rel(layer.boft_s.grad, theirs.boft_s["default"].grad) <= tol, name
+    parts = {name: [("boft_R", "boft_R"), ("boft_s", "boft_s")] for name in TARGETS}
+    assert_equal_to_peft(peft_model, ours, torch.randn(6, 64).to(dtype), parts, tol)
 
 
 def test_bf16_is_nearer_the_exact_product_than_peft():
@@ -123,7 +110,7 @@ def test_bf16_is_nearer_the_exact_product_than_peft():
     x = torch.randn(32, 64).to(torch.bfloat16)
     with torch.no_grad():
         want = exact(x.double())
-        assert _rel(ours(x), want) < _rel(peft_model(x), want)
+        assert relative_error(ours(x), want) < relative_error(peft_model(x), want)
 
 
 def test_dropout_draws_peft_s_blocks_under_one_seed():
@@ -140,29 +127,13 @@ def test_dropout_draws_peft_s_blocks_under_one_seed():
 
 
 def test_adapters_move_between_qft_and_peft(tmp_path):
-    from peft import PeftModel
+    peft_model, ours = _twins(torch.float32, boft_block_size=4, boft_n_butterfly_factor=2)
 
-    kwargs = {"boft_block_size": 4, "boft_n_butterfly_factor": 2}
-    peft_model, ours = _twins(torch.float32, **kwargs)
-    x = torch.randn(4, 64)
-    peft_model.save_pretrained(tmp_path / "from_peft")
-    torch.manual_seed(0)
-    fresh = TwoLayer()
-    qft.quantize_(fresh)
-    for name in TARGETS:
-        getattr(fresh, name).load_state_dict(getattr(ours, name).base_layer.state_dict())
-    qft.load_adapters(fresh, tmp_path / "from_peft")  # builds BOFT layers from adapter_config.json
-    torch.testing.assert_close(fresh(x), ours(x))
+    def change(model):
+        model.fc2.boft_R.mul_(-1.5)
+        model.fc1.boft_s.mul_(0.5)
 
-    with torch.no_grad():
-        ours.fc2.boft_R.mul_(-1.5)
-        ours.fc1.boft_s.mul_(0.5)
-    qft.save_adapters(ours, tmp_path / "from_qft")
-    plain = peft_model.base_model.model
-    for name in TARGETS:
-        setattr(plain, name, getattr(plain, name).base_layer)
-    loaded = PeftModel.from_pretrained(plain, tmp_path / "from_qft", is_trainable=True)
-    torch.testing.assert_close(loaded(x), ours(x), rtol=2e-5, atol=2e-5)
+    assert_files_move_between_qft_and_peft(peft_model, ours, TARGETS, tmp_path, change, 2e-5)
 
 
 def test_trains_only_r_and_s_and_files_round_trip(tmp_path):

@@ -4,8 +4,13 @@ keeps, gradcheck."""
 
 import pytest
 import torch
-from adapter_checks import assert_merge_round_trip, saved_by
-from peft_models import TwoLayer
+from adapter_checks import (
+    assert_equal_to_peft,
+    assert_files_move_between_qft_and_peft,
+    assert_merge_round_trip,
+    quantized_and_dense_twins,
+    saved_by,
+)
 
 import qft
 from qft.adapters.hra import HRAConfig, HRALinear, householder
@@ -19,14 +24,7 @@ def _twins(dtype, r, apply_gs, seed=0):
     from peft import HRAConfig as PeftHRAConfig
     from peft import get_peft_model
 
-    torch.manual_seed(seed)
-    ours = TwoLayer(dtype=dtype)
-    qft.quantize_(ours)
-    dense = TwoLayer(dtype=dtype)
-    with torch.no_grad():
-        for name in TARGETS:
-            getattr(dense, name).weight.copy_(getattr(ours, name).dequantize(dtype))
-            getattr(dense, name).bias.copy_(getattr(ours, name).bias)
+    ours, dense = quantized_and_dense_twins(dtype, TARGETS, seed)
     peft_model = get_peft_model(dense, PeftHRAConfig(r=r, apply_GS=apply_gs, target_modules=list(TARGETS)))
     qft.add_adapters(ours, qft.HRAConfig(r=r, apply_GS=apply_gs, target_modules=TARGETS))
     with torch.no_grad():
@@ -37,27 +35,14 @@ def _twins(dtype, r, apply_gs, seed=0):
     return peft_model, ours
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r,apply_gs", [(2, False), (4, False), (8, False), (3, False), (4, True), (8, True)])
 def test_forward_and_grads_equal_peft(dtype, r, apply_gs):
     peft_model, ours = _twins(dtype, r, apply_gs)
-    x = torch.randn(6, 64).to(dtype)
-    x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_peft, y_ours = peft_model(x_peft), ours(x_ours)
     # fp32: the same products in another order; bf16: PEFT keeps x H^T in fp32, qft rounds it to bf16
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: 7.6e-3 at worst over these cases
-    assert y_ours.dtype == y_peft.dtype and _rel(y_ours, y_peft) <= tol
-    grad = torch.randn_like(y_peft)
-    y_peft.backward(grad)
-    y_ours.backward(grad)
-    assert _rel(x_ours.grad, x_peft.grad) <= tol
-    for name in TARGETS:
-        theirs = getattr(peft_model.base_model.model, name).hra_u["default"].grad
-        assert _rel(getattr(ours, name).hra_u.grad, theirs) <= tol, name
+    parts = {name: [("hra_u", "hra_u")] for name in TARGETS}
+    assert_equal_to_peft(peft_model, ours, torch.randn(6, 64).to(dtype), parts, tol)
 
 
 def test_init_matches_peft_start():
@@ -70,27 +55,8 @@ def test_init_matches_peft_start():
 
 
 def test_adapters_move_between_qft_and_peft(tmp_path):
-    from peft import PeftModel
-
     peft_model, ours = _twins(torch.float32, 4, False)
-    x = torch.randn(4, 64)
-    peft_model.save_pretrained(tmp_path / "from_peft")
-    torch.manual_seed(0)
-    fresh = TwoLayer()
-    qft.quantize_(fresh)
-    for name in TARGETS:
-        getattr(fresh, name).load_state_dict(getattr(ours, name).base_layer.state_dict())
-    qft.load_adapters(fresh, tmp_path / "from_peft")  # builds HRA layers from adapter_config.json
-    torch.testing.assert_close(fresh(x), ours(x))
-
-    with torch.no_grad():
-        ours.fc2.hra_u.mul_(-1.5)
-    qft.save_adapters(ours, tmp_path / "from_qft")
-    plain = peft_model.base_model.model
-    for name in TARGETS:
-        setattr(plain, name, getattr(plain, name).base_layer)
-    loaded = PeftModel.from_pretrained(plain, tmp_path / "from_qft", is_trainable=True)
-    torch.testing.assert_close(loaded(x), ours(x), rtol=1e-5, atol=1e-5)
+    assert_files_move_between_qft_and_peft(peft_model, ours, TARGETS, tmp_path, lambda m: m.fc2.hra_u.mul_(-1.5), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from llama_models import tiny_llama_config, token_ids
+from adapter_checks import assert_peft_merge_round_trip, quantized_tiny_llama
+from llama_models import token_ids
 
 import qft
 
@@ -20,11 +21,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def base():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    return qft.quantize_(model, filter_fn=lambda module, name: name != "lm_head")
+    return quantized_tiny_llama()
 
 
 def _peft_boft(base, **kwargs):
@@ -64,19 +61,7 @@ def test_opt_in_builds_qft_layers_equal_to_qft_boft(base, tmp_path):
 
 
 def test_merge_and_unmerge_through_the_quantized_base(base):
-    model = _peft_boft(base)
-    ids = token_ids()
-    with torch.no_grad():
-        adapted = model(ids).logits
-        with model.disable_adapter():
-            base_only = model(ids).logits
-        with pytest.warns(UserWarning, match="re-quantizes"):
-            model.merge_adapter()
-        merged = model(ids).logits
-        assert (merged - adapted).abs().max() < 0.5 * (base_only - adapted).abs().max()
-        with pytest.warns(UserWarning, match="re-quantizes"):
-            model.unmerge_adapter()
-        assert (model(ids).logits - adapted).abs().max() < 0.5 * (base_only - adapted).abs().max()
+    assert_peft_merge_round_trip(_peft_boft(base), token_ids())
 
 
 def test_two_active_adapters_compose_in_peft_s_order(base):
