@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from qft import formats
+from qft.formats.gptq import gptq_quantize
 from qft.formats.parts import NAMES, STATE_KEYS
 
 STATE_VERSION = 1
@@ -265,6 +266,8 @@ def quantize(
     block_size: int = formats.DEFAULT_BLOCK_SIZE,
     double_quant: bool = True,
     method: str = "hqq",
+    hessian: torch.Tensor | None = None,
+    act_order: bool = False,
 ) -> QuantizedTensor:
     """Quantize a floating tensor blockwise.
 
@@ -276,7 +279,11 @@ def quantize(
         block_size: values per scale block: a power of two in 32..4096 for code books (default 64),
             32/64/128 for affine groups.
         double_quant: also quantize the per-block scales to 8 bits (bitsandbytes' ``compress_statistics``).
-        method: affine formats only: ``"rtn"``, ``"clip"`` or ``"hqq"`` (default; see ``qft.formats.affine``).
+        method: affine ranges ``"rtn"``, ``"clip"`` or ``"hqq"`` (default; see ``qft.formats.affine``;
+            code books search their own), or ``"gptq"``: those scales, then codes chosen with GPTQ's error
+            feedback under ``hessian`` (``qft.formats.gptq``; w 2-D [N, K], block_size dividing K).
+        hessian: ``X^T X / n`` [K, K] of the layer's calibration inputs (``qft.nn.calibrate``); gptq only.
+        act_order: gptq: round columns in descending order of the hessian's diagonal.
 
     Returns:
         A ``QuantizedTensor`` on ``w``'s device.
@@ -288,12 +295,17 @@ def quantize(
     formats.check_block_size(block_size, format)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    if method not in formats.affine.METHODS:
-        raise ValueError(f"method must be 'rtn', 'clip' or 'hqq', got {method!r}")
+    if method not in (*formats.affine.METHODS, "gptq"):
+        raise ValueError(f"method must be 'rtn', 'clip', 'hqq' or 'gptq', got {method!r}")
+    if (method == "gptq") != (hessian is not None):
+        raise ValueError("method 'gptq' needs a hessian, and only gptq takes one")
     if w.numel() == 0:
         raise ValueError(f"w must not be empty, got shape {tuple(w.shape)}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w must be finite: it holds NaN or Inf")
+    if method == "gptq":
+        weight = gptq_quantize(w, hessian, format, block_size, nested=double_quant, act_order=act_order)
+        return QuantizedTensor(weight.parts, w.shape, w.dtype, format, block_size)
     present = torch.ops.qft.quantize(w, format, block_size, method, double_quant)
     names = formats.stored_names(format, double_quant)
     return QuantizedTensor(dict(zip(names, present, strict=True)), w.shape, w.dtype, format, block_size)

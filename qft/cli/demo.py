@@ -39,6 +39,8 @@ class DemoConfig:
     format: str = "nf4"
     adapter: str = "lora"  # a name in qft.adapters' registry
     init: str = "default"  # or "loftq" (LoRA)
+    quant_method: str = "hqq"  # or "rtn", "clip" (affine ranges), "gptq" (calibrated on training batches)
+    calibration_batches: int = 8  # gptq: batches of the training split, never the held-out sentences
     rank: int = 16  # LoRA's rank; DiaBlo's and ETHER's blocks; HRA's reflections
     oft_block_size: int = 32  # OFT's and BOFT's
     optim: str = "paged-adamw8bit"  # or "adamw" (torch)
@@ -107,6 +109,15 @@ def _batches(tokenizer, sentences, size, max_length, device):
             sentences[i : i + size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
         yield {k: v.to(device) for k, v in batch.items()}
+
+
+def _calibration(model, tokenizer, train, config, device) -> qft.nn.Calibration:
+    """Input statistics of every Linear over ``calibration_batches`` batches of training sentences."""
+    if config.calibration_batches <= 0:
+        raise DemoError(f"--calibration-batches must be positive, got {config.calibration_batches}")
+    count = min(len(train), config.calibration_batches * config.batch_size)
+    sentences = random.Random(config.seed + 1).sample(train, count)
+    return qft.calibrate(model, list(_batches(tokenizer, sentences, config.batch_size, config.max_length, device)))
 
 
 @torch.no_grad()
@@ -188,17 +199,23 @@ def run(config: DemoConfig) -> dict[str, object]:
         raise DemoError(f"--batch-size {config.batch_size} exceeds the {len(train)} training sentences")
 
     student = copy.deepcopy(teacher)
-    quant_config = qft.QuantConfig(format=config.format)
+    try:
+        quant_config = qft.QuantConfig(format=config.format, method=config.quant_method)
+    except ValueError as exc:
+        raise DemoError(f"--quant-method: {exc}") from exc
+    calibration = _calibration(student, tokenizer, train, config, device) if config.quant_method == "gptq" else None
     targets = adapter_targets(student)
     if not targets:
         raise DemoError(f"--model {path!r} has no Linear layers to adapt")
     try:
         adapter_config = spec.demo_config(targets, config.rank, config.oft_block_size, config.init)
         if spec.quantizing_init(adapter_config):  # LoftQ quantizes the targets itself, from the full-precision weights
+            if calibration is not None:
+                raise DemoError("--init loftq quantizes its targets itself: it does not take --quant-method gptq")
             qft.add_adapters(student, adapter_config, quant_config=quant_config)
             qft.quantize_(student, quant_config)
         else:
-            qft.quantize_(student, quant_config)
+            qft.quantize_(student, quant_config, calibration=calibration)
             qft.add_adapters(student, adapter_config)
     except (ValueError, TypeError) as exc:  # e.g. an OFT block size that does not divide a layer, a bad --init
         raise DemoError(str(exc).splitlines()[0]) from exc
@@ -243,6 +260,7 @@ def run(config: DemoConfig) -> dict[str, object]:
         "adapter": config.adapter,
         "optimizer": config.optim,
         "init": config.init,
+        "quant method": config.quant_method,
         **spec.demo_report(adapter_config),
         "rank": config.rank,
         "steps": config.steps,

@@ -8,6 +8,7 @@ from qft.adapters.hra import HRAConfig, HRALinear
 from qft.adapters.lora import LoRAConfig, LoRALinear
 from qft.adapters.oft import OFTConfig, OFTLinear
 from qft.nn.adapters_io import load_adapters, save_adapters
+from qft.nn.calibrate import Calibration, calibrate
 from qft.nn.config import QuantConfig
 from qft.nn.fsdp import prepare_fsdp, quantized_bytes, shard_model
 from qft.nn.fuse import fuse_projections, unfuse_projections
@@ -25,6 +26,7 @@ from qft.nn.quant_linear import QuantLinear
 __all__ = [
     "BOFTConfig",
     "BOFTLinear",
+    "Calibration",
     "DiaBloConfig",
     "DiaBloLinear",
     "ETHERConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "QuantLinear",
     "adapter_layers",
     "add_adapters",
+    "calibrate",
     "fuse_projections",
     "load_adapters",
     "lora_layers",

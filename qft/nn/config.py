@@ -17,18 +17,25 @@ class QuantConfig:
             ``"lloyd2"``, ``"nf3"``, ``"nf2"``, ``"int4"``, ``"int3"``, ``"int2"``.
         block_size: values per scale block (default 64; affine groups 32/64/128).
         double_quant: also quantize the scales to 8 bits (default True; 4.127 bits/param for nf4/64).
-        method: affine formats: ``"rtn"``, ``"clip"`` or ``"hqq"`` (default).
+        method: affine formats' ranges: ``"rtn"``, ``"clip"`` or ``"hqq"`` (default); or ``"gptq"`` (every
+            format: those scales, then GPTQ's error feedback; needs ``quantize_``'s ``calibration``).
+        act_order: gptq only: round the columns in descending order of the calibration inputs' energy.
     """
 
     format: str = "nf4"
     block_size: int = formats.DEFAULT_BLOCK_SIZE
     double_quant: bool = True
     method: str = "hqq"
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         formats.get_format(self.format)
         formats.check_block_size(self.block_size, self.format)
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {self.double_quant!r}")
-        if self.method not in ("rtn", "clip", "hqq"):
-            raise ValueError(f"method must be 'rtn', 'clip' or 'hqq', got {self.method!r}")
+        if self.method not in ("rtn", "clip", "hqq", "gptq"):
+            raise ValueError(f"method must be 'rtn', 'clip', 'hqq' or 'gptq', got {self.method!r}")
+        if not isinstance(self.act_order, bool):
+            raise TypeError(f"act_order must be a bool, got {self.act_order!r}")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order applies to method 'gptq' only")

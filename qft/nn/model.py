@@ -7,8 +7,9 @@ built, so an error leaves the model as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+import torch
 from torch import nn
 
 from qft import adapters
@@ -32,12 +33,18 @@ def _swap(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
 
 
 def quantize_(
-    model: nn.Module, config: QuantConfig | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    calibration: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true) by a
     ``QuantLinear`` quantized with ``config``, in place; returns ``model``.
 
     Adapters' own layers (LoRA's A and B) are never quantized; an adapter layer's plain base layer is.
+    ``calibration`` (``qft.nn.calibrate(model, batches)``, taken before quantizing) holds each layer's
+    input statistics; method ``"gptq"`` needs it for every layer it quantizes (``ValueError`` naming a
+    missing one, before any layer changes).
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
@@ -46,13 +53,20 @@ def quantize_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if type(model) is nn.Linear:
         raise ValueError("model is itself an nn.Linear: use QuantLinear.from_linear(model, config)")
-    replacements = {
-        name: QuantLinear.from_linear(module, config)
+    chosen = {
+        name: module
         for name, module in model.named_modules()
         if type(module) is nn.Linear
         and not _is_adapter_part(model, name)
         and (filter_fn is None or filter_fn(module, name))
     }
+    hessians = {name: None for name in chosen}
+    if config.method == "gptq":
+        missing = [name for name in chosen if calibration is None or name not in calibration]
+        if missing:
+            raise ValueError(f"method 'gptq' needs calibration statistics for {missing[:3]} (qft.nn.calibrate)")
+        hessians = {name: calibration[name] for name in chosen}
+    replacements = {name: QuantLinear.from_linear(m, config, hessians[name]) for name, m in chosen.items()}
     _swap(model, replacements)
     return model
 

@@ -52,12 +52,16 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_perm", input_perm)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QuantConfig | None = None) -> QuantLinear:
-        """Quantize ``linear``'s weight (on its device) with ``config``; the bias is copied, frozen."""
+    def from_linear(
+        cls, linear: nn.Linear, config: QuantConfig | None = None, hessian: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Quantize ``linear``'s weight (on its device) with ``config``; the bias is copied, frozen.
+        ``hessian``: the layer's calibration statistics (``qft.nn.calibrate``), for method ``"gptq"``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         config = QuantConfig() if config is None else config
-        qt = quantize(linear.weight.detach(), config.format, config.block_size, config.double_quant, config.method)
+        c = config
+        qt = quantize(linear.weight.detach(), c.format, c.block_size, c.double_quant, c.method, hessian, c.act_order)
         return cls(qt, None if linear.bias is None else linear.bias.detach().clone())
 
     def _set_quantized(self, qt: QuantizedTensor) -> None:

@@ -1,5 +1,6 @@
 """The demo end to end (few steps), and its one-line errors."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -26,6 +27,31 @@ def test_demo_trains_oft_adapters_at_two_bits(tmp_path):
     assert (tmp_path / "oft" / "adapter_config.json").read_text().count('"OFT"') == 1
 
 
+def test_gptq_calibrated_on_training_batches_starts_nearer_the_teacher(tmp_path, monkeypatch):
+    seen = []
+    calibrate = demo.qft.calibrate
+    monkeypatch.setattr(demo.qft, "calibrate", lambda model, batches: seen.extend(batches) or calibrate(model, batches))
+    results = {}
+    for method in ("hqq", "gptq"):
+        out = str(tmp_path / method)
+        results[method] = demo.run(
+            demo.DemoConfig(format="int3", quant_method=method, steps=1, out=out, progress=False)
+        )
+    assert results["gptq"]["quant method"] == "gptq"
+    assert results["gptq"]["held-out cosine before"] > results["hqq"]["held-out cosine before"] + 0.03  # 0.95 vs 0.88
+    assert len(seen) == demo.DemoConfig.calibration_batches
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(demo.default_model_path())
+
+    def as_seen(sentence):  # what a sentence is after the demo's tokenizing, decoded
+        ids = tokenizer(sentence, truncation=True, max_length=demo.DemoConfig.max_length)["input_ids"]
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    train, held_out = demo.load_sentences(0)
+    texts = {tokenizer.decode(ids, skip_special_tokens=True) for batch in seen for ids in batch["input_ids"]}
+    assert texts <= {as_seen(t) for t in train}  # training sentences only
+    assert not texts & {as_seen(t) for t in held_out}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -40,6 +66,9 @@ def test_demo_trains_oft_adapters_at_two_bits(tmp_path):
         (["--lr", "nan"], "--lr must be a positive finite number"),
         (["--lr", "inf"], "--lr must be a positive finite number"),
         (["--adapter", "oft", "--oft-block-size", "7"], "does not divide"),
+        (["--quant-method", "awq"], "--quant-method: method must be"),
+        (["--quant-method", "gptq", "--init", "loftq"], "does not take --quant-method gptq"),
+        (["--quant-method", "gptq", "--calibration-batches", "0"], "--calibration-batches must be positive"),
         pytest.param(
             ["--device", "cuda"],
             "no CUDA device",
