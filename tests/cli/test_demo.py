@@ -1,6 +1,5 @@
 """The demo end to end (few steps), and its one-line errors."""
 
-import dataclasses
 import subprocess
 import sys
 
