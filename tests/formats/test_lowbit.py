@@ -103,7 +103,8 @@ def test_beats_hqq_at_lower_bits():
     "kwargs, error, match",
     [
         ({"format": "int3", "block_size": 256}, ValueError, r"block_size must be one of \(32, 64, 128\)"),
-        ({"format": "int3", "method": "gptq"}, ValueError, "method must be"),
+        ({"format": "int3", "method": "awq"}, ValueError, "method must be"),
+        ({"format": "int3", "method": "gptq"}, ValueError, "needs a hessian"),
         ({"format": "lloyd2", "block_size": 48}, ValueError, "block_size"),
     ],
 )
