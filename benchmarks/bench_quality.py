@@ -1,7 +1,9 @@
 """Low-bit quality table: relative Frobenius error ||W - W_hat|| / ||W|| and bits/param (metadata
 included) for every qft format against min-max round-to-nearest, HQQ (default and a slow solver)
 and QLoRA-style NF3/NF2, on N(0,1) and Student-t(4) 4096x4096 matrices and the real MiniLM-L6
-weights of the demo model. One run writes ``benchmarks/results/quality-<date>.{md,json}``.
+weights of the demo model; and on MiniLM's real activations, each layer's output error
+||X (W - W_hat)^T|| / ||X W^T|| over held-out sentences, with qft's GPTQ (calibrated on training
+sentences) beside the uncalibrated methods. One run writes ``benchmarks/results/quality-<date>.{md,json}``.
 
     python benchmarks/bench_quality.py [--size 4096] [--out DIR]
 """
@@ -136,6 +138,82 @@ def matrices(size: int) -> dict[str, list[torch.Tensor]]:
     return found
 
 
+CALIBRATED_FORMATS = ["nf4", "int4", "lloyd3", "int3", "lloyd2", "int2"]
+
+
+def minilm_statistics():
+    """(linear weights by name, X^T X / n on training sentences, the same on held-out sentences) of the
+    demo model: the demo's own split and batching (8 batches of 16 training sentences)."""
+    import random
+
+    from qft.cli import demo
+
+    config = demo.DemoConfig()
+    tokenizer, model = demo.load_model(demo.default_model_path(), torch.device("cpu"))
+    train, held_out = demo.load_sentences(config.seed)
+    batches = list(demo.sentence_batches(tokenizer, random.Random(1).sample(train, 128), 16, config.max_length, "cpu"))
+    evaluation = list(demo.sentence_batches(tokenizer, held_out, 64, config.max_length, "cpu"))
+    weights = {n: m.weight.detach().float() for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    return weights, qft.calibrate(model, batches), qft.calibrate(model, evaluation)
+
+
+def calibrated_methods(calibration) -> dict[str, tuple[int, object]]:
+    """name -> (bits, quantizer(name, w)): qft's formats plain and with GPTQ (and act-order), and the peers."""
+
+    def qft_run(fmt, method, act_order=False):
+        def run(name, w):
+            hessian = calibration[name] if method == "gptq" else None
+            qt = qft.quantize(w, fmt, GROUP, True, method, hessian, act_order)
+            return qt.dequantize(torch.float32), qt.bits_per_param
+
+        return run
+
+    out = {}
+    for fmt in CALIBRATED_FORMATS:
+        bits = qft.formats.get_format(fmt).bits
+        out[f"qft {fmt}"] = (bits, qft_run(fmt, "hqq"))
+        out[f"qft {fmt} gptq"] = (bits, qft_run(fmt, "gptq"))
+        out[f"qft {fmt} gptq act-order"] = (bits, qft_run(fmt, "gptq", True))
+    for bits in (4, 3, 2):
+        for name, method in (
+            (f"min-max RTN {bits}b", rtn_min_max(bits)),
+            (f"HQQ default {bits}b", hqq_method(bits, False)),
+        ):
+            out[name] = (bits, lambda _, w, method=method: method(w))
+    return out
+
+
+def output_error_rows() -> list[dict]:
+    """Weight and held-out output error of every calibrated method over MiniLM's linears."""
+    try:
+        weights, calibration, evaluation = minilm_statistics()
+    except Exception as exc:  # the other tables still stand without the demo model
+        print(f"MiniLM activations unavailable: {exc}", file=sys.stderr)
+        return []
+    rows = []
+    for method_name, (bits, method) in calibrated_methods(calibration).items():
+        err = total = out_err = out_total = 0.0
+        for name, w in weights.items():
+            w_hat, bpp = method(name, w)
+            e, t = _rel(w_hat, w)
+            d, h = (w_hat.float() - w).double(), evaluation[name].double()
+            err, total = err + e, total + t
+            out_err += float((d @ h * d).sum())  # ||X D^T||^2 / n = tr(D H D^T)
+            out_total += float((w.double() @ h * w.double()).sum())
+        rows.append(
+            {
+                "data": "MiniLM-L6 layer outputs (held-out)",
+                "method": method_name,
+                "bits": bits,
+                "bits_per_param": bpp,
+                "rel_error": (err / total) ** 0.5,
+                "output_error": (out_err / out_total) ** 0.5,
+            }
+        )
+        print(f"{method_name:28s} {bpp:6.3f} {rows[-1]['rel_error']:.4f} {rows[-1]['output_error']:.4f}", flush=True)
+    return rows
+
+
 def run_suite(size: int, out: Path) -> tuple[list[dict], Path]:
     """Measure every method on every matrix set; write the md and JSON files."""
     torch.manual_seed(0)
@@ -158,9 +236,12 @@ def run_suite(size: int, out: Path) -> tuple[list[dict], Path]:
                 }
             )
             print(f"{data_name:24s} {name:20s} {bpp:6.3f} {rows[-1]['rel_error']:.4f}", flush=True)
+    rows += output_error_rows()
     for row in rows:
         peer = [r for r in rows if r["data"] == row["data"] and r["method"] == f"HQQ default {row['bits']}b"]
         row["vs_hqq_default"] = row["rel_error"] / peer[0]["rel_error"] if peer else None
+        if "output_error" in row and peer:
+            row["output_vs_hqq_default"] = row["output_error"] / peer[0]["output_error"]
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality-{datetime.date.today().isoformat()}"
     meta = {"group": GROUP, "versions": common.versions(), "size": size}
@@ -174,17 +255,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     lines = [f"Relative Frobenius error, group/block {meta['group']} ({versions}).", ""]
     for data in dict.fromkeys(r["data"] for r in rows):
+        outputs = any("output_error" in r for r in rows if r["data"] == data)
+        extra = " output error | vs HQQ default |" if outputs else ""
         lines += [
             f"### {data}",
             "",
-            "| method | bits | bits/param | rel. error | vs HQQ default |",
-            "|---|---|---|---|---|",
+            "| method | bits | bits/param | rel. error | vs HQQ default |" + extra,
+            "|---|---|---|---|---|" + ("---|---|" if outputs else ""),
         ]
-        for r in sorted((r for r in rows if r["data"] == data), key=lambda r: (-r["bits"], r["rel_error"])):
+        key = (lambda r: (-r["bits"], r["output_error"])) if outputs else (lambda r: (-r["bits"], r["rel_error"]))
+        for r in sorted((r for r in rows if r["data"] == data), key=key):
             ratio = f"{r['vs_hqq_default']:.3f}" if r["vs_hqq_default"] else ""
-            lines.append(
-                f"| {r['method']} | {r['bits']} | {r['bits_per_param']:.3f} | {r['rel_error']:.4f} | {ratio} |"
-            )
+            line = f"| {r['method']} | {r['bits']} | {r['bits_per_param']:.3f} | {r['rel_error']:.4f} | {ratio} |"
+            if outputs:
+                out_ratio = f"{r['output_vs_hqq_default']:.3f}" if r.get("output_vs_hqq_default") else ""
+                line += f" {r['output_error']:.4f} | {out_ratio} |"
+            lines.append(line)
         lines.append("")
     return "\n".join(lines)
 

@@ -39,7 +39,7 @@ class DemoConfig:
     format: str = "nf4"
     adapter: str = "lora"  # a name in qft.adapters' registry
     init: str = "default"  # or "loftq" (LoRA)
-    quant_method: str = "hqq"  # or "rtn", "clip" (affine ranges), "gptq" (calibrated on training batches)
+    quant_method: str = "hqq"  # or "rtn", "clip" (affine ranges), "gptq" (act-order, calibrated on training batches)
     calibration_batches: int = 8  # gptq: batches of the training split, never the held-out sentences
     rank: int = 16  # LoRA's rank; DiaBlo's and ETHER's blocks; HRA's reflections
     oft_block_size: int = 32  # OFT's and BOFT's
@@ -103,7 +103,8 @@ def embed(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.normalize(pooled, dim=-1)
 
 
-def _batches(tokenizer, sentences, size, max_length, device):
+def sentence_batches(tokenizer, sentences, size: int, max_length: int, device):
+    """Tokenized batches of ``size`` sentences (padded, truncated to ``max_length`` tokens) on ``device``."""
     for i in range(0, len(sentences), size):
         batch = tokenizer(
             sentences[i : i + size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
@@ -117,14 +118,15 @@ def _calibration(model, tokenizer, train, config, device) -> qft.nn.Calibration:
         raise DemoError(f"--calibration-batches must be positive, got {config.calibration_batches}")
     count = min(len(train), config.calibration_batches * config.batch_size)
     sentences = random.Random(config.seed + 1).sample(train, count)
-    return qft.calibrate(model, list(_batches(tokenizer, sentences, config.batch_size, config.max_length, device)))
+    batches = sentence_batches(tokenizer, sentences, config.batch_size, config.max_length, device)
+    return qft.calibrate(model, list(batches))
 
 
 @torch.no_grad()
 def held_out_cosine(student, teacher, tokenizer, sentences, config, device) -> float:
     """Mean cosine similarity of student and teacher embeddings over ``sentences``."""
     total = 0.0
-    for batch in _batches(tokenizer, sentences, 64, config.max_length, device):
+    for batch in sentence_batches(tokenizer, sentences, 64, config.max_length, device):
         total += (embed(student, batch) * embed(teacher, batch)).sum().item()
     return total / len(sentences)
 
@@ -200,10 +202,11 @@ def run(config: DemoConfig) -> dict[str, object]:
 
     student = copy.deepcopy(teacher)
     try:
-        quant_config = qft.QuantConfig(format=config.format, method=config.quant_method)
+        gptq = config.quant_method == "gptq"  # with act-order: columns of the most input energy first
+        quant_config = qft.QuantConfig(format=config.format, method=config.quant_method, act_order=gptq)
     except ValueError as exc:
         raise DemoError(f"--quant-method: {exc}") from exc
-    calibration = _calibration(student, tokenizer, train, config, device) if config.quant_method == "gptq" else None
+    calibration = _calibration(student, tokenizer, train, config, device) if gptq else None
     targets = adapter_targets(student)
     if not targets:
         raise DemoError(f"--model {path!r} has no Linear layers to adapt")
@@ -230,9 +233,8 @@ def run(config: DemoConfig) -> dict[str, object]:
     start = time.perf_counter()
     student.train()
     for step in range(1, config.steps + 1):
-        batch = next(
-            _batches(tokenizer, rng.sample(train, config.batch_size), config.batch_size, config.max_length, device)
-        )
+        sentences = rng.sample(train, config.batch_size)
+        batch = next(sentence_batches(tokenizer, sentences, config.batch_size, config.max_length, device))
         with torch.no_grad():
             target = embed(teacher, batch)
         loss = (1 - (embed(student, batch) * target).sum(-1)).mean()
