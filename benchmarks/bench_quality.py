@@ -5,7 +5,7 @@ weights of the demo model; and on MiniLM's real activations, each layer's output
 ||X (W - W_hat)^T|| / ||X W^T|| over held-out sentences, with qft's GPTQ (calibrated on training
 sentences) beside the uncalibrated methods. One run writes ``benchmarks/results/quality-<date>.{md,json}``.
 
-    python benchmarks/bench_quality.py [--size 4096] [--out DIR]
+    python benchmarks/bench_quality.py [--size 4096] [--out DIR] [--outputs-only]
 """
 
 from __future__ import annotations
@@ -214,11 +214,12 @@ def output_error_rows() -> list[dict]:
     return rows
 
 
-def run_suite(size: int, out: Path) -> tuple[list[dict], Path]:
-    """Measure every method on every matrix set; write the md and JSON files."""
+def run_suite(size: int, out: Path, outputs_only: bool = False) -> tuple[list[dict], Path]:
+    """Measure every method on every matrix set (``outputs_only``: only MiniLM's layer outputs, written
+    as ``quality-outputs-<date>``); write the md and JSON files."""
     torch.manual_seed(0)
     rows = []
-    for data_name, weights in matrices(size).items():
+    for data_name, weights in {} if outputs_only else matrices(size).items():
         for name, (bits, method) in methods().items():
             err = total = 0.0
             bpp = 0.0
@@ -243,7 +244,7 @@ def run_suite(size: int, out: Path) -> tuple[list[dict], Path]:
         if "output_error" in row and peer:
             row["output_vs_hqq_default"] = row["output_error"] / peer[0]["output_error"]
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"quality-{datetime.date.today().isoformat()}"
+    stem = out / f"quality-{'outputs-' if outputs_only else ''}{datetime.date.today().isoformat()}"
     meta = {"group": GROUP, "versions": common.versions(), "size": size}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
@@ -280,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="synthetic matrices are size x size")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--outputs-only", action="store_true", help="only MiniLM's layer-output table")
     args = parser.parse_args(argv)
-    _, path = run_suite(args.size, args.out)
+    _, path = run_suite(args.size, args.out, args.outputs_only)
     print(path.read_text())
     return 0
 
