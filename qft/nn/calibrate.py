@@ -1,9 +1,11 @@
 """Calibration statistics for calibrated quantization: ``calibrate(model, batches)`` runs the model on
 calibration batches and keeps, for every ``nn.Linear``, ``H = X^T X / n`` of its inputs X [n, K]
-(accumulated in fp32 on the layer's device; statistics, never the activations).
+(accumulated in fp32 on the layer's device; statistics, never the activations; padding rows count
+like any other, as the layer sees them).
 
-Layers that read the very same input tensor (q/k/v, gate/up) share one accumulator, so a model holds
-one K x K matrix per distinct input. ``quantize_(model, QuantConfig(method="gptq"), calibration=...)``
+A layer that reads the very tensor the previous layer read, unchanged (q/k/v, gate/up), reuses that
+layer's ``X^T X`` product instead of computing it again; each layer keeps its own sum, so the statistics
+stay right whatever the call order. ``quantize_(model, QuantConfig(method="gptq"), calibration=...)``
 reads them.
 """
 
@@ -16,8 +18,7 @@ from torch import nn
 
 
 class Calibration(dict):
-    """Module name -> ``X^T X / n`` [K, K] fp32 (layers sharing an input share the tensor); ``rows``
-    counts the input rows seen per name."""
+    """Module name -> ``X^T X / n`` [K, K] fp32; ``rows`` counts the input rows seen per name."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,22 +43,19 @@ def calibrate(
         raise ValueError("the model has no nn.Linear layers to calibrate")
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    shared: dict[str, str] = {}  # a layer -> the layer whose accumulator it shares
-    last = {"input": None, "name": None}
+    last = {"input": None, "version": None, "product": None}  # the previous call's input and its X^T X
 
     def hook(name):
         def record(module, args):
             x = args[0]
-            if last["input"] is x and last["name"] is not None:  # the same tensor as the previous layer's
-                shared[name] = shared.get(last["name"], last["name"])
-                return
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            if last["input"] is not x or last["version"] != x._version:  # not the same, unchanged tensor
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                last.update(input=x, version=x._version, product=flat.t() @ flat)
             if name not in sums:
-                sums[name] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+                sums[name] = torch.zeros_like(last["product"])
                 rows[name] = 0
-            sums[name].addmm_(flat.t(), flat)
-            rows[name] += flat.shape[0]
-            last["input"], last["name"] = x, name
+            sums[name] += last["product"]
+            rows[name] += x.numel() // x.shape[-1]
 
         return record
 
@@ -68,19 +66,16 @@ def calibrate(
         with torch.no_grad():
             for batch in _progress(batches, progress):
                 model(**batch) if isinstance(batch, dict) else model(batch)
-                last["input"] = last["name"] = None
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+        last.clear()
     result = Calibration()
     for name in chosen:
-        owner = shared.get(name, name)
-        if owner not in sums:
+        if name not in sums:
             raise ValueError(f"no calibration batch reached layer {name!r}")
-        if owner == name:
-            sums[name] /= rows[name]
-        result[name], result.rows[name] = sums[owner], rows[owner]
+        result[name], result.rows[name] = sums[name] / rows[name], rows[name]
     return result
 
 

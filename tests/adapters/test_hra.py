@@ -77,3 +77,15 @@ def test_gradcheck_float64(apply_gs):
 def test_merge_and_unmerge():
     layer = HRALinear(torch.nn.Linear(64, 48), HRAConfig(r=4, init_weights=False, target_modules=TARGETS))
     assert_merge_round_trip(layer, torch.randn(3, 64), 1e-5)
+
+
+def test_bf16_vectors_and_autocast_still_reflect_in_fp32():
+    x, u = torch.randn(5, 64), torch.randn(64, 4)
+    want = householder(x.double(), u.double()).float()
+    got = householder(x, u.to(torch.bfloat16))  # U rounded to bf16, the reflection still in fp32
+    assert (got - householder(x, u.to(torch.bfloat16).float())).abs().max() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = householder(x, u)
+    assert under_autocast.dtype == torch.float32
+    assert (under_autocast - want).abs().max() < 1e-5  # not bf16 products (about 1e-2 off)
+    assert (got - want).abs().max() > 1e-4  # the bf16 vectors do differ from fp32 ones

@@ -34,10 +34,36 @@ def test_statistics_are_x_t_x_over_n_and_shared_inputs_share_them():
     assert model.training  # restored
     x = torch.cat([b.reshape(-1, 64) for b in batches])
     torch.testing.assert_close(cal["q"], x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-5)
-    assert cal["k"] is cal["q"] and cal.rows["k"] == cal.rows["q"] == 105
+    assert torch.equal(cal["k"], cal["q"]) and cal.rows["k"] == cal.rows["q"] == 105
     hidden = torch.cat([torch.tanh(model.q(b) * model.k(b)).reshape(-1, 64) for b in batches]).detach()
     torch.testing.assert_close(cal["o"], hidden.t() @ hidden / 105, rtol=1e-5, atol=1e-5)
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+class _Reuse(nn.Module):
+    """a and b read one tensor, b after it was changed in place; in every other call b goes first."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        x = x.clone()
+        self.calls += 1
+        if self.calls % 2:
+            return self.a(x) + self.b(x.mul_(10))
+        return self.b(x) + self.a(x)
+
+
+def test_a_reused_product_needs_the_same_unchanged_tensor():
+    model = _Reuse()
+    batches = [torch.randn(6, 8) for _ in range(4)]
+    cal = qft.calibrate(model, batches)
+    xa = torch.cat(batches)
+    xb = torch.cat([10 * b if i % 2 == 0 else b for i, b in enumerate(batches)])
+    torch.testing.assert_close(cal["a"], xa.t() @ xa / 24, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cal["b"], xb.t() @ xb / 24, rtol=1e-5, atol=1e-5)
 
 
 def test_gptq_over_a_model_lowers_its_output_error():

@@ -85,4 +85,5 @@ def block_matrices(vectors: torch.Tensor) -> torch.Tensor:
 def reflect_blocks(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``x`` [..., N * b] reflected block by block (differentiable in x and the vectors; keeps x once)."""
     lead = x.shape[:-1]
-    return _Reflect.apply(x.reshape(-1, x.shape[-1]), vectors).view(*lead, x.shape[-1])
+    with torch.autocast(x.device.type, enabled=False):  # the reflection runs in fp32 under autocast too
+        return _Reflect.apply(x.reshape(-1, x.shape[-1]), vectors).view(*lead, x.shape[-1])

@@ -69,15 +69,18 @@ class _Householder(torch.autograd.Function):
 
 
 def householder(x: torch.Tensor, hra_u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
-    """``x H^T`` for x [..., in] (HRA's input transform; differentiable in x and ``hra_u``)."""
+    """``x H^T`` for x [..., in] in x's dtype (HRA's input transform; differentiable in x and ``hra_u``).
+    U and T are built, and x reflected, in fp32 (fp64 for fp64 inputs) whatever ``hra_u``'s dtype, also
+    under autocast."""
     lead = x.shape[:-1]
-    unit = units(hra_u, apply_gs)
-    out = _Householder.apply(x.reshape(-1, x.shape[-1]), unit, wy_factor(unit, not apply_gs))
+    with torch.autocast(x.device.type, enabled=False):
+        unit = units(hra_u.to(accumulation_dtype(hra_u)), apply_gs)
+        out = _Householder.apply(x.reshape(-1, x.shape[-1]), unit, wy_factor(unit, not apply_gs))
     return out.view(*lead, x.shape[-1])
 
 
 def delta_matrix(hra_u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
     """H [in, in] itself (for merging): ``W' = W H``."""
-    unit = units(hra_u, apply_gs).to(torch.promote_types(hra_u.dtype, torch.float32))
+    unit = units(hra_u.to(torch.promote_types(hra_u.dtype, torch.float32)), apply_gs)
     eye = torch.eye(unit.shape[0], dtype=unit.dtype, device=unit.device)
     return eye - unit @ wy_factor(unit, not apply_gs) @ unit.t()
