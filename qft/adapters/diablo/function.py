@@ -10,8 +10,9 @@ Numerics as PEFT's adapters over a low-precision base: the delta in the adapters
 base output there, the sum rounded to x's dtype; on a GPU at large M, D is added to the decoded weight's
 diagonal blocks instead, so forward and grad_x stay one GEMM each (``qft::quant_linear``'s
 ``blockdiag``). That sum is rounded to x's dtype: with bf16 x, an entry of D below half a bf16 step of
-its W entry (about 1e-4 for |W| = 0.05) is not seen there until it grows, while dD is always exact. Kept for backward: x once in its own dtype (only when D needs a gradient) and D; never
-a decoded weight.
+its W entry (about 1e-4 for |W| = 0.05) is not seen there until it grows, while dD is always exact.
+
+Kept for backward: x once in its own dtype (only when D needs a gradient) and D; never a decoded weight.
 """
 
 from __future__ import annotations
