@@ -160,7 +160,7 @@ def _launch_through_dispatcher():
             for dtype in dtypes:
                 F.quant_linear(torch.randn(5, 100, dtype=dtype), qft.quantize(torch.randn(96, 100), fmt, 32, True))
         qt = qft.quantize(torch.randn(96, 128), "nf4", 64, True)
-        for block in (8, 16, 32, 64):
+        for block in (2, 4, 8, 16, 32, 64):  # 2 and 4: BOFT's smallest groups, ETHER's smallest blocks
             for dtype in dtypes:
                 for m in (5, 40):
                     x = torch.randn(m, 128, dtype=dtype, requires_grad=True)
