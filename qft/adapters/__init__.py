@@ -212,10 +212,39 @@ def transform_base_weight(base: nn.Module, transform: Callable[[torch.Tensor], t
         base.weight.copy_(transform(base.weight.float()).to(base.weight.dtype))
 
 
+class TargetedConfig:
+    """What every adapter config shares: PEFT's target matching over its ``target_modules``."""
+
+    def matches(self, name: str) -> bool:
+        """True when module ``name`` is one of the targets (PEFT's rules: a whole-name regular
+        expression for a string, else equal to or ending in ``"." + target``)."""
+        return target_matches(self.target_modules, name)
+
+
+ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_adapter_dtype(dtype) -> None:
+    """``TypeError`` unless ``dtype`` is a floating dtype adapters may be kept in."""
+    if dtype not in ADAPTER_DTYPES:
+        raise TypeError(f"adapter_dtype must be a floating dtype, got {dtype}")
+
+
 def check_base_layer(layer: nn.Module) -> None:
     """``TypeError`` unless ``layer`` is an ``nn.Linear`` or a quantized linear layer."""
     if not isinstance(layer, nn.Linear) and quantized_weight(layer) is None:
         raise TypeError(f"base_layer must be a QuantLinear or nn.Linear, got {type(layer).__name__}")
+
+
+def attach_base(layer: nn.Module, base_layer: nn.Module, config, config_type: type) -> None:
+    """An adapter layer's first step: check ``base_layer`` (``check_base_layer``) and that ``config`` is a
+    ``config_type`` (``TypeError``), then keep both and the base's ``in_features`` / ``out_features``."""
+    check_base_layer(base_layer)
+    if not isinstance(config, config_type):
+        article = "an" if config_type.__name__[0] in "AEHIOU" else "a"
+        raise TypeError(f"config must be {article} {config_type.__name__}, got {type(config).__name__}")
+    layer.base_layer, layer.config = base_layer, config
+    layer.in_features, layer.out_features = base_layer.in_features, base_layer.out_features
 
 
 def checked_targets(targets) -> str | tuple[str, ...]:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from qft.adapters import (
-    check_base_layer,
+    TargetedConfig,
+    attach_base,
     checked_targets,
     quantized_weight,
-    target_matches,
     transform_base_weight,
 )
 from qft.adapters.boft.function import block_dropout, butterfly_blocks, butterfly_perms, cayley, group_size
@@ -21,7 +21,7 @@ from qft.adapters.oft.function import rotate, rotated_linear
 
 
 @dataclass(frozen=True)
-class BOFTConfig:
+class BOFTConfig(TargetedConfig):
     """BOFT adapters as PEFT defines them (field names and defaults are PEFT's ``BOFTConfig``'s).
 
     Attributes:
@@ -59,10 +59,6 @@ class BOFTConfig:
             raise TypeError(f"init_weights must be a bool, got {self.init_weights!r}")
         object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
 
-    def matches(self, name: str) -> bool:
-        """True when module ``name`` is one of the targets (PEFT's matching rules)."""
-        return target_matches(self.target_modules, name)
-
     def blocks_for(self, in_features: int) -> tuple[int, int]:
         """(D, b) for a layer with ``in_features`` inputs; ``ValueError`` (PEFT's conditions) when the
         config does not fit it."""
@@ -87,12 +83,7 @@ class BOFTLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
         super().__init__()
-        check_base_layer(base_layer)
-        if not isinstance(config, BOFTConfig):
-            raise TypeError(f"config must be a BOFTConfig, got {type(config).__name__}")
-        self.base_layer = base_layer
-        self.config = config
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        attach_base(self, base_layer, config, BOFTConfig)
         blocks, size = config.blocks_for(self.in_features)
         m = config.boft_n_butterfly_factor
         device = base_layer.weight.device

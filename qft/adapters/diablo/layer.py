@@ -7,13 +7,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import AdditiveMerge, check_base_layer, checked_targets, quantized_weight, target_matches
+from qft.adapters import (
+    AdditiveMerge,
+    TargetedConfig,
+    attach_base,
+    check_adapter_dtype,
+    checked_targets,
+    quantized_weight,
+)
 from qft.adapters.diablo.function import diablo_linear
 from qft.reference import blockdiag_linear
 
 
 @dataclass(frozen=True)
-class DiaBloConfig:
+class DiaBloConfig(TargetedConfig):
     """DiaBlo adapters (Sun et al. 2025): ``W + blockdiag(D_1, ..., D_N)``, D zero at the start.
 
     Attributes:
@@ -30,13 +37,8 @@ class DiaBloConfig:
     def __post_init__(self) -> None:
         if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
             raise ValueError(f"blocks must be a positive int, got {self.blocks!r}")
-        if self.adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"adapter_dtype must be a floating dtype, got {self.adapter_dtype}")
+        check_adapter_dtype(self.adapter_dtype)
         object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
-
-    def matches(self, name: str) -> bool:
-        """True when module ``name`` is one of the targets (PEFT's matching rules)."""
-        return target_matches(self.target_modules, name)
 
 
 class _Blocks(nn.Module):
@@ -52,18 +54,13 @@ class DiaBloLinear(AdditiveMerge, nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: DiaBloConfig) -> None:
         super().__init__()
-        check_base_layer(base_layer)
-        if not isinstance(config, DiaBloConfig):
-            raise TypeError(f"config must be a DiaBloConfig, got {type(config).__name__}")
+        attach_base(self, base_layer, config, DiaBloConfig)
         n = config.blocks
         if base_layer.in_features % n or base_layer.out_features % n:
             raise ValueError(
                 f"DiaBlo blocks {n} must divide in_features {base_layer.in_features} and "
                 f"out_features {base_layer.out_features}"
             )
-        self.base_layer = base_layer
-        self.config = config
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         rows, cols = self.out_features // n, self.in_features // n
         self.diablo_D = _Blocks(n, rows, cols, base_layer.weight.device, config.adapter_dtype)
         self.merged = False

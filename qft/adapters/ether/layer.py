@@ -8,14 +8,21 @@ import torch
 from torch import nn
 
 from qft import functional
-from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches, transform_base_weight
+from qft.adapters import (
+    TargetedConfig,
+    attach_base,
+    check_adapter_dtype,
+    checked_targets,
+    quantized_weight,
+    transform_base_weight,
+)
 from qft.adapters.ether.function import TERMS, block_matrices, reflect, reflect_blocks
 from qft.adapters.oft.function import rotate, rotated_linear
 from qft.ops.oft import triton_rotates
 
 
 @dataclass(frozen=True)
-class ETHERConfig:
+class ETHERConfig(TargetedConfig):
     """ETHER / ETHER+ adapters (Bini et al. 2024): ``W' = H_out W H_in`` with block-diagonal reflections.
 
     Attributes:
@@ -39,13 +46,8 @@ class ETHERConfig:
         for name in ("plus", "output_side"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"adapter_dtype must be a floating dtype, got {self.adapter_dtype}")
+        check_adapter_dtype(self.adapter_dtype)
         object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
-
-    def matches(self, name: str) -> bool:
-        """True when module ``name`` is one of the targets (PEFT's matching rules)."""
-        return target_matches(self.target_modules, name)
 
     @property
     def vectors(self) -> int:
@@ -69,9 +71,7 @@ class ETHERLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: ETHERConfig) -> None:
         super().__init__()
-        check_base_layer(base_layer)
-        if not isinstance(config, ETHERConfig):
-            raise TypeError(f"config must be an ETHERConfig, got {type(config).__name__}")
+        attach_base(self, base_layer, config, ETHERConfig)
         n = config.blocks
         sides = (("in_features", base_layer.in_features),)
         if config.output_side:
@@ -79,9 +79,6 @@ class ETHERLinear(nn.Module):
         for name, size in sides:
             if size % n:
                 raise ValueError(f"ETHER blocks {n} do not divide {name} {size}")
-        self.base_layer = base_layer
-        self.config = config
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         device, k = base_layer.weight.device, config.vectors
         self.ether_in = _Vectors((k, n, self.in_features // n), device, config.adapter_dtype)
         out_shape = (k, n, self.out_features // n) if config.output_side else (0,)

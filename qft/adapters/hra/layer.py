@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import check_base_layer, checked_targets, target_matches, transform_base_weight
+from qft.adapters import TargetedConfig, attach_base, checked_targets, transform_base_weight
 from qft.adapters.hra.function import delta_matrix, householder
 
 
 @dataclass(frozen=True)
-class HRAConfig:
+class HRAConfig(TargetedConfig):
     """HRA adapters as PEFT defines them (field names and defaults are PEFT's ``HRAConfig``'s).
 
     Attributes:
@@ -38,22 +38,13 @@ class HRAConfig:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
 
-    def matches(self, name: str) -> bool:
-        """True when module ``name`` is one of the targets (PEFT's matching rules)."""
-        return target_matches(self.target_modules, name)
-
 
 class HRALinear(nn.Module):
     """``base_layer(x H^T)``: PEFT's HRA layer (``W' = W H``) applied on the input side."""
 
     def __init__(self, base_layer: nn.Module, config: HRAConfig) -> None:
         super().__init__()
-        check_base_layer(base_layer)
-        if not isinstance(config, HRAConfig):
-            raise TypeError(f"config must be an HRAConfig, got {type(config).__name__}")
-        self.base_layer = base_layer
-        self.config = config
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        attach_base(self, base_layer, config, HRAConfig)
         self.hra_u = nn.Parameter(torch.empty(self.in_features, config.r, device=base_layer.weight.device))
         self._init_vectors()
         self.merged = False

@@ -15,17 +15,18 @@ from torch import nn
 from qft.adapters import (
     AdditiveMerge,
     QuantizeWith,
-    check_base_layer,
+    TargetedConfig,
+    attach_base,
+    check_adapter_dtype,
     checked_targets,
     compile_pattern,
     quantized_weight,
-    target_matches,
 )
 from qft.adapters.lora.function import loftq, lora_over
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(TargetedConfig):
     """LoRA adapters as PEFT defines them: ``y += scaling * B(A(dropout(x)))``.
 
     Attributes:
@@ -70,8 +71,7 @@ class LoRAConfig:
                     want = "positive int" if kind == "rank" else "finite number"
                     raise ValueError(f"{name}[{pattern!r}] must be a {want}, got {value!r}")
             object.__setattr__(self, name, pairs)
-        if self.adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"adapter_dtype must be a floating dtype, got {self.adapter_dtype}")
+        check_adapter_dtype(self.adapter_dtype)
         if self.init not in ("default", "loftq"):
             raise ValueError(f"init must be 'default' or 'loftq', got {self.init!r}")
         if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
@@ -81,11 +81,6 @@ class LoRAConfig:
     def scaling(self) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (patterns aside: see ``scaling_for``)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    def matches(self, name: str) -> bool:
-        """True when module ``name`` is one of the targets (PEFT's rules: a whole-name regular
-        expression for a string, else equal to or ending in ``"." + target``)."""
-        return target_matches(self.target_modules, name)
 
     def rank_for(self, name: str) -> int:
         """Module ``name``'s rank: its ``rank_pattern`` entry, else ``r``."""
@@ -120,13 +115,9 @@ class LoRALinear(AdditiveMerge, nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, name: str = "") -> None:
         super().__init__()
-        check_base_layer(base_layer)
-        if not isinstance(config, LoRAConfig):
-            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-        self.base_layer = base_layer
-        self.config = config  # the model-wide config; ``name`` picks this layer's rank_pattern / alpha_pattern entry
+        attach_base(self, base_layer, config, LoRAConfig)
+        # self.config: the model-wide config; ``name`` picks this layer's rank_pattern / alpha_pattern entry
         self.r = config.rank_for(name)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         kwargs = {"bias": False, "device": base_layer.weight.device, "dtype": config.adapter_dtype}
         self.lora_A = nn.Linear(self.in_features, self.r, **kwargs)
         self.lora_B = nn.Linear(self.r, self.out_features, **kwargs)

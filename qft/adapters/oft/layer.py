@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qft.adapters import check_base_layer, checked_targets, quantized_weight, target_matches, transform_base_weight
+from qft.adapters import TargetedConfig, attach_base, checked_targets, quantized_weight, transform_base_weight
 from qft.adapters.oft.function import coft_project, oft_linear, oft_rotation, rotate
 
 
 @dataclass(frozen=True)
-class OFTConfig:
+class OFTConfig(TargetedConfig):
     """OFT adapters as PEFT defines them (``oft_R.weight`` [in/b, b(b-1)/2], zero init = identity).
 
     Attributes:
@@ -42,11 +42,6 @@ class OFTConfig:
             raise ValueError(f"eps must be a positive number, got {self.eps!r}")
         object.__setattr__(self, "target_modules", checked_targets(self.target_modules))
 
-    def matches(self, name: str) -> bool:
-        """True when module ``name`` is one of the targets (PEFT's rules: a whole-name regular
-        expression for a string, else equal to or ending in ``"." + target``)."""
-        return target_matches(self.target_modules, name)
-
 
 class _Rotation(nn.Module):
     """Holds ``weight`` so the state-dict key is PEFT's ``oft_R.weight``."""
@@ -61,17 +56,12 @@ class OFTLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, config: OFTConfig) -> None:
         super().__init__()
-        check_base_layer(base_layer)
-        if not isinstance(config, OFTConfig):
-            raise TypeError(f"config must be an OFTConfig, got {type(config).__name__}")
+        attach_base(self, base_layer, config, OFTConfig)
         if base_layer.in_features % config.block_size:
             raise ValueError(
                 f"OFT block_size {config.block_size} does not divide in_features {base_layer.in_features} "
                 "(PEFT would silently change it; qft refuses: pick a divisor)"
             )
-        self.base_layer = base_layer
-        self.config = config
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.blocks = self.in_features // config.block_size
         device = base_layer.weight.device
         self.oft_R = _Rotation(1 if config.block_share else self.blocks, config.block_size, device)
