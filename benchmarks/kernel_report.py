@@ -85,7 +85,7 @@ def triton_rows() -> list[dict]:
 
 def cuda_rows() -> list[dict]:
     """The CUDA chunked decode GEMV (csrc/gemv_core.cuh), compiled with nvcc as setup.py builds it, for bf16
-    x: one kernel per bit width x code book or affine x M."""
+    x: one kernel per bit width x with or without zeros (affine, _icq) x M."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "gemv.cubin"
         source = ROOT / "csrc" / "quant_gemv.cu"
@@ -98,7 +98,7 @@ def cuda_rows() -> list[dict]:
     for fmt, spec in qft.formats.FORMATS.items():
         bpp = qft.quantize(torch.randn(128, 256), fmt, 64, double_quant=True).bits_per_param
         for m in range(1, GEMV_ROWS + 1):
-            name = _chunked_kernel(usage, spec.bits, spec.affine, m)
+            name = _chunked_kernel(usage, spec.bits, spec.stores_zeros, m)
             loop = main_gemv_loop(functions[name])
             per_weight = loop["length"] / (GEMV_CHUNK * gemv_rows_per_warp(m))
             smem = 0  # static shared memory only, counted in SHARED
@@ -114,10 +114,10 @@ def gemv_rows_per_warp(m: int) -> int:
     return 4 if m <= 2 else 2
 
 
-def _chunked_kernel(usage: dict, bits: int, affine: bool, m: int) -> str:
+def _chunked_kernel(usage: dict, bits: int, zeros: bool, m: int) -> str:
     """The mangled name of chunked_kernel<__nv_bfloat16, bits, affine, m>: Itanium mangling spells the
     template arguments as Li<bits>E, Lb<0|1>E, Li<m>E after the bf16 type."""
-    key = f"13__nv_bfloat16Li{bits}ELb{int(affine)}ELi{m}E"
+    key = f"13__nv_bfloat16Li{bits}ELb{int(zeros)}ELi{m}E"
     (name,) = [n for n in usage if "chunked_kernel" in n and key in n]
     return name
 

@@ -102,23 +102,27 @@ __device__ __forceinline__ float block_scale(const QuantWeight& w, bool nested, 
   return __fadd_rn(__fmul_rn(map[q], w.nested_scales[block / w.nested_block_size]), *w.offset);
 }
 
-// The block's zero point as fp32 (affine formats; 0 otherwise).
+// The block's zero point as fp32 (formats with zeros: affine, ICQ code books; 0 otherwise).
 __device__ __forceinline__ float block_zero(const QuantWeight& w, int64_t block) {
-  return w.affine ? __half2float(static_cast<const __half*>(w.zeros)[block]) : 0.0f;
+  return w.zeros != nullptr ? __half2float(static_cast<const __half*>(w.zeros)[block]) : 0.0f;
 }
 
 // ---- values ---------------------------------------------------------------------------------------------
 
-// code[q] * scale for code books (`code` wherever the kernel keeps it), (q - zero) * scale for affine
-// formats: one fp32 rounding per step.
+// code[q] * scale for code books (`code` wherever the kernel keeps it), (code[q] - zero) * scale for code
+// books with zeros (zero 0 without: code[q] - 0 is code[q] exactly), (q - zero) * scale for affine formats:
+// one fp32 rounding per step.
 __device__ __forceinline__ float codebook_value(const float* code, int q, float scale) {
   return __fmul_rn(code[q], scale);
+}
+__device__ __forceinline__ float codebook_value(const float* code, int q, float scale, float zero) {
+  return __fmul_rn(__fsub_rn(code[q], zero), scale);
 }
 __device__ __forceinline__ float affine_value(int q, float zero, float scale) {
   return __fmul_rn(static_cast<float>(q) - zero, scale);
 }
 __device__ __forceinline__ float decode_value(bool affine, const float* code, int q, float scale, float zero) {
-  return affine ? affine_value(q, zero, scale) : codebook_value(code, q, scale);
+  return affine ? affine_value(q, zero, scale) : codebook_value(code, q, scale, zero);
 }
 
 // ---- host side ------------------------------------------------------------------------------------------

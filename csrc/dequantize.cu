@@ -74,8 +74,8 @@ int dequantize(const QuantWeight& w, void* out, DType out_dtype, int64_t row_len
   if (!valid_weight(w) || out == nullptr || !rows_ok) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
   const OutRows rows{row_length, row_stride};
-  return w.bits == 4 && !w.affine ? dequantize_codebook4(w, out, out_dtype, rows, s)
-                                  : dequantize_units(w, out, out_dtype, rows, s);
+  return w.bits == 4 && !w.affine && w.zeros == nullptr ? dequantize_codebook4(w, out, out_dtype, rows, s)
+                                                        : dequantize_units(w, out, out_dtype, rows, s);
 }
 
 }  // namespace qft

@@ -11,8 +11,8 @@
 //   and one mask give the table offset, one LDS.64/.128 gives fp32 values, then one fmaf per weight.
 //   The table holds one copy per bank group a shared-memory phase serves (16 for 8-byte entries, 8 for
 //   16-byte ones), each lane reading its own, so random codes never conflict on a bank.
-// * Scales multiply a chunk's dot product once (code books: scale * sum(code[q] x); affine formats:
-//   scale * (sum(q x) - zero * sum(x))), so decoded weights are not rounded to x's dtype: y is closer
+// * Scales multiply a chunk's dot product once (code books: scale * sum(code[q] x); formats with zeros:
+//   scale * (sum(level(q) x) - zero * sum(x))), so decoded weights are not rounded to x's dtype: y is closer
 //   to the exact product than decode-then-matmul is, not bit-equal to it.
 // * Each x value is loaded and converted once per chunk and used for every row of the warp.
 #pragma once
@@ -242,7 +242,7 @@ __host__ __device__ __forceinline__ float chunk_scale(const QuantWeight& w, int6
 // Lane `lane`'s partial sums acc[r][m] for weight rows n0 + r (rows past n_out repeat the last; the
 // caller does not store them) over split `split`'s chunks lane, lane + 32, ...; split 0 adds the LoRA
 // term for ranks lane, lane + 32, .... `lut` is the filled table (Lut<kBits>::kBytes).
-template <typename T, int kBits, bool kAffine, int kRows>
+template <typename T, int kBits, bool kZeros, int kRows>
 __host__ __device__ __forceinline__ void lane_sums(const Args<T>& a, const unsigned char* lut, int64_t n0, int split,
                                                    int lane, float (&acc)[rows_per_warp(kRows, sizeof(T))][kRows]) {
   constexpr int kRowsPerWarp = rows_per_warp(kRows, sizeof(T));
@@ -278,7 +278,7 @@ __host__ __device__ __forceinline__ void lane_sums(const Args<T>& a, const unsig
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
         load_x8(x + m * a.k_in + 8 * t, xv[m]);
-        if constexpr (kAffine) {
+        if constexpr (kZeros) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) xsum[m] = add_rn(xsum[m], xv[m][i]);
         }
@@ -310,10 +310,10 @@ __host__ __device__ __forceinline__ void lane_sums(const Args<T>& a, const unsig
       const int64_t block = first_block[r] + block_in_row;
       const float scale = chunk_scale(a.w, block, a.nested_shift);
       float zero = 0.0f;
-      if constexpr (kAffine) zero = to_fp32(read_only(static_cast<const __half*>(a.w.zeros) + block));
+      if constexpr (kZeros) zero = to_fp32(read_only(static_cast<const __half*>(a.w.zeros) + block));
 #pragma unroll
       for (int m = 0; m < kRows; ++m) {
-        const float centred = kAffine ? fmaf(-zero, xsum[m], dot[r][m]) : dot[r][m];
+        const float centred = kZeros ? fmaf(-zero, xsum[m], dot[r][m]) : dot[r][m];
         acc[r][m] = fmaf(scale, centred, acc[r][m]);
       }
     }

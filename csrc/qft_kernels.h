@@ -14,7 +14,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct QuantWeight {
   const void* codes;           // packed (qft/formats/packing.py): 4-bit bytes, 3-/2-bit int32 words
   const void* scales;          // per block: fp32, or uint8 codes of dynamic_map when nested_scales is set
-  const void* zeros;           // affine formats: fp16 per block (else nullptr)
+  const void* zeros;           // affine and ICQ formats: fp16 per block, subtracted from the level (else nullptr)
   const float* nested_scales;  // double quantization: scale = dynamic_map[q] * nested_scales[block /
   const float* offset;         //   nested_block_size] + *offset, rounded after each step
   const float* code;           // code-book formats: the 2**bits fp32 values (else nullptr)
@@ -33,8 +33,8 @@ int quantize_codebook4(const void* w, DType dtype, uint8_t* codes, float* scales
                        const int32_t* encode_order, int64_t numel, int block_size, void* stream);
 
 // Decodes all w.numel values into `out` (`out_dtype`), bit-identical to qft.formats.dequantize:
-// code[q] * scale or (q - zero) * scale in fp32, rounded to nearest even. nf4/fp4 (4-bit code books)
-// take a byte-pair kernel (block_size % 8 == 0), every other format a packing-unit one
+// code[q] * scale, (code[q] - zero) * scale or (q - zero) * scale in fp32, rounded to nearest even. 4-bit
+// code books without zeros (nf4, fp4) take a byte-pair kernel (block_size % 8 == 0), every other format a packing-unit one
 // (block_size % 32 == 0). Rows of `row_length` values land `row_stride` values apart (row_stride ==
 // row_length: flat), so a GEMM operand can hold more columns beside W; a strided row_length must be a
 // multiple of 32.

@@ -20,19 +20,19 @@ using gemv::Args;
 
 // ---- chunked ----------------------------------------------------------------------------------------------
 
-template <typename T, int kBits, bool kAffine, int kRows>
+template <typename T, int kBits, bool kZeros, int kRows>
 __global__ void __launch_bounds__(gemv::kThreads, gemv::min_ctas_per_sm(kRows, sizeof(T))) chunked_kernel(Args<T> a) {
   using L = gemv::Lut<kBits>;
   __shared__ __align__(16) unsigned char lut[L::kBytes];
   for (int slot = threadIdx.x; slot < L::kEntries * L::kCopies; slot += gemv::kThreads)
-    gemv::fill_slot<kBits>(lut, slot, a.w.code, kAffine);
+    gemv::fill_slot<kBits>(lut, slot, a.w.code, a.w.affine);
   __syncthreads();
   constexpr int kRowsPerWarp = gemv::rows_per_warp(kRows, sizeof(T));
   const int lane = threadIdx.x & 31;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * gemv::kWarps + (threadIdx.x >> 5)) * kRowsPerWarp;
   if (n0 >= a.n_out) return;
   float acc[kRowsPerWarp][kRows];
-  gemv::lane_sums<T, kBits, kAffine, kRows>(a, lut, n0, blockIdx.y, lane, acc);
+  gemv::lane_sums<T, kBits, kZeros, kRows>(a, lut, n0, blockIdx.y, lane, acc);
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
 #pragma unroll
@@ -50,15 +50,15 @@ __global__ void finish_kernel(Args<T> a) {
   if (i < a.rows * a.n_out) gemv::finish(a, i % a.n_out, static_cast<int>(i / a.n_out));
 }
 
-template <typename T, int kBits, bool kAffine>
+template <typename T, int kBits, bool kZeros>
 cudaError_t launch_chunked(const Args<T>& a, cudaStream_t stream) {
   const int64_t per_cta = gemv::kWarps * gemv::rows_per_warp(a.rows, sizeof(T));
   const dim3 grid(static_cast<unsigned>((a.n_out + per_cta - 1) / per_cta), a.splits);
   switch (a.rows) {
-    case 1: chunked_kernel<T, kBits, kAffine, 1><<<grid, gemv::kThreads, 0, stream>>>(a); break;
-    case 2: chunked_kernel<T, kBits, kAffine, 2><<<grid, gemv::kThreads, 0, stream>>>(a); break;
-    case 3: chunked_kernel<T, kBits, kAffine, 3><<<grid, gemv::kThreads, 0, stream>>>(a); break;
-    default: chunked_kernel<T, kBits, kAffine, 4><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+    case 1: chunked_kernel<T, kBits, kZeros, 1><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+    case 2: chunked_kernel<T, kBits, kZeros, 2><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+    case 3: chunked_kernel<T, kBits, kZeros, 3><<<grid, gemv::kThreads, 0, stream>>>(a); break;
+    default: chunked_kernel<T, kBits, kZeros, 4><<<grid, gemv::kThreads, 0, stream>>>(a); break;
   }
   if (a.splits > 1) {
     const int64_t outputs = a.rows * a.n_out;
@@ -69,7 +69,7 @@ cudaError_t launch_chunked(const Args<T>& a, cudaStream_t stream) {
 
 template <typename T, int kBits>
 cudaError_t launch_chunked(const Args<T>& a, cudaStream_t stream) {
-  return a.w.affine ? launch_chunked<T, kBits, true>(a, stream) : launch_chunked<T, kBits, false>(a, stream);
+  return a.w.zeros != nullptr ? launch_chunked<T, kBits, true>(a, stream) : launch_chunked<T, kBits, false>(a, stream);
 }
 
 // ---- per value --------------------------------------------------------------------------------------------

@@ -11,18 +11,18 @@ namespace {
 
 using gemv::Args;
 
-template <typename T, int kBits, bool kAffine, int kRows>
+template <typename T, int kBits, bool kZeros, int kRows>
 void emulate(const Args<T>& a) {
   using L = gemv::Lut<kBits>;
   constexpr int kRowsPerWarp = gemv::rows_per_warp(kRows, sizeof(T));
   std::vector<unsigned char> lut(L::kBytes);
-  for (int slot = 0; slot < L::kEntries * L::kCopies; ++slot) gemv::fill_slot<kBits>(lut.data(), slot, a.w.code, kAffine);
+  for (int slot = 0; slot < L::kEntries * L::kCopies; ++slot) gemv::fill_slot<kBits>(lut.data(), slot, a.w.code, a.w.affine);
   for (int split = 0; split < a.splits; ++split) {
     for (int64_t n0 = 0; n0 < a.n_out; n0 += kRowsPerWarp) {
       float lanes[kRowsPerWarp][kRows][32];
       for (int lane = 0; lane < 32; ++lane) {
         float acc[kRowsPerWarp][kRows];
-        gemv::lane_sums<T, kBits, kAffine, kRows>(a, lut.data(), n0, split, lane, acc);
+        gemv::lane_sums<T, kBits, kZeros, kRows>(a, lut.data(), n0, split, lane, acc);
         for (int r = 0; r < kRowsPerWarp; ++r)
           for (int m = 0; m < kRows; ++m) lanes[r][m][lane] = acc[r][m];
       }
@@ -39,24 +39,24 @@ void emulate(const Args<T>& a) {
       for (int64_t n = 0; n < a.n_out; ++n) gemv::finish(a, n, m);
 }
 
-template <typename T, int kBits, bool kAffine>
+template <typename T, int kBits, bool kZeros>
 void emulate_rows(const Args<T>& a) {
   switch (a.rows) {
-    case 1: return emulate<T, kBits, kAffine, 1>(a);
-    case 2: return emulate<T, kBits, kAffine, 2>(a);
-    case 3: return emulate<T, kBits, kAffine, 3>(a);
-    default: return emulate<T, kBits, kAffine, 4>(a);
+    case 1: return emulate<T, kBits, kZeros, 1>(a);
+    case 2: return emulate<T, kBits, kZeros, 2>(a);
+    case 3: return emulate<T, kBits, kZeros, 3>(a);
+    default: return emulate<T, kBits, kZeros, 4>(a);
   }
 }
 
 template <typename T>
 int emulate_any(Args<T> a) {
   if (!gemv::takes_fast_path(a)) return cudaErrorNotSupported;
-  const bool affine = a.w.affine;
+  const bool zeros = a.w.zeros != nullptr;
   switch (a.w.bits) {
-    case 4: affine ? emulate_rows<T, 4, true>(a) : emulate_rows<T, 4, false>(a); break;
-    case 3: affine ? emulate_rows<T, 3, true>(a) : emulate_rows<T, 3, false>(a); break;
-    default: affine ? emulate_rows<T, 2, true>(a) : emulate_rows<T, 2, false>(a); break;
+    case 4: zeros ? emulate_rows<T, 4, true>(a) : emulate_rows<T, 4, false>(a); break;
+    case 3: zeros ? emulate_rows<T, 3, true>(a) : emulate_rows<T, 3, false>(a); break;
+    default: zeros ? emulate_rows<T, 2, true>(a) : emulate_rows<T, 2, false>(a); break;
   }
   return cudaSuccess;
 }

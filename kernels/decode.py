@@ -19,16 +19,17 @@ def weight_pointers(weight: formats.Weight) -> tuple:
     nested = weight.nested_scales.contiguous() if weight.double_quant else scales
     offset = weight.offset if weight.double_quant else scales
     code = scales if fmt.affine else formats.code(weight.fmt, scales.device)
-    zeros = weight.zeros.contiguous() if fmt.affine else scales
+    zeros = weight.zeros.contiguous() if fmt.stores_zeros else scales
     dmap = formats.dynamic_map(scales.device)
     return weight.codes.contiguous(), scales, nested, offset, dmap, code, zeros
 
 
 def weight_constants(weight: formats.Weight) -> tuple:
     """The constexpr ``FMT`` that specializes the decode to the weight's format: ``(bits, affine,
-    block_size, double-quantized, nested_block_size)``."""
+    block_size, double-quantized, nested_block_size, zeros)`` (zeros: a zero per block, subtracted
+    from the level, q or ``code[q]``, before scaling)."""
     fmt = formats.get_format(weight.fmt)
-    return fmt.bits, fmt.affine, weight.block_size, weight.double_quant, weight.nested_block_size
+    return fmt.bits, fmt.affine, weight.block_size, weight.double_quant, weight.nested_block_size, fmt.stores_zeros
 
 
 @triton.jit
@@ -67,20 +68,31 @@ def load_scales(W, block, ok, FMT: tl.constexpr):
 
 
 @triton.jit
-def decode_values(W, idx, ok, FMT: tl.constexpr):
-    """fp32 weight values at flat positions ``idx``: ``code[q] * scale`` or ``(q - zero) * scale``."""
-    BITS: tl.constexpr = FMT[0]
+def level_values(W, q, zero, scale, FMT: tl.constexpr):
+    """fp32 values of codes ``q``: ``(level - zero) * scale`` with level q (affine) or ``code[q]``;
+    ``code[q] * scale`` when the format stores no zeros (one rounding per step)."""
     AFFINE: tl.constexpr = FMT[1]
-    BLOCK_SIZE: tl.constexpr = FMT[2]
-    q = load_codes(W[0], idx, ok, BITS)
-    block = idx // BLOCK_SIZE
-    scale = load_scales(W, block, ok, FMT)
+    ZEROS: tl.constexpr = FMT[5]
     if AFFINE:
-        zero = tl.load(W[6] + block, mask=ok, other=0.0).to(tl.float32)
         values = (q.to(tl.float32) - zero) * scale
+    elif ZEROS:
+        values = (tl.load(W[5] + q) - zero) * scale
     else:
         values = tl.load(W[5] + q) * scale
     return values
+
+
+@triton.jit
+def decode_values(W, idx, ok, FMT: tl.constexpr):
+    """fp32 weight values at flat positions ``idx``: ``code[q] * scale`` or ``(level - zero) * scale``."""
+    BITS: tl.constexpr = FMT[0]
+    BLOCK_SIZE: tl.constexpr = FMT[2]
+    ZEROS: tl.constexpr = FMT[5]
+    q = load_codes(W[0], idx, ok, BITS)
+    block = idx // BLOCK_SIZE
+    scale = load_scales(W, block, ok, FMT)
+    zero = tl.load(W[6] + block, mask=ok, other=0.0).to(tl.float32) if ZEROS else 0.0
+    return level_values(W, q, zero, scale, FMT)
 
 
 @triton.jit
@@ -113,17 +125,17 @@ def out_index(idx, row_length, row_pad, STRIDED: tl.constexpr):
 
 @triton.jit
 def tile_scales(W, rows, k0, K, row_ok, FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 scales (and zeros; zero where not affine) of a ``[BLOCK_N, BLOCK_K]`` tile of a weight
-    whose blocks stay inside rows: one load per block, broadcast over its values."""
-    AFFINE: tl.constexpr = FMT[1]
+    """fp32 scales (and zeros; 0.0 where the format stores none) of a ``[BLOCK_N, BLOCK_K]`` tile of a
+    weight whose blocks stay inside rows: one load per block, broadcast over its values."""
+    ZEROS: tl.constexpr = FMT[5]
     BLOCK_SIZE: tl.constexpr = FMT[2]
     blocks_per_row = K // BLOCK_SIZE
     if BLOCK_SIZE >= BLOCK_K:  # the tile lies in one block per row
         block = rows.to(tl.int64) * blocks_per_row + k0 // BLOCK_SIZE
         scale = load_scales(W, block, row_ok, FMT)[:, None]
-        zero = tl.load(W[6] + block, mask=row_ok, other=0.0).to(tl.float32)[:, None] if AFFINE else 0.0
+        zero = tl.load(W[6] + block, mask=row_ok, other=0.0).to(tl.float32)[:, None] if ZEROS else 0.0
         scale = tl.broadcast_to(scale, (BLOCK_N, BLOCK_K))
-        zero = tl.broadcast_to(zero, (BLOCK_N, BLOCK_K)) if AFFINE else zero
+        zero = tl.broadcast_to(zero, (BLOCK_N, BLOCK_K)) if ZEROS else zero
     else:
         PER: tl.constexpr = BLOCK_K // BLOCK_SIZE
         local = k0 // BLOCK_SIZE + tl.arange(0, PER)
@@ -131,7 +143,7 @@ def tile_scales(W, rows, k0, K, row_ok, FMT: tl.constexpr, BLOCK_N: tl.constexpr
         block = rows.to(tl.int64)[:, None] * blocks_per_row + local[None, :]
         scale = load_scales(W, block, ok, FMT)
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, PER, BLOCK_SIZE)), (BLOCK_N, BLOCK_K))
-        if AFFINE:
+        if ZEROS:
             zero = tl.load(W[6] + block, mask=ok, other=0.0).to(tl.float32)
             zero = tl.reshape(tl.broadcast_to(zero[:, :, None], (BLOCK_N, PER, BLOCK_SIZE)), (BLOCK_N, BLOCK_K))
         else:
@@ -176,11 +188,6 @@ def decode_tile(W, rows, k0, K, row_ok, FMT: tl.constexpr, BLOCK_N: tl.constexpr
     """fp32 ``[BLOCK_N, BLOCK_K]`` values of weight rows ``rows``, columns ``k0 + [0, BLOCK_K)``, for a
     weight whose blocks stay inside rows (K % BLOCK_SIZE == 0): the same arithmetic as
     ``decode_values``, with each scale, zero and packed unit read once per tile."""
-    AFFINE: tl.constexpr = FMT[1]
     q = tile_codes(W, rows, k0, K, row_ok, FMT, BLOCK_N, BLOCK_K)
     scale, zero = tile_scales(W, rows, k0, K, row_ok, FMT, BLOCK_N, BLOCK_K)
-    if AFFINE:
-        values = (q.to(tl.float32) - zero) * scale
-    else:
-        values = tl.load(W[5] + q) * scale
-    return values
+    return level_values(W, q, zero, scale, FMT)

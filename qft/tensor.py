@@ -275,13 +275,15 @@ def quantize(
         w: fp32/fp16/bf16, any shape (non-contiguous is fine), non-empty, finite.
         format: ``"nf4"`` (default), ``"fp4"`` (both byte-compatible with bitsandbytes), ``"lloyd3"``,
             ``"lloyd2"``, ``"nf3"``, ``"nf2"`` (3-/2-bit code books), ``"int4"``, ``"int3"``, ``"int2"``
-            (affine).
+            (affine), ``"nf4_icq"``, ``"lloyd3_icq"``, ``"lloyd2_icq"`` (code books with ICQ's offsets).
         block_size: values per scale block: a power of two in 32..4096 for code books (default 64),
             32/64/128 for affine groups.
         double_quant: also quantize the per-block scales to 8 bits (bitsandbytes' ``compress_statistics``).
         method: affine ranges ``"rtn"``, ``"clip"`` or ``"hqq"`` (default; see ``qft.formats.affine``;
-            code books search their own), or ``"gptq"``: those scales, then codes chosen with GPTQ's error
-            feedback under ``hessian`` (``qft.formats.gptq``; w 2-D [N, K], block_size dividing K).
+            code books search their own), ``"icq"`` (IR-QLoRA's entropy-maximising ranges; a code book
+            is stored as its ``_icq`` variant, ``qt.format`` says so; ``qft.formats.icq``), or ``"gptq"``:
+            those scales, then codes chosen with GPTQ's error feedback under ``hessian``
+            (``qft.formats.gptq``; w 2-D [N, K], block_size dividing K).
         hessian: ``X^T X / n`` [K, K] of the layer's calibration inputs (``qft.nn.calibrate``); gptq only.
         act_order: gptq: round columns in descending order of the hessian's diagonal.
 
@@ -296,7 +298,9 @@ def quantize(
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if method not in (*formats.affine.METHODS, "gptq"):
-        raise ValueError(f"method must be 'rtn', 'clip', 'hqq' or 'gptq', got {method!r}")
+        raise ValueError(f"method must be 'rtn', 'clip', 'hqq', 'icq' or 'gptq', got {method!r}")
+    if method == "icq":
+        format = formats.icq_format(format)
     if (method == "gptq") != (hessian is not None):
         raise ValueError("method 'gptq' needs a hessian, and only gptq takes one")
     if w.numel() == 0:

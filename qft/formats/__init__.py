@@ -5,6 +5,8 @@ One module per family declares its formats (code books, bit width, quantize and 
 * ``bnb_codebooks``: nf4, fp4 (bitsandbytes' bytes);
 * ``searched_codebooks``: lloyd3, lloyd2, nf3, nf2 (3-/2-bit code books, searched block scale);
 * ``affine``: int4, int3, int2 (HQQ/GPTQ ``(q - zero) * scale``);
+* ``icq``: nf4_icq, lloyd3_icq, lloyd2_icq (a code book with an entropy-chosen offset per block,
+  ``(code[q] - zero) * scale``), and the affine formats' ``"icq"`` range;
 * ``double_quant``: the 8-bit double quantization of any format's scales;
 
 ``packing`` lays codes out per bit width and ``parts`` declares the stored parts and ``Weight``, the
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from qft.formats import affine, bnb_codebooks, double_quant, packing, searched_codebooks
+from qft.formats import affine, bnb_codebooks, double_quant, icq, packing, searched_codebooks
 from qft.formats.codebook import byte_pairs, code, encode_order, thresholds
 from qft.formats.double_quant import ABSMAX_FLOOR, NESTED_BLOCK_SIZE, dynamic_map, unsigned_dynamic_map
 from qft.formats.packing import num_blocks, packed_dtype, packed_numel
@@ -28,6 +30,7 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # code books
 GROUP_SIZES = affine.GROUP_SIZES
 DEFAULT_BLOCK_SIZE = 64
 FORMATS = {f.name: f for family in (bnb_codebooks, searched_codebooks, affine) for f in family.FORMATS}
+FORMATS.update({f.name: f for f in map(icq.icq_variant, (FORMATS["nf4"], FORMATS["lloyd3"], FORMATS["lloyd2"]))})
 
 __all__ = [
     "ABSMAX_FLOOR",
@@ -49,6 +52,7 @@ __all__ = [
     "encoded",
     "get_bnb_format",
     "get_format",
+    "icq_format",
     "is_bnb_codebook",
     "layout",
     "num_blocks",
@@ -67,6 +71,19 @@ def get_format(name: str):
     if not isinstance(name, str) or name not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {name!r}")
     return FORMATS[name]
+
+
+def icq_format(name: str) -> str:
+    """The format ``method="icq"`` stores a ``name`` weight in: an affine format itself (its range is
+    searched), a code book's ``_icq`` variant (its offsets stored as zeros); ``ValueError`` for a code
+    book without one."""
+    fmt = get_format(name)
+    if fmt.affine or isinstance(fmt, icq.IcqCodebookFormat):
+        return name
+    if f"{name}_icq" not in FORMATS:
+        variants = sorted(n for n in FORMATS if n.endswith("_icq"))
+        raise ValueError(f"method 'icq' takes an affine format or one of {variants} (or its base), got {name!r}")
+    return f"{name}_icq"
 
 
 def is_bnb_codebook(name: str) -> bool:
@@ -187,7 +204,7 @@ def decoded_scales(weight: Weight) -> torch.Tensor:
 def dequantize(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     """Reference decode of every value of ``weight`` into a flat ``dtype`` tensor."""
     fmt = get_format(weight.fmt)
-    if fmt.bits == 4 and not fmt.affine and weight.numel:
+    if fmt.bits == 4 and not fmt.stores_zeros and weight.numel:
         return _dequantize_bytes(weight, dtype)
     codes = packing.unpack(weight.codes, fmt.bits, weight.numel)
     return fmt.dequantize(codes, decoded_scales(weight), weight.block_size, dtype, weight.zeros)

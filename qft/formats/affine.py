@@ -5,7 +5,8 @@ double-quantized), ``zeros`` fp16; decoded in fp32 (one rounding per step) and r
 even in the output dtype. Quantize picks each group's range by ``method``: ``"rtn"`` min-max,
 ``"clip"`` least-squares search over shrunken ranges, ``"hqq"`` clip then HQQ's half-quadratic
 refinement of the zero (Badri & Shaji 2023, "Half-Quadratic Quantization of Large Machine Learning
-Models").
+Models"), ``"icq"`` the min-max range scaled by the factor of most code entropy (IR-QLoRA's ICQ for
+integers, ``qft.formats.icq``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from qft.formats import packing
+from qft.formats.icq import ICQ_RANGE, ICQ_STEPS, code_entropy, keep_better
 from qft.formats.parts import PartSpec, codes_and_scales
 
 GROUP_SIZES = (32, 64, 128)
-METHODS = ("rtn", "clip", "hqq")
+METHODS = ("rtn", "clip", "hqq", "icq")
 # HQQ's solver settings: lp-norm p, initial penalty beta growing by kappa, fixed iterations.
 HQQ_P, HQQ_BETA, HQQ_KAPPA, HQQ_ITERS = 0.7, 10.0, 1.01, 20
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # range shrink factors searched by "clip"
@@ -32,6 +34,7 @@ class AffineFormat:
     bits: int
     affine = True
     bnb_compatible = False
+    stores_zeros = True
     zero_code = 0
 
     @property
@@ -50,7 +53,9 @@ class AffineFormat:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         x, valid = group_values(w, block_size)
-        if scales is None:
+        if scales is None and method == "icq":
+            scales, zeros = icq_range(x, valid, self.max_code)
+        elif scales is None:
             scales, zeros = search_range(x, valid, self.max_code, search=method != "rtn")
         if method == "hqq":
             zeros = _hqq_refine_zero(x, valid, scales, zeros, self.max_code)
@@ -102,6 +107,20 @@ def search_range(x, valid, max_code: int, search: bool) -> tuple[torch.Tensor, t
             best = torch.where(better, err, best)
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
+
+
+def icq_range(x, valid, max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per group: the min-max range scaled by the p in ``[1 - ICQ_RANGE, 1 + ICQ_RANGE]``
+    (``2 * ICQ_STEPS + 1`` values, p = 1 first) whose codes have the most entropy (ties: least error)."""
+    lo = torch.where(valid, x, torch.inf).amin(1)
+    hi = torch.where(valid, x, -torch.inf).amax(1)
+    best = None
+    for p in [1.0, *torch.linspace(1 - ICQ_RANGE, 1 + ICQ_RANGE, 2 * ICQ_STEPS + 1).tolist()]:
+        scale, zero = _from_range(lo * p, hi * p, max_code)
+        q = _codes(x, scale.unsqueeze(1), zero.unsqueeze(1), max_code)
+        error = ((((q - zero.unsqueeze(1)) * scale.unsqueeze(1) - x).double() ** 2) * valid).sum(1)
+        best = keep_better(best, code_entropy(q, valid, max_code + 1), error, scale, zero)
+    return best[2], best[3]
 
 
 def _hqq_refine_zero(x, valid, scale, zero, max_code):

@@ -27,6 +27,7 @@ class CodebookFormat:
     code: tuple[float, ...]
     encode_order: tuple[int, ...]
     affine = False
+    stores_zeros = False  # a per-block zero beside the scale (``qft.formats.icq``'s variants)
 
     @property
     def zero_code(self) -> int:

@@ -35,7 +35,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> tuple[t
 
 
 def _grid(fmt, scales: torch.Tensor, zeros: torch.Tensor | None):
-    """``round(column, group) -> (values on the format's grid, codes)`` for per-block scales/zeros [N, G]."""
+    """``round(column, group) -> (values on the format's grid, codes)`` for per-block scales/zeros [N, G]
+    (zeros None for a code book that stores none)."""
     if fmt.affine:
 
         def round_affine(w, g):
@@ -49,7 +50,11 @@ def _grid(fmt, scales: torch.Tensor, zeros: torch.Tensor | None):
         codes = fmt.encode((w / scales[:, g]).clamp(-1, 1).float())
         return table[codes.long()] * scales[:, g], codes
 
-    return round_codebook
+    def round_codebook_with_zeros(w, g):  # ICQ's code books: (code[q] - zero) * scale
+        codes = fmt.encode((w / scales[:, g] + zeros[:, g]).clamp(-1, 1).float())
+        return (table[codes.long()] - zeros[:, g]) * scales[:, g], codes
+
+    return round_codebook if zeros is None else round_codebook_with_zeros
 
 
 def gptq_quantize(
@@ -79,7 +84,7 @@ def gptq_quantize(
     form = get_format(fmt)
     start = quantize(w, fmt, block_size, method, nested)  # the static scales (double-quantized if nested)
     scales = decoded_scales(start).to(dtype).view(n, k // block_size)
-    zeros = start.zeros.to(dtype).view(n, k // block_size) if form.affine else None
+    zeros = start.zeros.to(dtype).view(n, k // block_size) if form.stores_zeros else None
     round_to_grid = _grid(form, scales, zeros)
 
     order = torch.argsort(torch.diagonal(hessian), descending=True) if act_order else torch.arange(k)

@@ -38,15 +38,17 @@ class SearchedCodebookFormat(CodebookFormat):
 
     bnb_compatible = False
 
-    def search_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """Per block of ``x`` [blocks, size] (zero-padded), the least-error ``absmax * f``."""
+    def search_scale(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Per block of ``x`` [blocks, size] (zero-padded), the least-error ``absmax * f``; the error
+        counts only ``valid`` values when a mask is given (the stored formats count padding)."""
         absmax = x.abs().amax(1).clamp(min=ABSMAX_FLOOR)
         table = code(self.name, x.device)
         best_err = best_scale = None
         for f in SCALE_SEARCH:
             scale = absmax * f
             q = self.encode((x / scale.unsqueeze(1)).clamp(-1, 1)).long()
-            err = ((table[q] * scale.unsqueeze(1) - x).double() ** 2).sum(1)
+            err = (table[q] * scale.unsqueeze(1) - x).double() ** 2
+            err = (err if valid is None else err * valid).sum(1)
             if best_err is None:
                 best_err, best_scale = err, scale
             else:

@@ -65,7 +65,8 @@ class QftConfig(QuantizationConfigMixin):
         **kwargs,
     ) -> None:
         self.quant_method = METHOD
-        QuantConfig(format, block_size, double_quant, method)  # ValueError/TypeError on a bad combination
+        # ValueError/TypeError on a bad combination; the format it stores (method "icq": a code book's _icq)
+        format = QuantConfig(format, block_size, double_quant, method).format
         self.format, self.block_size, self.double_quant, self.method = format, block_size, double_quant, method
         self.compute_dtype = _dtype_name(compute_dtype)
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)

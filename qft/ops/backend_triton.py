@@ -21,7 +21,11 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int, method: str, nested: bo
 
 
 def search_then_encode(w, fmt: str, block_size: int, method: str, nested: bool) -> formats.Weight:
-    """A searched code book or affine format: the Triton range search, then ``qft.formats.quantize``."""
+    """A searched code book or affine format: the Triton range search, then ``qft.formats.quantize``.
+    ICQ's entropy search (an ``_icq`` code book, or method ``"icq"``) runs as batched torch ops on w's
+    device (``qft.formats.icq``)."""
+    if method == "icq" or isinstance(formats.get_format(fmt), formats.icq.IcqCodebookFormat):
+        return formats.quantize(w, fmt, block_size, method, nested)
     from qft.kernels.search_scales import search_scales
 
     scales, zeros = search_scales(w, fmt, block_size, method)

@@ -9,7 +9,7 @@ import qft
 from qft import formats
 from qft.formats.gptq import gptq_quantize, inverse_hessian_factor
 
-FORMATS = ["nf4", "int3", "lloyd2", "int2"]
+FORMATS = ["nf4", "int3", "lloyd2", "int2", "nf4_icq", "lloyd2_icq"]
 
 
 def _layer(n=24, k=192, rows=256, seed=0):  # k > gptq.LAZY_COLUMNS: two lazy blocks, one partial
@@ -39,8 +39,10 @@ def _reference_codes(w, h, fmt, block_size, act_order):
             c = torch.round(col / scales[:, g] + zeros).clamp(0, form.max_code)
             value = (c - zeros) * scales[:, g]
         else:  # the nearest value of the code book (ties never happen with random data)
-            grid = formats.code(fmt).double()[None, :] * scales[:, g, None]
-            c = (grid - col.clamp(-scales[:, g], scales[:, g])[:, None]).abs().argmin(1)
+            zero = weight.zeros.double().view(n, -1)[:, g, None] if form.stores_zeros else 0.0
+            grid = (formats.code(fmt).double()[None, :] - zero) * scales[:, g, None]
+            inside = torch.minimum(torch.maximum(col, grid.amin(1)), grid.amax(1))
+            c = (grid - inside[:, None]).abs().argmin(1)
             value = grid[torch.arange(n), c]
         codes[:, order[j]] = c.long()
         error = (col - value) / u[j, j]
@@ -56,7 +58,7 @@ def _codes(weight, fmt):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_equals_a_float64_reference(fmt, act_order):
     w, _, h = _layer()
-    block = 64 if fmt in ("nf4", "lloyd2") else 32
+    block = 32 if fmt.startswith("int") else 64
     weight = gptq_quantize(w, h.double(), fmt, block, nested=True, act_order=act_order, dtype=torch.float64)
     want = _reference_codes(w, h, fmt, block, act_order)
     got = _codes(weight, fmt).view(w.shape)
@@ -68,7 +70,7 @@ def test_equals_a_float64_reference(fmt, act_order):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lowers_the_output_error_on_the_calibration_inputs(fmt):
     w, x, h = _layer(seed=1)
-    block = 64 if fmt in ("nf4", "lloyd2") else 32
+    block = 32 if fmt.startswith("int") else 64
     plain = qft.quantize(w, fmt, block)
     gptq = qft.quantize(w, fmt, block, method="gptq", hessian=h)
     err_plain = (x @ (plain.dequantize(torch.float32) - w).t()).norm()
