@@ -29,15 +29,22 @@ from qft.tensor import QuantizedTensor
 
 @dataclass(frozen=True)
 class QuantizeWith:
-    """How an init that quantizes a full-precision target itself (LoftQ) stores the weight.
+    """How an init that quantizes a full-precision target itself (LoftQ, ApiQ) stores the weight.
 
     Attributes:
-        config: a ``qft.QuantConfig`` (read: ``format``, ``block_size``, ``double_quant``, ``method``).
+        config: a ``qft.QuantConfig`` (read: ``format``, ``block_size``, ``double_quant``, ``method``,
+            ``act_order``).
         wrap: ``wrap(qt, bias)`` builds the quantized base layer (a ``QuantLinear``) over the result.
+        hessians: calibration statistics by module name (``qft.nn.calibrate``), or None.
     """
 
     config: Any
     wrap: Callable[[QuantizedTensor, torch.Tensor | None], nn.Module]
+    hessians: Any = None
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        """Module ``name``'s ``X^T X / n``, or None when no statistics were given."""
+        return None if self.hessians is None else self.hessians.get(name)
 
 
 def _no_quantizing_init(config) -> None:

@@ -26,14 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     kinds = adapters.specs()
     demo.add_argument("--adapter", default=defaults.adapter, help=f"adapter kind: {' or '.join(s.name for s in kinds)}")
     demo.add_argument("--oft-block-size", type=int, default=defaults.oft_block_size, help="OFT and BOFT block size")
-    demo.add_argument("--init", default=defaults.init, help="adapter init: default or loftq")
+    demo.add_argument("--init", default=defaults.init, help="adapter init: default, loftq or apiq")
     demo.add_argument(
         "--quant-method",
         default=defaults.quant_method,
         help="hqq (default), rtn or clip (affine ranges), or gptq (calibrated on training batches)",
     )
     demo.add_argument(
-        "--calibration-batches", type=int, default=defaults.calibration_batches, help="gptq's training batches"
+        "--calibration-batches", type=int, default=defaults.calibration_batches, help="gptq/apiq training batches"
     )
     demo.add_argument(
         "--rank",

@@ -38,9 +38,9 @@ class DemoConfig:
     model: str | None = None  # a local Hugging Face BERT- or Llama-style model folder
     format: str = "nf4"
     adapter: str = "lora"  # a name in qft.adapters' registry
-    init: str = "default"  # or "loftq" (LoRA)
+    init: str = "default"  # or "loftq", "apiq" (LoRA)
     quant_method: str = "hqq"  # or "rtn", "clip" (affine ranges), "gptq" (act-order, calibrated on training batches)
-    calibration_batches: int = 8  # gptq: batches of the training split, never the held-out sentences
+    calibration_batches: int = 8  # gptq, apiq: batches of the training split, never the held-out sentences
     rank: int = 16  # LoRA's rank; DiaBlo's and ETHER's blocks; HRA's reflections
     oft_block_size: int = 32  # OFT's and BOFT's
     optim: str = "paged-adamw8bit"  # or "adamw" (torch)
@@ -206,17 +206,16 @@ def run(config: DemoConfig) -> dict[str, object]:
         quant_config = qft.QuantConfig(format=config.format, method=config.quant_method, act_order=gptq)
     except ValueError as exc:
         raise DemoError(f"--quant-method: {exc}") from exc
-    calibration = _calibration(student, tokenizer, train, config, device) if gptq else None
+    calibrated = gptq or config.init == "apiq"
+    calibration = _calibration(student, tokenizer, train, config, device) if calibrated else None
     targets = adapter_targets(student)
     if not targets:
         raise DemoError(f"--model {path!r} has no Linear layers to adapt")
     try:
         adapter_config = spec.demo_config(targets, config.rank, config.oft_block_size, config.init)
-        if spec.quantizing_init(adapter_config):  # LoftQ quantizes the targets itself, from the full-precision weights
-            if calibration is not None:
-                raise DemoError("--init loftq quantizes its targets itself: it does not take --quant-method gptq")
-            qft.add_adapters(student, adapter_config, quant_config=quant_config)
-            qft.quantize_(student, quant_config)
+        if spec.quantizing_init(adapter_config):  # LoftQ, ApiQ quantize the targets themselves, from full precision
+            qft.add_adapters(student, adapter_config, quant_config=quant_config, calibration=calibration)
+            qft.quantize_(student, quant_config, calibration=calibration)
         else:
             qft.quantize_(student, quant_config, calibration=calibration)
             qft.add_adapters(student, adapter_config)

@@ -91,19 +91,31 @@ def oft_layers(model: nn.Module) -> dict[str, OFTLinear]:
     return adapter_layers(model, "oft")
 
 
-def add_adapters(model: nn.Module, config, quant_config: QuantConfig | None = None) -> nn.Module:
+def add_adapters(
+    model: nn.Module,
+    config,
+    quant_config: QuantConfig | None = None,
+    calibration: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Wrap each target Linear/QuantLinear of ``model`` in the adapter layer of ``config``'s kind (a
     LoRALinear for a LoRAConfig, an OFTLinear for an OFTConfig), in place; returns ``model``.
 
     Targets follow PEFT: a module whose name equals, or ends in ``"." + t`` for, some ``t`` in
     ``config.target_modules``. Afterwards only adapter parameters require grad (PEFT's freezing).
-    With ``LoRAConfig(init="loftq")`` the targets must still be full-precision ``nn.Linear``: each is
-    quantized with ``quant_config`` and gets LoftQ-initialised adapters.
+    With ``LoRAConfig(init="loftq")`` or ``init="apiq"`` the targets must still be full-precision
+    ``nn.Linear``: each is quantized with ``quant_config`` and gets LoftQ- or ApiQ-initialised adapters.
+    ``calibration`` (``qft.nn.calibrate``) holds the targets' input statistics, which ApiQ and a
+    QuantConfig with method ``"gptq"`` need (``ValueError`` naming a missing layer, before any change).
     """
-    return install_adapters(model, build_adapters(model, config, quant_config))
+    return install_adapters(model, build_adapters(model, config, quant_config, calibration))
 
 
-def build_adapters(model: nn.Module, config, quant_config: QuantConfig | None = None) -> dict[str, nn.Module]:
+def build_adapters(
+    model: nn.Module,
+    config,
+    quant_config: QuantConfig | None = None,
+    calibration: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, nn.Module]:
     """The adapter layers ``add_adapters`` would install, by module name, built but not installed:
     ``model`` is not changed (``install_adapters`` does that)."""
     spec = adapters.spec_for_config(config)
@@ -126,7 +138,7 @@ def build_adapters(model: nn.Module, config, quant_config: QuantConfig | None = 
         targets[name] = module
     if not targets:
         raise ValueError(f"no module of the model matches target_modules={list(config.target_modules)}")
-    quantize = adapters.QuantizeWith(quant_config, QuantLinear) if quantizing else None
+    quantize = adapters.QuantizeWith(quant_config, QuantLinear, calibration) if quantizing else None
     return {name: spec.make_layer(module, config, name, quantize) for name, module in targets.items()}
 
 

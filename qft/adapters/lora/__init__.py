@@ -40,7 +40,7 @@ def _from_peft(raw: dict) -> LoRAConfig:
 
 def _build(base, config: LoRAConfig, name: str, quantize: QuantizeWith | None) -> LoRALinear:
     if quantize is not None:
-        return LoRALinear.with_loftq(base, config, quantize, name)
+        return LoRALinear.with_quantizing_init(base, config, quantize, name)
     return LoRALinear(base, config, name)
 
 
@@ -60,6 +60,6 @@ SPEC = register(
         build=_build,
         demo_config=_demo_config,
         demo_lr=2e-3,
-        quantizing_init=lambda config: "init='loftq'" if config.init == "loftq" else None,
+        quantizing_init=lambda config: None if config.init == "default" else f"init={config.init!r}",
     )
 )

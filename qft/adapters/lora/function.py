@@ -127,18 +127,23 @@ def lora_over(
 
 
 @torch.no_grad()
-def loftq(weight: torch.Tensor, quant_config, lora_config) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
+def loftq(
+    weight: torch.Tensor, quant_config, lora_config, hessian: torch.Tensor | None = None
+) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
     """LoftQ (Li et al. 2023): ``(qt, A [r, in], B [out, r])`` with ``dequantize(qt) + scaling * B @ A``
     close to ``weight``. Each of ``lora_config.loftq_iters`` rounds quantizes ``W - scaling * B @ A`` with
     ``quant_config`` (a ``qft.QuantConfig``) and fits A, B to the quantization residual by a rank-r SVD,
     so the quantized base plus the initial adapter starts close to the full-precision weight. A and B
-    come back in ``lora_config.adapter_dtype``."""
+    come back in ``lora_config.adapter_dtype``. ``hessian``: the layer's calibration statistics, which
+    method ``"gptq"`` quantizes under."""
     w = weight.detach().float()
     r, scaling = lora_config.r, lora_config.scaling
     c = quant_config
     correction = torch.zeros_like(w)
     for _ in range(lora_config.loftq_iters):
-        qt = quantize((w - correction).to(weight.dtype), c.format, c.block_size, c.double_quant, c.method)
+        target = (w - correction).to(weight.dtype)
+        gptq_hessian = hessian if c.method == "gptq" else None
+        qt = quantize(target, c.format, c.block_size, c.double_quant, c.method, gptq_hessian, c.act_order)
         residual = w - qt.dequantize(torch.float32)
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
         root = s[:r].sqrt() / math.sqrt(scaling)

@@ -22,7 +22,10 @@ from qft.adapters import (
     compile_pattern,
     quantized_weight,
 )
+from qft.adapters.lora.apiq import apiq
 from qft.adapters.lora.function import loftq, lora_over
+
+INITS = ("default", "loftq", "apiq")
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,11 @@ class LoRAConfig(TargetedConfig):
         PEFT reads a string). rank_pattern / alpha_pattern: PEFT's per-module overrides of r and alpha,
         ``{pattern: value}``; a pattern applies to a module whose name ends in it (after a ``.``), the
         first that matches wins. adapter_dtype: dtype of A and B (fp32 by default, as PEFT keeps them).
-        init: ``"default"`` (PEFT's: A kaiming-uniform, B zero) or ``"loftq"`` (quantize the target
-        and fit A, B to the quantization residual; needs full-precision targets and a QuantConfig
-        passed to ``add_adapters``). loftq_iters: LoftQ's alternating rounds.
+        init: ``"default"`` (PEFT's: A kaiming-uniform, B zero), ``"loftq"`` (quantize the target
+        and fit A, B to the quantization residual) or ``"apiq"`` (quantize the target and fit A, B so
+        the layer's output on calibration inputs is kept: ``lora.apiq``; needs ``add_adapters``'s
+        ``calibration``). Both need full-precision targets and a QuantConfig passed to ``add_adapters``.
+        loftq_iters: LoftQ's (and ApiQ's) alternating rounds.
     """
 
     r: int = 16
@@ -72,8 +77,8 @@ class LoRAConfig(TargetedConfig):
                     raise ValueError(f"{name}[{pattern!r}] must be a {want}, got {value!r}")
             object.__setattr__(self, name, pairs)
         check_adapter_dtype(self.adapter_dtype)
-        if self.init not in ("default", "loftq"):
-            raise ValueError(f"init must be 'default' or 'loftq', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
             raise ValueError(f"loftq_iters must be a positive int, got {self.loftq_iters!r}")
 
@@ -127,12 +132,22 @@ class LoRALinear(AdditiveMerge, nn.Module):
         self.merged = False
 
     @classmethod
-    def with_loftq(cls, linear: nn.Linear, config: LoRAConfig, quantize: QuantizeWith, name: str = "") -> LoRALinear:
-        """Quantize ``linear`` as ``quantize`` says and start A, B from LoftQ (``function.loftq``)."""
+    def with_quantizing_init(
+        cls, linear: nn.Linear, config: LoRAConfig, quantize: QuantizeWith, name: str = ""
+    ) -> LoRALinear:
+        """Quantize ``linear`` as ``quantize`` says and start A, B from ``config.init``: LoftQ
+        (``function.loftq``) or ApiQ (``apiq.apiq``, from the layer's calibration statistics)."""
         own = dataclasses.replace(
             config, r=config.rank_for(name), alpha=config.alpha_for(name), rank_pattern={}, alpha_pattern={}
         )
-        qt, a, b = loftq(linear.weight, quantize.config, own)
+        hessian = quantize.hessian(name)
+        if hessian is None and (config.init == "apiq" or quantize.config.method == "gptq"):
+            why = "init='apiq'" if config.init == "apiq" else "method 'gptq'"
+            raise ValueError(f"{why} needs calibration statistics for {name!r} (qft.nn.calibrate)")
+        if config.init == "apiq":
+            qt, a, b = apiq(linear.weight, hessian, quantize.config, own)
+        else:
+            qt, a, b = loftq(linear.weight, quantize.config, own, hessian)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         layer = cls(quantize.wrap(qt, bias), config, name)
         with torch.no_grad():
