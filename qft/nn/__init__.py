@@ -21,11 +21,13 @@ from qft.nn.model import (
     quantize_,
     unmerge_adapters,
 )
+from qft.nn.plan import BitsPlan, plan_bits
 from qft.nn.quant_linear import QuantLinear
 
 __all__ = [
     "BOFTConfig",
     "BOFTLinear",
+    "BitsPlan",
     "Calibration",
     "DiaBloConfig",
     "DiaBloLinear",
@@ -47,6 +49,7 @@ __all__ = [
     "lora_layers",
     "merge_adapters",
     "oft_layers",
+    "plan_bits",
     "prepare_fsdp",
     "quantize_",
     "quantized_bytes",

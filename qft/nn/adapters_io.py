@@ -25,7 +25,7 @@ _PREFIX = "base_model.model."
 
 
 def _key_pattern() -> re.Pattern:
-    parts = "|".join(re.escape(part) for spec in adapters.specs() for part in spec.parts)
+    parts = "|".join(re.escape(part) for spec in adapters.specs() for part in spec.parts + spec.optional_parts)
     # PEFT's in-memory keys carry the adapter name (lora_A.default.weight); saved files drop it.
     # Parts that are bare parameters (PEFT's hra_u) have no ``.weight``.
     return re.compile(rf"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>{parts})(?:\.[^.]+)?(?:\.weight)?$")
@@ -64,7 +64,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = {
         _PREFIX + spec.part_key(name, part): spec.part_tensor(layer, part).detach().cpu().contiguous()
         for name, layer in layers.items()
-        for part in spec.parts
+        for part in spec.layer_parts(layer)
     }
     peft_config = _peft_config(configs.pop(), spec)
     os.makedirs(path, exist_ok=True)
@@ -130,7 +130,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if match is None:
             raise ValueError(f"{weights_file}: {key!r} is not an adapter weight key")
         loaded[(match["module"], match["part"])] = tensor
-    expected = {(name, part) for name in layers for part in spec.parts}
+    expected = {(name, part) for name, layer in layers.items() for part in spec.layer_parts(layer)}
     missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"adapter does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")

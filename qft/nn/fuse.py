@@ -59,6 +59,8 @@ def _alone_ok(layer: LoRALinear) -> bool:
     base = layer.base_layer
     if quantized_weight(base) is None or layer.merged or "projection_group" in layer.__dict__:
         return False
+    if layer.lora_iec is not None:  # IEC's connections make its own factors: it runs alone
+        return False
     no_perm = getattr(base, "input_perm", None) is None
     # FSDP-prepared (flat, shardable storage): each layer is its own FSDP unit, so a sibling's weight
     # may still be sharded while the first member runs

@@ -16,6 +16,7 @@ from qft import adapters
 from qft.adapters.lora import LoRALinear
 from qft.adapters.oft import OFTLinear
 from qft.nn.config import QuantConfig
+from qft.nn.plan import BitsPlan
 from qft.nn.quant_linear import QuantLinear
 
 
@@ -32,41 +33,57 @@ def _swap(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
         setattr(model.get_submodule(parent), leaf, module)
 
 
-def quantize_(
-    model: nn.Module,
-    config: QuantConfig | None = None,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    calibration: Mapping[str, torch.Tensor] | None = None,
-) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true) by a
-    ``QuantLinear`` quantized with ``config``, in place; returns ``model``.
-
-    Adapters' own layers (LoRA's A and B) are never quantized; an adapter layer's plain base layer is.
-    ``calibration`` (``qft.nn.calibrate(model, batches)``, taken before quantizing) holds each layer's
-    input statistics; method ``"gptq"`` needs it for every layer it quantizes (``ValueError`` naming a
-    missing one, before any layer changes).
-    """
-    config = QuantConfig() if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if type(model) is nn.Linear:
-        raise ValueError("model is itself an nn.Linear: use QuantLinear.from_linear(model, config)")
-    chosen = {
+def quantizable_linears(model: nn.Module, filter_fn=None) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers ``quantize_`` takes, by name: not an adapter's own (LoRA's A and B), and
+    those ``filter_fn(module, name)`` keeps."""
+    return {
         name: module
         for name, module in model.named_modules()
         if type(module) is nn.Linear
         and not _is_adapter_part(model, name)
         and (filter_fn is None or filter_fn(module, name))
     }
-    hessians = {name: None for name in chosen}
-    if config.method == "gptq":
-        missing = [name for name in chosen if calibration is None or name not in calibration]
-        if missing:
-            raise ValueError(f"method 'gptq' needs calibration statistics for {missing[:3]} (qft.nn.calibrate)")
-        hessians = {name: calibration[name] for name in chosen}
-    replacements = {name: QuantLinear.from_linear(m, config, hessians[name]) for name, m in chosen.items()}
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig | BitsPlan | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    calibration: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true) by a
+    ``QuantLinear`` quantized with ``config``, in place; returns ``model``.
+
+    ``config`` may be a ``BitsPlan`` (``qft.plan_bits``): each layer it names gets its own QuantConfig
+    (``ValueError`` when it names a layer the model does not have). Adapters' own layers (LoRA's A and
+    B) are never quantized; an adapter layer's plain base layer is. ``calibration``
+    (``qft.nn.calibrate(model, batches)``, taken before quantizing) holds each layer's input
+    statistics; method ``"gptq"`` needs it for every layer it quantizes (``ValueError`` naming a
+    missing one, before any layer changes).
+    """
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, (QuantConfig, BitsPlan)):
+        raise TypeError(f"config must be a QuantConfig or a BitsPlan, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise ValueError("model is itself an nn.Linear: use QuantLinear.from_linear(model, config)")
+    chosen = quantizable_linears(model, filter_fn)
+    if isinstance(config, BitsPlan):  # a named layer already quantized (by LoftQ or ApiQ) is skipped
+        unknown = sorted(set(config.configs) - {name for name, _ in model.named_modules()})
+        if unknown:
+            raise ValueError(f"the plan names layers this model does not have: {unknown[:3]}")
+        configs = {name: config.configs[name] for name in chosen if name in config.configs}
+    else:
+        configs = {name: config for name in chosen}
+    gptq = [name for name, c in configs.items() if c.method == "gptq"]
+    missing = [name for name in gptq if calibration is None or name not in calibration]
+    if missing:
+        raise ValueError(f"method 'gptq' needs calibration statistics for {missing[:3]} (qft.nn.calibrate)")
+    replacements = {
+        name: QuantLinear.from_linear(chosen[name], c, calibration[name] if name in gptq else None)
+        for name, c in configs.items()
+    }
     _swap(model, replacements)
     return model
 
@@ -94,7 +111,7 @@ def oft_layers(model: nn.Module) -> dict[str, OFTLinear]:
 def add_adapters(
     model: nn.Module,
     config,
-    quant_config: QuantConfig | None = None,
+    quant_config: QuantConfig | BitsPlan | None = None,
     calibration: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Wrap each target Linear/QuantLinear of ``model`` in the adapter layer of ``config``'s kind (a
@@ -103,7 +120,8 @@ def add_adapters(
     Targets follow PEFT: a module whose name equals, or ends in ``"." + t`` for, some ``t`` in
     ``config.target_modules``. Afterwards only adapter parameters require grad (PEFT's freezing).
     With ``LoRAConfig(init="loftq")`` or ``init="apiq"`` the targets must still be full-precision
-    ``nn.Linear``: each is quantized with ``quant_config`` and gets LoftQ- or ApiQ-initialised adapters.
+    ``nn.Linear``: each is quantized with ``quant_config`` (a BitsPlan: its entry for the layer) and gets
+    LoftQ- or ApiQ-initialised adapters.
     ``calibration`` (``qft.nn.calibrate``) holds the targets' input statistics, which ApiQ and a
     QuantConfig with method ``"gptq"`` need (``ValueError`` naming a missing layer, before any change).
     """
@@ -113,7 +131,7 @@ def add_adapters(
 def build_adapters(
     model: nn.Module,
     config,
-    quant_config: QuantConfig | None = None,
+    quant_config: QuantConfig | BitsPlan | None = None,
     calibration: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, nn.Module]:
     """The adapter layers ``add_adapters`` would install, by module name, built but not installed:
@@ -123,7 +141,7 @@ def build_adapters(
         kinds = " or ".join(s.config_type.__name__ for s in adapters.specs())
         raise TypeError(f"config must be a {kinds}, got {type(config).__name__}")
     quantizing = spec.quantizing_init(config)
-    if quantizing and not isinstance(quant_config, QuantConfig):
+    if quantizing and not isinstance(quant_config, (QuantConfig, BitsPlan)):
         raise ValueError(f"{quantizing} quantizes the targets itself: pass quant_config=QuantConfig(...)")
     targets = {}
     for name, module in model.named_modules():
@@ -149,7 +167,7 @@ def install_adapters(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Modul
     for param in model.parameters():
         param.requires_grad = False
     for layer in layers.values():
-        parts = adapters.spec_for_layer(layer).parts
+        parts = adapters.spec_for_layer(layer).layer_parts(layer)
         for name, param in layer.named_parameters():
             param.requires_grad = name.split(".", 1)[0] in parts
     return model

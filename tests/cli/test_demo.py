@@ -69,6 +69,7 @@ def test_gptq_calibrated_on_training_batches_starts_nearer_the_teacher(tmp_path,
         (["--init", "lofty"], "init must be one of"),
         (["--quant-method", "gptq", "--calibration-batches", "0"], "--calibration-batches must be positive"),
         (["--init", "apiq", "--calibration-batches", "0"], "--calibration-batches must be positive"),
+        (["--adapter", "oft", "--iec"], "--iec is a LoRA option"),
         pytest.param(
             ["--device", "cuda"],
             "no CUDA device",

@@ -23,6 +23,7 @@ def _to_peft(config: LoRAConfig) -> dict:
         "init_lora_weights": True,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
+        **({"iec": True} if config.iec else {}),  # qft's key (PEFT has no IEC); plain LoRA files stay PEFT's
     }
 
 
@@ -35,6 +36,7 @@ def _from_peft(raw: dict) -> LoRAConfig:
         use_rslora=raw.get("use_rslora", False),
         rank_pattern=raw.get("rank_pattern") or {},
         alpha_pattern=raw.get("alpha_pattern") or {},
+        iec=raw.get("iec", False),
     )
 
 
@@ -54,6 +56,7 @@ SPEC = register(
         config_type=LoRAConfig,
         layer_type=LoRALinear,
         parts=("lora_A", "lora_B"),
+        optional_parts=("lora_iec",),
         peft_type="LORA",
         to_peft=_to_peft,
         from_peft=_from_peft,

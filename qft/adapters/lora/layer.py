@@ -45,6 +45,10 @@ class LoRAConfig(TargetedConfig):
         the layer's output on calibration inputs is kept: ``lora.apiq``; needs ``add_adapters``'s
         ``calibration``). Both need full-precision targets and a QuantConfig passed to ``add_adapters``.
         loftq_iters: LoftQ's (and ApiQ's) alternating rounds.
+        iec: IR-QLoRA's information elastic connections (Qin et al. 2024): two trained scalars, zero at
+        start, add the means of r groups of input features to ``A x`` and repeat each of the r values of
+        ``A x`` over a group of outputs beside ``B``; r must divide both feature counts. As LoRA with
+        ``A + a G`` and ``B + b E`` (G averages groups, E repeats), so every fused path runs it.
     """
 
     r: int = 16
@@ -57,6 +61,7 @@ class LoRAConfig(TargetedConfig):
     loftq_iters: int = 4
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    iec: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -81,6 +86,8 @@ class LoRAConfig(TargetedConfig):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.loftq_iters, bool) or not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
             raise ValueError(f"loftq_iters must be a positive int, got {self.loftq_iters!r}")
+        if not isinstance(self.iec, bool):
+            raise TypeError(f"iec must be a bool, got {self.iec!r}")
 
     @property
     def scaling(self) -> float:
@@ -128,6 +135,12 @@ class LoRALinear(AdditiveMerge, nn.Module):
         self.lora_B = nn.Linear(self.r, self.out_features, **kwargs)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_iec = None
+        if config.iec:
+            for side, features in (("in", self.in_features), ("out", self.out_features)):
+                if features % self.r:
+                    raise ValueError(f"iec needs r={self.r} to divide {name or 'the layer'}'s {features} {side}puts")
+            self.lora_iec = nn.Parameter(torch.zeros(2, device=kwargs["device"], dtype=config.adapter_dtype))
         self.scaling = config.scaling_for(name)
         self.merged = False
 
@@ -141,13 +154,14 @@ class LoRALinear(AdditiveMerge, nn.Module):
             config, r=config.rank_for(name), alpha=config.alpha_for(name), rank_pattern={}, alpha_pattern={}
         )
         hessian = quantize.hessian(name)
-        if hessian is None and (config.init == "apiq" or quantize.config.method == "gptq"):
+        quant = quantize.config_for(name)
+        if hessian is None and (config.init == "apiq" or quant.method == "gptq"):
             why = "init='apiq'" if config.init == "apiq" else "method 'gptq'"
             raise ValueError(f"{why} needs calibration statistics for {name!r} (qft.nn.calibrate)")
         if config.init == "apiq":
-            qt, a, b = apiq(linear.weight, hessian, quantize.config, own)
+            qt, a, b = apiq(linear.weight, hessian, quant, own)
         else:
-            qt, a, b = loftq(linear.weight, quantize.config, own, hessian)
+            qt, a, b = loftq(linear.weight, quant, own, hessian)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         layer = cls(quantize.wrap(qt, bias), config, name)
         with torch.no_grad():
@@ -169,16 +183,33 @@ class LoRALinear(AdditiveMerge, nn.Module):
             return self.base_layer(x)
         dropout = self.config.dropout if self.training else 0.0
         base = self.base_layer
+        a, b = self.factors()
         if quantized_weight(base) is not None:
-            return lora_over(base, x, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout)
+            return lora_over(base, x, a, b, self.scaling, dropout)
         y = base(x)
-        x_lora = nn.functional.dropout(x, dropout, self.training).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(x_lora)) * self.scaling).to(y.dtype)
+        x_lora = nn.functional.dropout(x, dropout, self.training).to(a.dtype)
+        return y + ((x_lora @ a.t()) @ b.t() * self.scaling).to(y.dtype)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, in], B [out, r])`` as the layer applies them: its own, or with IEC's connections
+        ``A + a G`` (G [r, in]: 1 / group size on each input group) and ``B + b E`` (E [out, r]: 1 where
+        output o belongs to group o // (out / r))."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.lora_iec is None:
+            return a, b
+        groups = torch.arange(self.r, device=a.device)
+        inputs = torch.arange(self.in_features, device=a.device) // (self.in_features // self.r)
+        outputs = torch.arange(self.out_features, device=a.device) // (self.out_features // self.r)
+        average = (inputs[None, :] == groups[:, None]).to(a.dtype) * (self.r / self.in_features)
+        repeat = (outputs[:, None] == groups[None, :]).to(b.dtype)
+        return a + self.lora_iec[0] * average, b + self.lora_iec[1] * repeat
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in fp32: what merging adds to the base weight."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        """``scaling * B @ A`` in fp32 (IEC's factors when it has them): what merging adds to the base weight."""
+        a, b = self.factors()
+        return self.scaling * (b.float() @ a.float())
 
     def extra_repr(self) -> str:
         """Rank, scaling, dropout and whether the adapter is merged."""
-        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.config.dropout}, merged={self.merged}"
+        iec = ", iec=True" if self.lora_iec is not None else ""
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.config.dropout}{iec}, merged={self.merged}"
