@@ -100,3 +100,14 @@ def test_plans_round_trip_through_json_and_apply_to_a_fresh_model(tmp_path):
     with pytest.raises(ValueError, match=r"does not have: \['nope'\]"):
         qft.quantize_(_model(), wrong)
     assert before == [torch.nn.Linear] * 3
+
+
+def test_a_quantizing_init_takes_each_layers_format_from_the_plan():
+    model = _model()
+    plan = qft.plan_bits(model, 2.9, candidates=CANDIDATES)
+    assert len({c.format for c in plan.configs.values()}) > 1
+    qft.add_adapters(model, qft.LoRAConfig(r=4, target_modules=("0", "2"), init="loftq"), quant_config=plan)
+    qft.quantize_(model, plan)  # the rest of the plan ("1"); the adapters' bases are already quantized
+    for name in ("0", "2"):
+        assert model.get_submodule(name).base_layer.quantized.format == plan.configs[name].format
+    assert model[1].quantized.format == plan.configs["1"].format
