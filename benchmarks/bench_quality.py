@@ -3,7 +3,8 @@ included) for every qft format against min-max round-to-nearest, HQQ (default an
 and QLoRA-style NF3/NF2, on N(0,1) and Student-t(4) 4096x4096 matrices and the real MiniLM-L6
 weights of the demo model; and on MiniLM's real activations, each layer's output error
 ||X (W - W_hat)^T|| / ||X W^T|| over held-out sentences, with qft's GPTQ (calibrated on training
-sentences) beside the uncalibrated methods. One run writes ``benchmarks/results/quality-<date>.{md,json}``.
+sentences), ICQ and ApiQ's starting point (quantized weight plus initial LoRA r16 term) beside the
+uncalibrated methods. One run writes ``benchmarks/results/quality-<date>.{md,json}``.
 
     python benchmarks/bench_quality.py [--size 4096] [--out DIR] [--outputs-only]
 """
@@ -22,6 +23,7 @@ import torch
 
 import qft
 from qft import formats
+from qft.adapters.lora.apiq import apiq
 
 GROUP = 64
 QFT_FORMATS = ["nf4", "int4", "lloyd3", "nf3", "int3", "lloyd2", "nf2", "int2"]
@@ -168,12 +170,26 @@ def calibrated_methods(calibration) -> dict[str, tuple[int, object]]:
 
         return run
 
+    def apiq_start(fmt):  # ApiQ's quantized weight plus its initial LoRA r16 term, as training starts
+        quant = qft.QuantConfig(fmt, GROUP, method="gptq", act_order=True)
+        lora = qft.LoRAConfig(r=16, alpha=32, target_modules=("layer",))
+
+        def run(name, w):
+            qt, a, b = apiq(w, calibration[name], quant, lora)
+            return qt.dequantize(torch.float32) + lora.scaling * (b @ a), qt.bits_per_param
+
+        return run
+
     out = {}
     for fmt in CALIBRATED_FORMATS:
         bits = qft.formats.get_format(fmt).bits
         out[f"qft {fmt}"] = (bits, qft_run(fmt, "hqq"))
+        out[f"qft {fmt} icq"] = (bits, qft_run(fmt, "icq"))
         out[f"qft {fmt} gptq"] = (bits, qft_run(fmt, "gptq"))
         out[f"qft {fmt} gptq act-order"] = (bits, qft_run(fmt, "gptq", True))
+        if f"{fmt}_icq" in qft.formats.FORMATS:
+            out[f"qft {fmt}_icq gptq act-order"] = (bits, qft_run(f"{fmt}_icq", "gptq", True))
+        out[f"qft {fmt} gptq act-order + apiq r16 start"] = (bits, apiq_start(fmt))
     for bits in (4, 3, 2):
         for name, method in (
             (f"min-max RTN {bits}b", rtn_min_max(bits)),

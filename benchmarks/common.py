@@ -249,6 +249,35 @@ def write_results(
     return paths
 
 
+class DemoTable:
+    """A table of demo runs, one ``qft.cli.demo.run`` per row, kept in ``<name>-<device>-<date>.jsonl``
+    as each run finishes, so a rerun does only what is missing; ``write`` makes the .json/.csv/.md."""
+
+    def __init__(self, name: str, device: str) -> None:
+        self.name, self.device = name, device
+        self.log = RESULTS_DIR / f"{result_stem(name, device)}.jsonl"
+        self.rows = [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+
+    def has(self, key: dict) -> bool:
+        """Whether a finished row matches every item of ``key``."""
+        return any(all(row.get(k) == v for k, v in key.items()) for row in self.rows)
+
+    def run(self, config, key: dict, extra: dict, label: str) -> None:
+        """Run the demo with ``config`` and keep its report with ``key`` and ``extra`` added."""
+        from qft.cli import demo
+
+        print(f"{label} ...", file=sys.stderr, flush=True)
+        row = {**demo.run(config), **key, **extra}
+        with self.log.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        self.rows.append(row)
+
+    def write(self, note: str, columns) -> list[Path]:
+        """Every finished row as the table's result files."""
+        meta = {"device": self.device, "device_name": device_name(self.device), "versions": versions(), "note": note}
+        return write_results(self.name, self.device, self.rows, meta, RESULTS_DIR, columns)
+
+
 def result_stem(suite: str, device: str) -> str:
     """``<suite>-<device name>-<date>``: the name of a suite's result files."""
     return f"{suite}-{slug(device_name(device))}-{datetime.date.today().isoformat()}"

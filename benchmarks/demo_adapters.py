@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import common
@@ -48,27 +47,17 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="nf4,int3,int2")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    log = common.RESULTS_DIR / f"{common.result_stem('demo_adapters', device)}.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    table = common.DemoTable("demo_adapters", device)
     for adapter, options, settings in FAMILIES:
         for fmt in args.formats.split(","):
             key = {"adapter": adapter, "format": fmt, "steps": args.steps}
-            if any(all(row.get(k) == v for k, v in key.items()) for row in done):
+            if table.has(key):
                 continue
             config = demo.DemoConfig(format=fmt, adapter=adapter, steps=args.steps, progress=False, **options)
             config = dataclasses.replace(config, out=f"/tmp/qft-demo-{adapter}-{fmt}")
-            print(f"{adapter} {fmt} ...", file=sys.stderr, flush=True)
-            row = {**demo.run(config), "settings": settings}
-            with log.open("a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-            done.append(row)
-    meta = {
-        "device": device,
-        "device_name": common.device_name(device),
-        "versions": common.versions(),
-        "note": f"{args.steps} steps each, one after another on this machine; `benchmarks/demo_adapters.py`.",
-    }
-    common.write_results("demo_adapters", device, done, meta, columns=COLUMNS)
+            table.run(config, key, {"settings": settings}, f"{adapter} {fmt}")
+    note = f"{args.steps} steps each, one after another on this machine; `benchmarks/demo_adapters.py`."
+    table.write(note, COLUMNS)
     return 0
 
 
