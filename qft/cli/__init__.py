@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     kinds = adapters.specs()
     demo.add_argument("--adapter", default=defaults.adapter, help=f"adapter kind: {' or '.join(s.name for s in kinds)}")
     demo.add_argument("--oft-block-size", type=int, default=defaults.oft_block_size, help="OFT and BOFT block size")
-    demo.add_argument("--init", default=defaults.init, help="adapter init: default, loftq or apiq")
+    demo.add_argument("--init", default=defaults.init, help="adapter init: default, loftq, apiq or apiq-seq")
     demo.add_argument("--iec", action="store_true", help="LoRA with IR-QLoRA's elastic connections")
     demo.add_argument("--bits-budget", type=float, default=None, help="a format per layer within this bits/param")
     demo.add_argument(

@@ -40,7 +40,7 @@ class DemoConfig:
     model: str | None = None  # a local Hugging Face BERT- or Llama-style model folder
     format: str = "nf4"
     adapter: str = "lora"  # a name in qft.adapters' registry
-    init: str = "default"  # or "loftq", "apiq" (LoRA)
+    init: str = "default"  # or "loftq", "apiq", "apiq-seq" (LoRA; apiq-seq: qft.nn.apiq_sequential)
     iec: bool = False  # LoRA with IR-QLoRA's information elastic connections
     bits_budget: float | None = None  # a format per layer (qft.plan_bits) within this many bits/param
     quant_method: str = "hqq"  # or "rtn", "clip" (affine ranges), "gptq" (act-order, calibrated on training batches)
@@ -116,14 +116,18 @@ def sentence_batches(tokenizer, sentences, size: int, max_length: int, device):
         yield {k: v.to(device) for k, v in batch.items()}
 
 
-def _calibration(model, tokenizer, train, config, device) -> qft.nn.Calibration:
-    """Input statistics of every Linear over ``calibration_batches`` batches of training sentences."""
+def _calibration_batches(tokenizer, train, config, device) -> list[dict]:
+    """``calibration_batches`` batches of training sentences (never held-out ones)."""
     if config.calibration_batches <= 0:
         raise DemoError(f"--calibration-batches must be positive, got {config.calibration_batches}")
     count = min(len(train), config.calibration_batches * config.batch_size)
     sentences = random.Random(config.seed + 1).sample(train, count)
-    batches = sentence_batches(tokenizer, sentences, config.batch_size, config.max_length, device)
-    return qft.calibrate(model, list(batches))
+    return list(sentence_batches(tokenizer, sentences, config.batch_size, config.max_length, device))
+
+
+def _calibration(model, tokenizer, train, config, device) -> qft.nn.Calibration:
+    """Input statistics of every Linear over the calibration batches."""
+    return qft.calibrate(model, _calibration_batches(tokenizer, train, config, device))
 
 
 def _stored_formats(quant_config) -> str:
@@ -233,7 +237,8 @@ def run(config: DemoConfig) -> dict[str, object]:
         quant_config = qft.QuantConfig(format=config.format, method=config.quant_method, act_order=gptq)
     except ValueError as exc:
         raise DemoError(f"--quant-method: {exc}") from exc
-    calibrated = gptq or config.init == "apiq" or config.bits_budget is not None
+    sequential = config.init == "apiq-seq"  # ApiQ fitted layer after layer on the quantized stack's inputs
+    calibrated = gptq or config.init in ("apiq", "apiq-seq") or config.bits_budget is not None
     calibration = _calibration(student, tokenizer, train, config, device) if calibrated else None
     if config.bits_budget is not None:
         quant_config = _bits_plan(student, config, calibration)
@@ -241,12 +246,17 @@ def run(config: DemoConfig) -> dict[str, object]:
     if not targets:
         raise DemoError(f"--model {path!r} has no Linear layers to adapt")
     try:
-        adapter_config = spec.demo_config(targets, config.rank, config.oft_block_size, config.init)
+        init = "apiq" if sequential else config.init
+        adapter_config = spec.demo_config(targets, config.rank, config.oft_block_size, init)
         if config.iec:
             if spec.name != "lora":
                 raise DemoError(f"--iec is a LoRA option, not one of {spec.name}")
             adapter_config = dataclasses.replace(adapter_config, iec=True)
-        if spec.quantizing_init(adapter_config):  # LoftQ, ApiQ quantize the targets themselves, from full precision
+        if sequential:
+            batches = _calibration_batches(tokenizer, train, config, device)
+            qft.nn.apiq_sequential(student, adapter_config, quant_config, batches)
+            qft.quantize_(student, quant_config, calibration=calibration)
+        elif spec.quantizing_init(adapter_config):  # LoftQ, ApiQ quantize the targets themselves
             qft.add_adapters(student, adapter_config, quant_config=quant_config, calibration=calibration)
             qft.quantize_(student, quant_config, calibration=calibration)
         else:

@@ -8,6 +8,7 @@ from qft.adapters.hra import HRAConfig, HRALinear
 from qft.adapters.lora import LoRAConfig, LoRALinear
 from qft.adapters.oft import OFTConfig, OFTLinear
 from qft.nn.adapters_io import load_adapters, save_adapters
+from qft.nn.apiq_sequential import apiq_sequential
 from qft.nn.calibrate import Calibration, calibrate
 from qft.nn.config import QuantConfig
 from qft.nn.fsdp import prepare_fsdp, quantized_bytes, shard_model
@@ -43,6 +44,7 @@ __all__ = [
     "QuantLinear",
     "adapter_layers",
     "add_adapters",
+    "apiq_sequential",
     "calibrate",
     "fuse_projections",
     "load_adapters",
