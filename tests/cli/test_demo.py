@@ -51,6 +51,42 @@ def test_gptq_calibrated_on_training_batches_starts_nearer_the_teacher(tmp_path,
     assert not texts & {as_seen(t) for t in held_out}
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("init", ["apiq", "apiq-seq"])
+def test_apiq_inits_get_a_lora_apiq_config_and_training_batches(tmp_path, monkeypatch, init):
+    """The demo's wiring only (each init is tested in tests/adapters and tests/nn): the call it makes."""
+    seen = {}
+
+    def record(name):
+        def stop(model, config, quant_config, *rest, **kwargs):
+            seen[name] = (config, quant_config, rest, kwargs)
+            raise _Stop
+
+        return stop
+
+    monkeypatch.setattr(demo.qft.nn, "apiq_sequential", record("sequential"))
+    monkeypatch.setattr(demo.qft, "add_adapters", record("add_adapters"))
+    config = demo.DemoConfig(format="int2", init=init, quant_method="gptq", steps=1, out=str(tmp_path), progress=False)
+    with pytest.raises(_Stop):
+        demo.run(config)
+    (name, (lora, quant, rest, kwargs)), *_ = seen.items()
+    assert name == ("sequential" if init == "apiq-seq" else "add_adapters")
+    assert lora.init == "apiq" and quant.format == "int2" and quant.method == "gptq" and quant.act_order
+    if init == "apiq-seq":
+        (batches,) = rest
+        assert len(batches) == demo.DemoConfig.calibration_batches and "input_ids" in batches[0]
+    else:
+        assert set(kwargs["calibration"]) >= {n for n, m in lora_targets(demo)}
+
+
+def lora_targets(demo_module):
+    _, model = demo_module.load_model(demo_module.default_model_path(), "cpu")
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
