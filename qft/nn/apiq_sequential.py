@@ -30,13 +30,16 @@ from qft.nn.quant_linear import QuantLinear
 
 
 def _inputs(model: nn.Module, name: str, batch) -> torch.Tensor:
-    """Module ``name``'s input on ``batch`` as [rows, K] fp32 (the model is run under no_grad)."""
+    """Module ``name``'s input on ``batch`` as [rows, K] fp32 (no rows when the batch never reaches it)."""
     seen = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    module = model.get_submodule(name)
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     try:
         model(**batch) if isinstance(batch, dict) else model(batch)
     finally:
         handle.remove()
+    if not seen:
+        return torch.zeros(0, module.in_features, device=module.weight.device)
     return torch.cat([x.reshape(-1, x.shape[-1]).float() for x in seen])
 
 
@@ -54,8 +57,10 @@ def apiq_sequential(
     the quantized layers before it produce (see the module text); returns ``model``, adapted in place.
 
     ``config.init`` must be ``"apiq"``; ``batches``: calibration inputs (``model(**batch)`` for a dict,
-    else ``model(batch)``), kept in memory (one pass per target). ``progress(name)`` is called as each
-    layer starts. Raises ``ValueError`` before any change when a target is not a full-precision Linear.
+    else ``model(batch)``), kept in memory (one pass per target). A full-precision copy of the model is
+    held meanwhile (twice the model's memory). ``progress(name)`` is called as each layer starts. Raises
+    ``ValueError`` before any change when a target is not a full-precision Linear; on any failure the
+    original layers are put back.
     """
     if not isinstance(config, LoRAConfig) or config.init != "apiq":
         raise ValueError("apiq_sequential takes a LoRAConfig with init='apiq'")
@@ -72,7 +77,7 @@ def apiq_sequential(
     was_training = model.training
     model.eval()
     spec = adapters.spec_for_config(config)
-    built = {}
+    built, originals = {}, {}
     try:
         for name in targets:
             if progress is not None:
@@ -87,25 +92,27 @@ def apiq_sequential(
                 cross += x.t() @ x_q
                 hessian += x_q.t() @ x_q
                 rows += x_q.shape[0]
+            if rows == 0:
+                raise ValueError(f"no calibration batch reached layer {name!r}")
             cross, hessian = cross / rows, hessian / rows
-            damped = hessian.double() + damp * float(torch.diagonal(hessian).mean()) * torch.eye(
-                k, device=hessian.device
-            )
+            ridge = damp * max(float(torch.diagonal(hessian).mean()), 1e-12)
+            damped = hessian.double() + ridge * torch.eye(k, device=hessian.device)
             # W' = W C H_q^-1: the weight that maps the quantized inputs onto the full-precision outputs
             target = torch.linalg.solve(damped, (linear.weight.double() @ cross.double()).t()).t()
-            stand_in = nn.Linear(k, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
-            stand_in.weight.copy_(target.to(linear.weight.dtype))
-            if linear.bias is not None:
+            has_bias, device, dtype = linear.bias is not None, linear.weight.device, linear.weight.dtype
+            stand_in = nn.Linear(k, linear.out_features, has_bias, device, dtype)
+            stand_in.weight.copy_(target.to(dtype))
+            if has_bias:
                 stand_in.bias.copy_(linear.bias)
             quantize = adapters.QuantizeWith(quant_config, QuantLinear, {name: hessian})
             layer = spec.make_layer(stand_in, config, name, quantize)
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, layer)
-            built[name] = layer
+            built[name], originals[name] = layer, linear
     except BaseException:
-        for name in built:  # nothing half-changed: the full-precision layers go back
+        for name, linear in originals.items():  # nothing half-changed: the very layers that were there
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, reference.get_submodule(name))
+            setattr(model.get_submodule(parent) if parent else model, leaf, linear)
         raise
     finally:
         model.train(was_training)

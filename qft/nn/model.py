@@ -45,6 +45,14 @@ def quantizable_linears(model: nn.Module, filter_fn=None) -> dict[str, nn.Linear
     }
 
 
+def _planned(configs: Mapping[str, QuantConfig], name: str) -> QuantConfig | None:
+    """A plan's entry for layer ``name``, or for the adapter layer whose plain base it is."""
+    if name in configs:
+        return configs[name]
+    parent, _, leaf = name.rpartition(".")
+    return configs.get(parent) if leaf == "base_layer" else None
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig | BitsPlan | None = None,
@@ -54,8 +62,9 @@ def quantize_(
     """Replace every ``nn.Linear`` of ``model`` (for which ``filter_fn(module, name)`` is true) by a
     ``QuantLinear`` quantized with ``config``, in place; returns ``model``.
 
-    ``config`` may be a ``BitsPlan`` (``qft.plan_bits``): each layer it names gets its own QuantConfig
-    (``ValueError`` when it names a layer the model does not have). Adapters' own layers (LoRA's A and
+    ``config`` may be a ``BitsPlan`` (``qft.plan_bits``): each layer it names (or an adapter layer's
+    plain base, by the adapter layer's name) gets its own QuantConfig, layers it does not name are left
+    as they are (``ValueError`` when it names a layer the model does not have). Adapters' own layers (LoRA's A and
     B) are never quantized; an adapter layer's plain base layer is. ``calibration``
     (``qft.nn.calibrate(model, batches)``, taken before quantizing) holds each layer's input
     statistics; method ``"gptq"`` needs it for every layer it quantizes (``ValueError`` naming a
@@ -73,7 +82,8 @@ def quantize_(
         unknown = sorted(set(config.configs) - {name for name, _ in model.named_modules()})
         if unknown:
             raise ValueError(f"the plan names layers this model does not have: {unknown[:3]}")
-        configs = {name: config.configs[name] for name in chosen if name in config.configs}
+        planned = {name: _planned(config.configs, name) for name in chosen}  # layers it does not name stay
+        configs = {name: c for name, c in planned.items() if c is not None}
     else:
         configs = {name: config for name in chosen}
     gptq = [name for name, c in configs.items() if c.method == "gptq"]

@@ -55,6 +55,7 @@ def test_bad_input_is_refused_and_a_failure_leaves_the_model_as_it_was(monkeypat
         apiq_sequential(model, qft.LoRAConfig(r=4, target_modules=("1",), init="apiq"), quant, draw())
     x = torch.randn(3, 64)
     before = model(x)
+    originals = list(model)
     calls = []
 
     def fail_on_the_second(*args):
@@ -68,4 +69,15 @@ def test_bad_input_is_refused_and_a_failure_leaves_the_model_as_it_was(monkeypat
     with pytest.raises(RuntimeError, match="out of memory"):
         apiq_sequential(model, qft.LoRAConfig(r=4, target_modules=("0", "2"), init="apiq"), quant, draw())
     assert all(type(m) in (torch.nn.Linear, torch.nn.Tanh) for m in model)
+    assert model[0] is originals[0] and model[2] is originals[2]  # the very modules, not copies
     assert torch.equal(model(x), before)
+
+
+def test_a_bf16_model_keeps_its_dtype():
+    model, draw = _stack()
+    model = model.to(torch.bfloat16)
+    batches = [b.to(torch.bfloat16) for b in draw()]
+    config = qft.LoRAConfig(r=4, target_modules=("0",), init="apiq")
+    apiq_sequential(model, config, qft.QuantConfig("int3", 32), batches)
+    assert model[0].base_layer.quantized.dtype == torch.bfloat16
+    assert model[0].base_layer.bias.dtype == torch.bfloat16

@@ -95,11 +95,11 @@ def test_plans_round_trip_through_json_and_apply_to_a_fresh_model(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"plan\.json: not a qft bits plan: version 99"):
         BitsPlan.load(path)
-    wrong = BitsPlan(3.0, {"nope": qft.QuantConfig()})
-    before = [type(m) for m in _model()]
+    wrong = BitsPlan(3.0, {"0": qft.QuantConfig(), "nope": qft.QuantConfig()})
+    target = _model()
     with pytest.raises(ValueError, match=r"does not have: \['nope'\]"):
-        qft.quantize_(_model(), wrong)
-    assert before == [torch.nn.Linear] * 3
+        qft.quantize_(target, wrong)
+    assert [type(m) for m in target] == [torch.nn.Linear] * 3
 
 
 def test_a_quantizing_init_takes_each_layers_format_from_the_plan():
@@ -110,4 +110,23 @@ def test_a_quantizing_init_takes_each_layers_format_from_the_plan():
     qft.quantize_(model, plan)  # the rest of the plan ("1"); the adapters' bases are already quantized
     for name in ("0", "2"):
         assert model.get_submodule(name).base_layer.quantized.format == plan.configs[name].format
+    assert model[1].quantized.format == plan.configs["1"].format
+
+
+def test_a_coarsened_knapsack_stays_within_the_budget(monkeypatch):
+    """Past MAX_STATES the byte unit grows and sizes round up: the plan may lose optimality, never the budget."""
+    model = _model()
+    exact = qft.plan_bits(model, 2.9, candidates=CANDIDATES)
+    for states in (2, 3, 7):
+        monkeypatch.setattr(qft.nn.plan, "MAX_STATES", states)
+        coarse = qft.plan_bits(model, 2.9, candidates=CANDIDATES)
+        assert coarse.bits_per_param <= 2.9 and coarse.error >= exact.error
+
+
+def test_a_plan_reaches_the_plain_base_of_an_adapter_layer():
+    model = _model()
+    plan = qft.plan_bits(model, 2.9, candidates=CANDIDATES)
+    qft.add_adapters(model, qft.LoRAConfig(r=4, target_modules=("0",)))
+    qft.quantize_(model, plan)
+    assert model[0].base_layer.quantized.format == plan.configs["0"].format
     assert model[1].quantized.format == plan.configs["1"].format

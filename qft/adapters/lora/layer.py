@@ -48,7 +48,10 @@ class LoRAConfig(TargetedConfig):
         iec: IR-QLoRA's information elastic connections (Qin et al. 2024): two trained scalars, zero at
         start, add the means of r groups of input features to ``A x`` and repeat each of the r values of
         ``A x`` over a group of outputs beside ``B``; r must divide both feature counts. As LoRA with
-        ``A + a G`` and ``B + b E`` (G averages groups, E repeats), so every fused path runs it.
+        ``A + a G`` and ``B + b E`` (G averages groups, E repeats), so every fused path runs it. With
+        dropout the group means see the dropped input (IR-QLoRA's code takes them of the undropped one).
+        Its files keep PEFT's LoRA layout plus ``<module>.lora_iec`` and ``"iec": true``: PEFT, which has
+        no IEC, would drop the scalars.
     """
 
     r: int = 16
