@@ -30,6 +30,7 @@ METHODS = [
     ("apiq", {"init": "apiq", "quant_method": "gptq"}, "ApiQ layer-wise init over GPTQ, 8 calibration batches"),
     ("icq+gptq+apiq", {"init": "apiq", "quant_method": "gptq", "format": "{icq}"}, "ApiQ over GPTQ on the _icq format"),
     ("apiq lr 5e-4", {"init": "apiq", "quant_method": "gptq", "lr": 5e-4}, "ApiQ over GPTQ, a quarter of the lr"),
+    ("apiq-seq lr 5e-4", {"init": "apiq-seq", "quant_method": "gptq", "lr": 5e-4}, "ApiQ layer after layer, lr / 4"),
 ]
 # LQ-LoRA's budgeted formats: one run each, whatever the format list (the plan picks the formats)
 PLANS = [

@@ -7,7 +7,9 @@ Layer-wise ApiQ (``LoRAConfig(init="apiq")`` with ``calibrate``'s statistics) fi
 layers are quantized in order, and each is fitted on the inputs ``X_q`` that the already-quantized layers
 before it produce, against the full-precision layer's outputs on the full-precision inputs ``X``:
 ``min ||X W^T - X_q M^T||``. With ``C = X^T X_q / n`` and ``H_q = X_q^T X_q / n`` that is
-``||X_q (W' - M)^T||^2`` plus a constant, ``W' = W C H_q^-1``: layer-wise ApiQ of ``W'`` under ``H_q``.
+``||X_q (W' - M)^T||^2`` plus a constant, ``W' = W C H_q^-1 = W + W (C - H_q) H_q^-1``: layer-wise
+ApiQ of ``W'`` under ``H_q`` (the correction solved with GPTQ's damping on H_q, so that directions the
+calibration inputs barely visit keep W).
 ApiQ descends a whole block's output by gradients; this needs one pass over the calibration batches
 per target layer and no learning rate.
 """
@@ -97,8 +99,11 @@ def apiq_sequential(
             cross, hessian = cross / rows, hessian / rows
             ridge = damp * max(float(torch.diagonal(hessian).mean()), 1e-12)
             damped = hessian.double() + ridge * torch.eye(k, device=hessian.device)
-            # W' = W C H_q^-1: the weight that maps the quantized inputs onto the full-precision outputs
-            target = torch.linalg.solve(damped, (linear.weight.double() @ cross.double()).t()).t()
+            # W' = W C H_q^-1 = W + W (C - H_q) H_q^-1, the damping on the correction only: a direction the
+            # calibration inputs barely visit keeps W there, rather than shrinking it towards zero
+            w = linear.weight.double()
+            correction = torch.linalg.solve(damped, (w @ (cross - hessian).double()).t()).t()
+            target = w + correction
             has_bias, device, dtype = linear.bias is not None, linear.weight.device, linear.weight.dtype
             stand_in = nn.Linear(k, linear.out_features, has_bias, device, dtype)
             stand_in.weight.copy_(target.to(dtype))
