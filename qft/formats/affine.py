@@ -52,7 +52,7 @@ class AffineFormat:
         elsewhere (a kernel) comes in as ``scales`` and ``zeros`` (fp32)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        x, valid = group_values(w, block_size)
+        x, valid = packing.blocks_with_mask(w, block_size)
         if scales is None and method == "icq":
             scales, zeros = icq_range(x, valid, self.max_code)
         elif scales is None:
@@ -69,13 +69,6 @@ class AffineFormat:
         q = packing.blocks(codes.float(), block_size)
         values = (q - zeros.float().unsqueeze(1)) * scales.unsqueeze(1)
         return values.reshape(-1)[:n].to(dtype)
-
-
-def group_values(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x [groups, size] fp32 zero-padded, valid mask)``: padding must not set a group's range."""
-    n = w.numel()
-    x = packing.blocks(w.reshape(-1).float(), group_size)
-    return x, packing.blocks(torch.ones(n, device=w.device), group_size) > 0
 
 
 def _codes(x, scale, zero, max_code):

@@ -58,13 +58,6 @@ def keep_better(best, entropy: torch.Tensor, error: torch.Tensor, *values: torch
     return tuple(torch.where(better, new, old) for new, old in zip((entropy, error, *values), best, strict=True))
 
 
-def blocks_with_mask(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x [blocks, size] fp32 zero-padded, valid mask)`` of the flattened ``w``."""
-    n = w.numel()
-    x = packing.blocks(w.reshape(-1).float(), block_size)
-    return x, packing.blocks(torch.ones(n, device=w.device), block_size) > 0
-
-
 @dataclass(frozen=True)
 class IcqCodebookFormat(CodebookFormat):
     """A code book (``base``) whose blocks are shifted by an entropy-maximising offset, kept as a zero."""
@@ -108,7 +101,7 @@ class IcqCodebookFormat(CodebookFormat):
     def quantize(self, w: torch.Tensor, block_size: int, method: str = "hqq", scales=None, zeros=None):
         """``{"codes", "scales" fp32, "zeros" fp16}``: the ICQ search, or ``scales`` and ``zeros`` given
         (GPTQ's static groups re-encode against them). ``method`` is for affine formats and unused."""
-        x, valid = blocks_with_mask(w, block_size)
+        x, valid = packing.blocks_with_mask(w, block_size)
         if scales is None:
             scales, tau = self.search(x, valid)
             zeros = (-tau / scales).to(torch.float16)  # stored in fp16: encode against what decodes

@@ -82,6 +82,14 @@ def blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return flat.view(-1, block_size)
 
 
+def blocks_with_mask(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [blocks, block_size] fp32 of the flattened w, zero-padded; mask of the real values)``: a
+    range or offset search must not count the padding."""
+    n = w.numel()
+    x = blocks(w.reshape(-1).float(), block_size)
+    return x, blocks(torch.ones(n, device=w.device), block_size) > 0
+
+
 def num_blocks(numel: int, block_size: int) -> int:
     """Number of (possibly partial) blocks covering ``numel`` values."""
     return -(-numel // block_size)
