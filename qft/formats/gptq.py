@@ -23,13 +23,21 @@ DAMP = 0.01  # added to H's diagonal, as a fraction of its mean (GPTQ's default)
 LAZY_COLUMNS = 128  # columns rounded between two updates of the rest (GPTQ's lazy batch)
 
 
+def damped(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """A copy of ``hessian`` with ``damp * mean(diag)`` added to its diagonal (at least 1e-12 times damp):
+    GPTQ's damping, which ApiQ's fits share."""
+    h = hessian.clone()
+    h.diagonal().add_(damp * max(float(torch.diagonal(h).mean()), 1e-12))
+    return h
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, dead): U the upper Cholesky factor of ``(H + damp mean(diag H) I)^-1`` (dead columns, whose
     inputs were always zero, get a diagonal of 1), and the dead columns' mask."""
     h = hessian.clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    h = damped(h, damp)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True), dead
 

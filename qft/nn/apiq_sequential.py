@@ -24,7 +24,7 @@ from torch import nn
 
 from qft import adapters
 from qft.adapters.lora import LoRAConfig
-from qft.formats.gptq import DAMP
+from qft.formats.gptq import DAMP, damped
 from qft.nn.config import QuantConfig
 from qft.nn.model import install_adapters
 from qft.nn.plan import BitsPlan
@@ -97,12 +97,10 @@ def apiq_sequential(
             if rows == 0:
                 raise ValueError(f"no calibration batch reached layer {name!r}")
             cross, hessian = cross / rows, hessian / rows
-            ridge = damp * max(float(torch.diagonal(hessian).mean()), 1e-12)
-            damped = hessian.double() + ridge * torch.eye(k, device=hessian.device)
             # W' = W C H_q^-1 = W + W (C - H_q) H_q^-1, the damping on the correction only: a direction the
             # calibration inputs barely visit keeps W there, rather than shrinking it towards zero
             w = linear.weight.double()
-            correction = torch.linalg.solve(damped, (w @ (cross - hessian).double()).t()).t()
+            correction = torch.linalg.solve(damped(hessian.double(), damp), (w @ (cross - hessian).double()).t()).t()
             target = w + correction
             has_bias, device, dtype = linear.bias is not None, linear.weight.device, linear.weight.dtype
             stand_in = nn.Linear(k, linear.out_features, has_bias, device, dtype)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from qft.formats.gptq import DAMP
+from qft.formats.gptq import DAMP, damped
 from qft.tensor import QuantizedTensor, quantize
 
 
@@ -36,9 +36,7 @@ def output_error(residual: torch.Tensor, hessian: torch.Tensor) -> float:
 
 def _whitening(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Lower Cholesky factor L of ``H + damp * mean(diag H) * I`` (fp64); dead inputs get the damping alone."""
-    h = hessian.double().clone()
-    h.diagonal().add_(damp * max(float(torch.diagonal(h).mean()), 1e-12))
-    return torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(damped(hessian.double(), damp))
 
 
 @torch.no_grad()
