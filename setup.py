@@ -1,11 +1,16 @@
-"""Build qft: pure Python, plus the optional CUDA extension ``qft._C`` when nvcc is found.
+"""Build qft: pure Python, plus two optional extensions.
 
-The extension is one pybind11 module over ``csrc/*.cu`` (and ``csrc/*.cpp``), compiled by nvcc
-through a generated ninja file. It includes no torch header, so it builds without a GPU and
-without matching torch's ABI.
+* ``qft._C``, the CUDA kernels, when nvcc is found: one pybind11 module over ``csrc/*.cu`` (and
+  ``csrc/*.cpp``), compiled by nvcc through a generated ninja file.
+* ``qft._cpu``, the CPU kernels, with the host C++ compiler: one pybind11 module over
+  ``csrc/cpu/*.cpp`` (x86 AVX2 paths chosen at run time, so the binary runs on any x86-64). A failed
+  build is a warning: qft then runs its CPU ops on the torch reference.
+
+Neither includes a torch header, so both build without a GPU and without matching torch's ABI.
 
 Environment:
-    QFT_SKIP_CUDA_BUILD=1   build no extension (pure Python install)
+    QFT_SKIP_CUDA_BUILD=1   build no CUDA extension
+    QFT_SKIP_CPU_BUILD=1    build no CPU extension
     QFT_CUDA_ARCHS="80;90a" GPU targets (sm_XX; default sm_80 and sm_90a)
     CUDA_HOME / nvcc on PATH where to find the CUDA toolkit
 """
@@ -78,10 +83,23 @@ def ninja_file(sources: list[Path], build_dir: Path, output: Path, nvcc: str) ->
     return "\n".join(lines) + "\n"
 
 
+# -ffp-contract=off: each product and sum rounds once, as the reference's torch ops do (no fused
+# multiply-add unless a kernel asks for one); -fno-math-errno lets sqrt vectorize (no result changes).
+CPU_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden", "-pthread"]
+
+
 class NinjaCudaBuild(build_ext):
-    """Builds CUDA extensions with nvcc + ninja; skips them cleanly when that is impossible."""
+    """Builds ``qft._C`` with nvcc + ninja and ``qft._cpu`` with the host compiler."""
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == "qft._cpu":
+            import pybind11
+
+            ext.include_dirs = [pybind11.get_include(), str(ROOT / "csrc" / "cpu")]
+            ext.extra_compile_args = CPU_FLAGS
+            ext.extra_link_args = ["-pthread"]
+            super().build_extension(ext)
+            return
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
         nvcc = find_nvcc()
         build_dir = Path(self.build_temp).resolve() / "qft_cuda"
@@ -100,14 +118,25 @@ class NinjaCudaBuild(build_ext):
 cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*") if p.suffix in (".cu", ".cpp"))
 
 
+cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+
+
 def extensions() -> list[Extension]:
-    """qft._C, or nothing: an extension that is declared but not built breaks (editable) wheels."""
+    """qft._C and qft._cpu, each unless skipped: an extension that is declared but not built breaks
+    (editable) wheels, so the CUDA one is left out without nvcc; the CPU one is optional (a failed
+    compile warns)."""
+    found = []
+    if os.environ.get("QFT_SKIP_CPU_BUILD") == "1":
+        print("qft: not building qft._cpu (QFT_SKIP_CPU_BUILD=1); CPU ops run on the torch reference", file=sys.stderr)
+    else:
+        headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h"))
+        found.append(Extension("qft._cpu", sources=cpu_sources, depends=headers, language="c++", optional=True))
     skip = "QFT_SKIP_CUDA_BUILD=1" if os.environ.get("QFT_SKIP_CUDA_BUILD") == "1" else None
     skip = skip or (None if find_nvcc() else "nvcc not found")
     if skip:
         print(f"qft: not building qft._C ({skip}); qft runs without it", file=sys.stderr)
-        return []
-    return [Extension("qft._C", sources=cuda_sources)]
+        return found
+    return [*found, Extension("qft._C", sources=cuda_sources)]
 
 
 setup(

@@ -25,6 +25,7 @@ GPU_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out,
 GPU_MS = [1, 16, 64, 512, 4096, 8192]
 DECODE_SHAPE, DECODE_MS = (28672, 8192), [1, 4, 16]  # the GEMV goal: forward only
 CPU_SHAPES, CPU_MS = [(512, 512), (1024, 256)], [1, 16, 128]
+CPU_EXTRA_CASES = [((1024, 4096), 512)]  # (out, in), M: one projection-sized layer at a training M
 RANK = 16
 OFT_BLOCK = 32
 COLUMNS = [
@@ -194,6 +195,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
     else:
         shapes, ms = CPU_SHAPES, CPU_MS
         cases = [(s, m, ("fwd", "fwd+bwd")) for s in shapes for m in ms]
+        cases += [(shape, m, ("fwd", "fwd+bwd")) for shape, m in CPU_EXTRA_CASES]
     if quick:
         cases = [c for c in cases if c[0] == shapes[0] and c[1] in (ms[0], ms[-1])]
     cases = [c for c in cases if common.wanted("shapes", common.shape_text(c[0])) and common.wanted("ms", c[1])]

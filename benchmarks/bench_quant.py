@@ -7,8 +7,8 @@ same weight; the dequantize rows also say whether qft decodes bitsandbytes' byte
     python benchmarks/bench_quant.py --quick         # 4096x4096 only
     python benchmarks/bench_quant.py --device cpu --out /tmp/results
 
-On CPU the qft provider is the pure-torch reference and bitsandbytes runs its CPU backend: those
-timings compare CPU code paths, not GPU kernels.
+On CPU the qft providers are its CPU backend (``qft._cpu``) and the pure-torch reference, and
+bitsandbytes runs its CPU backend: those timings compare CPU code paths, not GPU kernels.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from qft import ops
 
 SHAPES = [(4096, 4096), (8192, 28672)]
 BLOCK = 64
-CPU_NOTE = "CPU run: qft's reference path vs bitsandbytes' CPU backend; these are not GPU kernel results."
+CPU_NOTE = (
+    "CPU run: qft's CPU backend and reference path vs bitsandbytes' CPU backend; these are not GPU kernel results."
+)
 
 
 def _bnb():
@@ -44,7 +46,7 @@ def providers(device: str) -> list[str]:
         if qft._extension.extension().usable:
             names.insert(0, "qft-cuda")
     else:
-        names = ["qft-reference"]
+        names = ["qft-cpu", "qft-reference"] if qft._extension.cpu_extension().usable else ["qft-reference"]
     return [*names, "bitsandbytes"] if _bnb() is not None else names
 
 

@@ -1,9 +1,11 @@
-"""Loading the optional CUDA extension ``qft._C`` and saying why it is unusable when it is."""
+"""Loading the optional extensions (``qft._C``, CUDA; ``qft._cpu``, CPU) and saying why one is unusable
+when it is."""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -32,3 +34,29 @@ def extension() -> ExtensionStatus:
         return ExtensionStatus(None, str(exc), 0, "extension not loaded")
     count = module.device_count()
     return ExtensionStatus(module, "", count, module.device_status())
+
+
+@dataclass(frozen=True)
+class CpuExtensionStatus:
+    """What is known about ``qft._cpu``: built and importable, and the instruction set it runs with."""
+
+    module: ModuleType | None
+    error: str  # why it is not used ("" if it is)
+
+    @property
+    def usable(self) -> bool:
+        """True when the CPU kernels imported and are not switched off (``QFT_CPU_KERNELS=0``)."""
+        return self.module is not None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_extension() -> CpuExtensionStatus:
+    """Import ``qft._cpu`` once; never raises. ``QFT_CPU_KERNELS=0`` leaves it unused (CPU ops then run
+    on the torch reference, as on a machine where it did not build)."""
+    if os.environ.get("QFT_CPU_KERNELS", "1") == "0":
+        return CpuExtensionStatus(None, "switched off by QFT_CPU_KERNELS=0")
+    try:
+        module = importlib.import_module("qft._cpu")
+    except ImportError as exc:
+        return CpuExtensionStatus(None, str(exc))
+    return CpuExtensionStatus(module, "")

@@ -1,4 +1,4 @@
-"""What qft runs on: versions, the CUDA extension's state, the GPU, and each op's implementation."""
+"""What qft runs on: versions, the extensions' state, the GPU, and each op's implementation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 import torch
 
 from qft import ops
-from qft._extension import extension
+from qft._extension import cpu_extension, extension
 
 OP_NAMES = (
     "quantize",
@@ -19,6 +19,8 @@ OP_NAMES = (
     "oft_rotation",
     "oft_rotation_backward",
 )
+# The ops the CPU backend runs with qft._cpu; the others run the reference's torch code there.
+CPU_KERNEL_OPS = ("dequantize", "quant_linear", "quant_linear_grad_input")
 
 
 def _triton_version() -> str:
@@ -48,13 +50,19 @@ def collect() -> dict[str, object]:
         info["extension CUDA runtime"] = _cuda_version(ext.module.runtime_version())
         info["CUDA driver"] = _cuda_version(ext.module.driver_version())
         info["extension sees"] = f"{ext.device_count} GPU(s)" if ext.device_count else f"no GPU ({ext.device_status})"
+    cpu = cpu_extension()
+    if cpu.module is not None:
+        info["extension qft._cpu"] = f"loaded ({cpu.module.isa()}, {cpu.module.num_threads()} threads)"
+    else:
+        info["extension qft._cpu"] = f"not loaded ({cpu.error})"
     if torch.cuda.is_available():
         info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:
         info["GPU"] = "none"
     for op in OP_NAMES:
         for device in devices:
-            info[f"op {op} on {device}"] = ops.backend_for(device)
+            backend = ops.backend_for(device)
+            info[f"op {op} on {device}"] = "reference" if backend == "cpu" and op not in CPU_KERNEL_OPS else backend
     return info
 
 

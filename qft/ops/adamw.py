@@ -1,5 +1,6 @@
 """The AdamW step of ``qft.optim``'s optimizers, on each backend: ``reference_step`` (torch, one tensor,
-``torch.optim.AdamW``'s arithmetic) and the fused multi-tensor Triton launch (``LaunchPlan``).
+``torch.optim.AdamW``'s arithmetic), ``cpu_step`` (one tensor by ``qft._cpu``, the fused kernel's
+arithmetic) and the fused multi-tensor Triton launch (``LaunchPlan``).
 
 Not a ``qft::`` custom op: the fused launch reads every tensor through a table of addresses built
 once and reused while none moves (the host cost of a step stays flat in the number of tensors), which
@@ -15,9 +16,10 @@ import torch
 
 from qft.formats import moments8
 from qft.kernels.adamw import LaunchPlan, host_scalars
+from qft.ops import cpu_calls
 from qft.ops.dispatch import FLOAT_DTYPES
 
-__all__ = ["LaunchPlan", "fusable", "host_scalars", "reference_step"]
+__all__ = ["LaunchPlan", "cpu_step", "fusable", "host_scalars", "reference_step"]
 
 
 def fusable(p: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -55,3 +57,13 @@ def reference_step(p, grad, state, lr, beta1, beta2, eps, wd, maximize) -> None:
             codes, absmax = moments8.quantize(value, signed)
             state[name].copy_(codes)
             state[f"{name}_absmax"].copy_(absmax)
+
+
+def cpu_step(p, grad, state, lr, beta1, beta2, eps, wd, maximize) -> None:
+    """``reference_step`` by the CPU kernel (``fusable`` tensors on the CPU): the same state bit for bit
+    (the moments' roundings are torch's: lerp and addcmul one fused multiply-add each), the parameter
+    within an ulp of torch's where its vectorized sqrt rounds differently."""
+    state["step"] += 1
+    lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+    scalars = host_scalars(lr, beta1, beta2, eps, wd, maximize, state["step"].item())
+    cpu_calls.adamw_step(p, grad, state, scalars)

@@ -25,22 +25,44 @@ def decoded_matrix(weight: formats.Weight, rows: int, dtype: torch.dtype) -> tor
     return formats.dequantize(weight, decode_dtype).view(rows, -1).to(dtype)
 
 
-def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
+# The linear ops below take the decode as ``decode(weight, rows, dtype)``: this module's, or the CPU
+# backend's (``backend_cpu``), which gives the same values as fp32 and so the same GEMMs.
+
+
+def linear(x, weight, bias, lora_xa, lora_B, scaling: float, decode=decoded_matrix) -> torch.Tensor:
     """``qft::quant_linear`` by ``qft.reference.quant_linear`` (an OFT x arrives rotated)."""
-    w = decoded_matrix(weight, weight.numel // x.shape[1], x.dtype)
+    w = decode(weight, weight.numel // x.shape[1], x.dtype)
     return reference.quant_linear(x, w, bias, lora_xa, lora_B, scaling)
 
 
-def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
-    """``qft::quant_lora_backward`` by ``qft.reference.lora_backward`` (fp32 LoRA terms)."""
+def lora_backward(
+    grad,
+    weight,
+    x_lora,
+    xa,
+    lora_A,
+    lora_B,
+    scaling,
+    mask,
+    dropout_scale,
+    need_x,
+    decode=decoded_matrix,
+    grad_input_fn=None,
+):
+    """``qft::quant_lora_backward`` by ``qft.reference.lora_backward`` (fp32 LoRA terms); grad_x by
+    ``grad_input_fn`` (``linear_grad_input``'s arguments) when given, else ``linear_grad_input``."""
 
     def grad_input(grad_xa):
-        return linear_grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale)
+        if grad_input_fn is not None:
+            return grad_input_fn(grad, weight, grad_xa, lora_A, mask, dropout_scale)
+        return linear_grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale, decode)
 
     return reference.lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling, need_x, grad_input)
 
 
-def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
+def linear_grad_input(
+    grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float, decode=decoded_matrix
+) -> torch.Tensor:
     """``qft::quant_linear_grad_input`` by ``qft.reference.quant_linear_grad_input``."""
-    w = decoded_matrix(weight, grad.shape[1], grad.dtype)
+    w = decode(weight, grad.shape[1], grad.dtype)
     return reference.quant_linear_grad_input(grad, w, lora_grad_xa, lora_A, dropout_mask, dropout_scale)

@@ -1,6 +1,8 @@
 """How a qft op picks its implementation.
 
-* CPU -> ``qft.reference`` (pure torch);
+* CPU -> the CPU extension ``qft._cpu`` when it is built (``backend_cpu``: the reference's arithmetic
+  and paths, bit for bit, with compiled decode and optimizer kernels), else ``qft.reference`` (pure
+  torch, also the oracle);
 * CUDA -> the CUDA extension ``qft._C`` when it is built and sees a GPU, else the Triton kernels
   (ops with size-dependent paths consult ``qft.ops.thresholds`` too).
 
@@ -17,9 +19,12 @@ from collections.abc import Iterator
 import torch
 
 from qft import formats
-from qft._extension import extension
+from qft._extension import cpu_extension, extension
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+# The backends that take the GPU paths (fused kernels, weight-side rotations, the K + r GEMM); the CPU
+# backend takes the reference's.
+GPU_BACKENDS = ("triton", "cuda")
 # Element-type codes shared with csrc/qft_kernels.h (qft::DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FLOAT_DTYPES = formats.FLOAT_DTYPES
@@ -33,6 +38,8 @@ def use_backend(name: str) -> Iterator[None]:
     """Force every qft op inside the ``with`` block onto one implementation."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "cpu" and not cpu_extension().usable:
+        raise RuntimeError(f"the qft CPU extension is not available: {cpu_extension().error}")
     _forced.append(name)
     try:
         yield
@@ -51,8 +58,13 @@ def backend_for(device: torch.device | str) -> str:
         return env
     device = torch.device(device)
     if device.type != "cuda":
-        return "reference"
+        return "cpu" if device.type == "cpu" and cpu_extension().usable else "reference"
     return "cuda" if extension().usable else "triton"
+
+
+def on_gpu_backend(device: torch.device | str) -> bool:
+    """Whether ops on ``device`` take the GPU backends' paths (else the reference's, on any backend)."""
+    return backend_for(device) in GPU_BACKENDS
 
 
 def cuda_stream(device: torch.device) -> int:

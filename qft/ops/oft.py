@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from qft import reference
-from qft.ops.dispatch import backend_for
+from qft.ops import eager
+from qft.ops.dispatch import on_gpu_backend
 
 # The Triton rotation kernels hold a block's b x b matrices in registers / shared memory (tl.arange:
 # b a power of two) up to 64 (compiled for sm_90 in tests/kernels/test_triton_compile.py); other blocks take
@@ -18,10 +19,10 @@ TRITON_MAX_BLOCK = 64
 
 
 def triton_rotates(t: torch.Tensor, b: int) -> bool:
-    """True when blocks of size ``b`` over tensor ``t`` go to the Triton rotation kernels (the device's
-    backend is not the reference, t is not float64, b is a power of two up to TRITON_MAX_BLOCK)."""
+    """True when blocks of size ``b`` over tensor ``t`` go to the Triton rotation kernels (a GPU backend
+    runs t's device, t is not float64, b is a power of two up to TRITON_MAX_BLOCK)."""
     fits = 2 <= b <= TRITON_MAX_BLOCK and b & (b - 1) == 0
-    return fits and backend_for(t.device) != "reference" and t.dtype != torch.float64
+    return fits and on_gpu_backend(t.device) and t.dtype != torch.float64
 
 
 def _check_rotate(x: torch.Tensor, rot: torch.Tensor) -> None:
@@ -29,7 +30,7 @@ def _check_rotate(x: torch.Tensor, rot: torch.Tensor) -> None:
         raise ValueError(f"rot {tuple(rot.shape)} does not tile x's last dimension {tuple(x.shape)}")
 
 
-@torch.library.custom_op("qft::oft_rotate", mutates_args=())
+@eager.custom_op("qft::oft_rotate", mutates_args=())
 def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Tensor:
     """``x`` [M, K] rotated per block by ``rot`` [K / b, b, b] (by R^T when ``transpose``), computed in
     fp32 and returned in x's dtype."""
@@ -46,7 +47,7 @@ def _(x, rot, transpose):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("qft::oft_rotate_backward", mutates_args=())
+@eager.custom_op("qft::oft_rotate_backward", mutates_args=())
 def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``oft_rotate(x, rot, False)``: (grad_x = grad R^T per block in grad's dtype,
     dL/dR = x^T grad per block [K / b, b, b] accumulated in fp32, in rot's dtype)."""

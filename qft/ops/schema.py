@@ -2,7 +2,8 @@
 
 A weight is three arguments, ``Tensor?[] parts, str fmt, int[] meta`` (``qft.formats.Weight.op_args``).
 Each op checks its inputs, picks the backend for the tensors' device (``dispatch.backend_for``) and
-calls that backend's implementation (``backend_reference``, ``backend_triton``, ``backend_cuda``).
+calls that backend's implementation (``backend_reference``, ``backend_cpu``, ``backend_triton``,
+``backend_cuda``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import torch
 
 from qft import formats, reference
-from qft.ops import backend_cuda, backend_reference, backend_triton, gemm
+from qft.ops import backend_cpu, backend_cuda, backend_reference, backend_triton, eager, gemm
 from qft.ops.dispatch import FLOAT_DTYPES, backend_for
 from qft.ops.oft import oft_rotate
 from qft.ops.thresholds import fused_max_m
 
-BACKEND_MODULES = {"reference": backend_reference, "triton": backend_triton, "cuda": backend_cuda}
+BACKEND_MODULES = {"reference": backend_reference, "cpu": backend_cpu, "triton": backend_triton, "cuda": backend_cuda}
+# The backends that run the reference's paths (their own kernels inside): the GPU-only paths are not theirs.
+REFERENCE_PATHS = (backend_reference, backend_cpu)
 
 
 def _backend(device: torch.device):
@@ -77,7 +80,7 @@ def _check_input(x: torch.Tensor, name: str, weight: formats.Weight) -> None:
         raise ValueError(f"{name}'s {x.shape[1]} features do not divide the weight's {weight.numel} values")
 
 
-@torch.library.custom_op("qft::quant_linear", mutates_args=())
+@eager.custom_op("qft::quant_linear", mutates_args=())
 def quant_linear(
     x: torch.Tensor,
     parts: list[torch.Tensor | None],
@@ -104,7 +107,7 @@ def quant_linear(
     _check_input(x, "x", weight)
     backend = backend_reference if x.dtype == torch.float64 else _backend(x.device)
     m, n = x.shape[0], weight.numel // x.shape[1]
-    large = backend is not backend_reference and m > fused_max_m(x.device)
+    large = backend not in REFERENCE_PATHS and m > fused_max_m(x.device)
     if blockdiag is not None:
         if rot is not None or lora_xa is not None:
             raise ValueError("blockdiag does not combine with rot or LoRA")
@@ -136,7 +139,7 @@ def _(x, parts, fmt, meta, *rest):
     return x.new_empty((x.shape[0], meta[0] // x.shape[1]))
 
 
-@torch.library.custom_op("qft::quant_linear_grad_input", mutates_args=())
+@eager.custom_op("qft::quant_linear_grad_input", mutates_args=())
 def quant_linear_grad_input(
     grad: torch.Tensor,
     parts: list[torch.Tensor | None],
@@ -163,14 +166,14 @@ def quant_linear_grad_input(
         if lora_grad_xa is not None:
             raise ValueError("blockdiag does not combine with LoRA")
         _check_blockdiag(blockdiag, grad.shape[1], weight.numel // grad.shape[1])
-        if backend is not backend_reference:
+        if backend not in REFERENCE_PATHS:
             return gemm.blockdiag_weight_grad_input(grad, weight, blockdiag, backend.dequantize)
         base = backend.linear_grad_input(grad, weight, None, None, None, 1.0)
         return (base.to(blockdiag.dtype) + reference.blockdiag_linear(grad, blockdiag.transpose(1, 2))).to(grad.dtype)
     return backend.linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale)
 
 
-@torch.library.custom_op("qft::quant_lora_backward", mutates_args=())
+@eager.custom_op("qft::quant_lora_backward", mutates_args=())
 def quant_lora_backward(
     grad: torch.Tensor,
     parts: list[torch.Tensor | None],

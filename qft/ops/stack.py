@@ -11,7 +11,7 @@ import torch
 
 from qft import formats
 from qft.ops import gemm, scratch
-from qft.ops.dispatch import backend_for
+from qft.ops.dispatch import backend_for, on_gpu_backend
 from qft.ops.schema import BACKEND_MODULES, quant_linear, quant_lora_backward
 from qft.ops.thresholds import fused_max_m
 
@@ -19,7 +19,7 @@ from qft.ops.thresholds import fused_max_m
 def fused(device: torch.device, m: int, k: int) -> bool:
     """Whether the members share one GEMM: a GPU backend, M above the fused small-M kernel's, and K that
     the strided decode takes; else they run one by one."""
-    return backend_for(device) != "reference" and m > fused_max_m(device) and gemm.beside(k)
+    return on_gpu_backend(device) and m > fused_max_m(device) and gemm.beside(k)
 
 
 def lora_forward(x, weights: list[formats.Weight], biases, xas, lora_Bs, scalings) -> torch.Tensor:

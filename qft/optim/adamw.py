@@ -21,7 +21,7 @@ import torch
 
 from qft.formats import moments8
 from qft.ops import adamw as adamw_op
-from qft.ops.dispatch import backend_for
+from qft.ops.dispatch import GPU_BACKENDS, backend_for
 from qft.optim import paging
 
 # State entries the fused kernel reads (the absmax pair only with 8-bit state).
@@ -162,11 +162,15 @@ class PagedAdamW(torch.optim.Optimizer):
                 device = param.device
                 if device not in backends:
                     backends[device] = backend_for(device)
-                if backends[device] != "reference" and adamw_op.fusable(param, grad):
+                fusable = backends[device] != "reference" and adamw_op.fusable(param, grad)
+                if fusable and backends[device] in GPU_BACKENDS:
                     fused.setdefault((param.device, param.dtype, grad.dtype), []).append((index, p, param, grad, state))
-                else:
-                    self._check_state(p, state, f"optimizer state of a {tuple(p.shape)} parameter")
-                    adamw_op.reference_step(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
+                    continue
+                self._check_state(p, state, f"optimizer state of a {tuple(p.shape)} parameter")
+                # The CPU kernel takes 8-bit state; fp32 state stays on torch's ops, equal to torch.optim.AdamW.
+                kernel = fusable and "exp_avg_absmax" in state
+                step = adamw_op.cpu_step if kernel else adamw_op.reference_step
+                step(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
         for key, members in fused.items():  # one launch per (device, param dtype, grad dtype)
             self._fused_step(key, members)
         return loss

@@ -22,12 +22,11 @@ def test_bench_quant_writes_rows_side_by_side(tmp_path, capsys):
     (result,) = tmp_path.glob("quant-*.json")
     data = json.loads(result.read_text())
     rows = data["rows"]
-    assert {r["provider"] for r in rows} == {"qft-reference", "bitsandbytes"}
+    assert {r["provider"] for r in rows} == {"qft-cpu", "qft-reference", "bitsandbytes"}
     assert {r["op"] for r in rows} == {"quantize nf4+dq", "dequantize nf4+dq"}
     assert all(r["p50_ms"] > 0 and r["gbps"] > 0 for r in rows)
-    assert [r["matches_bitsandbytes"] for r in rows if r["provider"] == "qft-reference" and "dequant" in r["op"]] == [
-        True
-    ]
+    decodes = [r["matches_bitsandbytes"] for r in rows if r["provider"].startswith("qft-") and "dequant" in r["op"]]
+    assert decodes == [True, True]
     assert data["meta"]["copy_bandwidth_gbps"] > 0
     assert len(list(tmp_path.glob("quant-*.csv"))) == 1 and len(list(tmp_path.glob("quant-*.md"))) == 1
     assert "not GPU kernel results" in capsys.readouterr().err
@@ -56,7 +55,7 @@ def test_harness_quick_writes_every_suite_with_every_provider(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "not GPU kernel results" in printed and "TFLOP/s (measured)" in printed
     expected = {
-        "quant": {"qft-reference", "bitsandbytes"},
+        "quant": {"qft-cpu", "qft-reference", "bitsandbytes"},
         "linear": {"qft", "peft-bf16", "peft-bnb", "qft-oft", "peft-oft-bnb"},
         "lowbit": {"bf16 torch", "bitsandbytes nf4", *(f"qft {f}{p}" for f in formats.FORMATS for p in PATHS)},
         "e2e": {"qft", "qft-fused", "peft-bf16", "peft-bnb"},

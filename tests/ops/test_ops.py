@@ -6,6 +6,7 @@ from cases import DTYPES, SHAPES, edge_weight, ref_dequantize, ref_quantize, wei
 
 import qft
 from qft import formats, ops
+from qft._extension import cpu_extension
 
 
 def _op_samples(block_size=64):
@@ -38,11 +39,12 @@ def test_opcheck_every_op(backend):
             torch.library.opcheck(op, args)
 
 
-def test_cpu_dispatches_to_reference():
-    assert ops.backend_for("cpu") == "reference"
+def test_cpu_dispatches_to_the_cpu_backend_or_the_reference():
+    default = "cpu" if cpu_extension().usable else "reference"
+    assert ops.backend_for("cpu") == default
     with ops.use_backend("triton"):
         assert ops.backend_for("cpu") == "triton"
-    assert ops.backend_for("cpu") == "reference"
+    assert ops.backend_for("cpu") == default
 
 
 def test_backend_choices_are_checked(monkeypatch):

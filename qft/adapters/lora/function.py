@@ -15,6 +15,8 @@ import torch
 
 from qft import ops
 from qft.functional import _FLOATS, _autocast_dtype, _cast, _check_bias, _check_x, _without_autocast
+from qft.ops import eager
+from qft.ops.dispatch import on_gpu_backend
 from qft.tensor import QuantizedTensor, quantize
 
 
@@ -22,7 +24,7 @@ def _adapter_input(x_lora: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     """``x_lora @ A^T`` (M x r) in the adapters' dtype. The reference multiplies in the adapters' dtype
     (fp32 adapters over a bf16 layer: an fp32 copy of x, as PEFT); the GPU backends multiply in x's
     dtype (A rounded to it, fp32 sums), so no fp32 tensor of x's size is made."""
-    if x_lora.dtype == lora_A.dtype or ops.backend_for(x_lora.device) == "reference":
+    if x_lora.dtype == lora_A.dtype or not on_gpu_backend(x_lora.device):
         return x_lora.to(lora_A.dtype) @ lora_A.t()
     return (x_lora @ lora_A.t().to(x_lora.dtype)).to(lora_A.dtype)
 
@@ -36,7 +38,7 @@ class _LoRALinear(torch.autograd.Function):
             mask = torch.empty(x2d.shape, dtype=torch.bool, device=x2d.device).bernoulli_(1 - dropout)
             x_lora = x2d * mask / (1 - dropout)
         xa = _adapter_input(x_lora, lora_A)
-        y = ops.quant_linear(x2d, *qt.op_args(), bias, xa, lora_B, scaling)
+        y = eager.call(ops.quant_linear, x2d, *qt.op_args(), bias, xa, lora_B, scaling)
         needs_a = ctx.needs_input_grad[1]
         ctx.save_for_backward(x2d if needs_a else None, lora_A, lora_B, xa, mask)
         ctx.qt, ctx.scaling, ctx.dropout = qt, scaling, dropout
@@ -53,8 +55,18 @@ class _LoRALinear(torch.autograd.Function):
         if needs_a:
             x_lora = x2d if mask is None else x2d * mask / (1 - dropout)
         # grad_x, dA and dB from one op (one GEMM over K + r on a GPU)
-        grad_x, grad_a, grad_b = ops.quant_lora_backward(
-            grad, *qt.op_args(), x_lora, xa, lora_A, lora_B, scaling, mask, 1.0 / (1.0 - dropout), needs_x
+        grad_x, grad_a, grad_b = eager.call(
+            ops.quant_lora_backward,
+            grad,
+            *qt.op_args(),
+            x_lora,
+            xa,
+            lora_A,
+            lora_B,
+            scaling,
+            mask,
+            1.0 / (1.0 - dropout),
+            needs_x,
         )
         grad_x = grad_x if needs_x else None
         grad_a = grad_a if needs_a else None

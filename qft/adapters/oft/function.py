@@ -12,6 +12,7 @@ import torch
 
 from qft import ops, reference
 from qft.functional import _autocast_dtype, _cast, _check_bias, _check_x, _without_autocast
+from qft.ops import eager
 from qft.tensor import QuantizedTensor
 
 
@@ -19,7 +20,7 @@ class _OFTLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, rot, bias, qt):
         # qft::quant_linear rotates x once, then runs the plain layer's kernels.
-        y = ops.quant_linear(x2d, *qt.op_args(), bias, None, None, 0.0, rot)
+        y = eager.call(ops.quant_linear, x2d, *qt.op_args(), bias, None, None, 0.0, rot)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, rot)
         ctx.qt = qt
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -33,12 +34,12 @@ class _OFTLinear(torch.autograd.Function):
         needs_x, needs_rot, needs_bias = ctx.needs_input_grad[:3]
         grad_x = grad_rot = grad_bias = None
         if needs_x or needs_rot:
-            grad_rotated = ops.quant_linear_grad_input(grad, *qt.op_args(), None, None, None, 1.0)
+            grad_rotated = eager.call(ops.quant_linear_grad_input, grad, *qt.op_args(), None, None, None, 1.0)
             if needs_rot:  # one kernel: grad_x = g R^T and dL/dR = x^T g from one read of x and g
-                grad_x, grad_rot = ops.oft_rotate_backward(x2d, grad_rotated, rot)
+                grad_x, grad_rot = eager.call(ops.oft_rotate_backward, x2d, grad_rotated, rot)
                 grad_x = grad_x if needs_x else None
             else:
-                grad_x = ops.oft_rotate(grad_rotated, rot, True)
+                grad_x = eager.call(ops.oft_rotate, grad_rotated, rot, True)
         if needs_bias:
             grad_bias = grad.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_rot, grad_bias, None

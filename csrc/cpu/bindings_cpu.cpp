@@ -1,0 +1,76 @@
+// The pybind11 module qft._cpu over cpu_kernels.h. Tensors arrive as addresses (tensor.data_ptr()),
+// so no torch header is needed; every kernel runs with the GIL released.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "cpu_kernels.h"
+#include "parallel.h"
+
+namespace py = pybind11;
+using namespace qft::cpu;
+
+namespace {
+
+void check(int error) {
+  if (error != kOk) throw std::invalid_argument("qft CPU kernel refused its arguments");
+}
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "qft CPU kernels over raw host pointers (see csrc/cpu/cpu_kernels.h)";
+
+  m.def(
+      "dequantize",
+      [](uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t nested_scales, uintptr_t offset,
+         uintptr_t code, uintptr_t dynamic_map, int bits, bool affine, int64_t numel, int block_size,
+         int nested_block_size, uintptr_t out, int out_dtype, int round_dtype) {
+        const Weight w{ptr<const void>(codes),        ptr<const void>(scales),      ptr<const uint16_t>(zeros),
+                       ptr<const float>(nested_scales), ptr<const float>(offset),   ptr<const float>(code),
+                       ptr<const float>(dynamic_map), bits,                         affine,
+                       numel,                         block_size,                   nested_block_size};
+        check(dequantize(w, ptr<void>(out), static_cast<DType>(out_dtype), static_cast<DType>(round_dtype)));
+      },
+      py::kw_only(), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("nested_scales"),
+      py::arg("offset"), py::arg("code"), py::arg("dynamic_map"), py::arg("bits"), py::arg("affine"),
+      py::arg("numel"), py::arg("block_size"), py::arg("nested_block_size"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("round_dtype"), py::call_guard<py::gil_scoped_release>(),
+      "Decode every value of a weight (see cpu_kernels.h).");
+
+  m.def(
+      "adamw_step",
+      [](uintptr_t p, int p_dtype, uintptr_t g, int g_dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
+         uintptr_t m_absmax, uintptr_t v_absmax, int64_t numel, float decay, float w1, float beta2, float w2,
+         float bc2_sqrt, float eps, float neg_step, float sign, uintptr_t maps, uintptr_t first, uintptr_t mids) {
+        const AdamWScalars s{decay, w1, beta2, w2, bc2_sqrt, eps, neg_step, sign};
+        check(adamw_step(ptr<void>(p), static_cast<DType>(p_dtype), ptr<const void>(g), static_cast<DType>(g_dtype),
+                         ptr<void>(exp_avg), ptr<void>(exp_avg_sq), ptr<float>(m_absmax), ptr<float>(v_absmax), numel,
+                         s, ptr<const float>(maps), ptr<const int32_t>(first), ptr<const float>(mids)));
+      },
+      py::kw_only(), py::arg("p"), py::arg("p_dtype"), py::arg("g"), py::arg("g_dtype"), py::arg("exp_avg"),
+      py::arg("exp_avg_sq"), py::arg("m_absmax"), py::arg("v_absmax"), py::arg("numel"), py::arg("decay"),
+      py::arg("w1"), py::arg("beta2"), py::arg("w2"), py::arg("bc2_sqrt"), py::arg("eps"), py::arg("neg_step"),
+      py::arg("sign"), py::arg("maps"), py::arg("first"), py::arg("mids"), py::call_guard<py::gil_scoped_release>(),
+      "One AdamW step of one tensor, fp32 or 8-bit moments (see cpu_kernels.h).");
+
+  m.def("isa", [] { return std::string(isa_name(active_isa())); }, "The instruction set the kernels run with now.");
+  m.def("detected_isa", [] { return std::string(isa_name(detected_isa())); }, "The best one this CPU supports.");
+  m.def(
+      "set_isa_cap",
+      [](const std::string& name) {
+        for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+          if (name == isa_name(isa)) return set_isa_cap(isa);
+        }
+        throw std::invalid_argument("isa must be 'scalar' or 'avx2', got '" + name + "'");
+      },
+      py::arg("name"), "Run no kernel above this instruction set (tests run every path on one machine).");
+  m.def("native_bf16", &native_bf16, "Whether the CPU multiplies bf16 natively (AVX512-BF16).");
+  m.def("num_threads", &num_threads, "Threads a large call uses.");
+  m.def("set_num_threads", &set_num_threads, py::arg("threads"), "Threads a large call uses (0: the hardware's).");
+}

@@ -1,0 +1,64 @@
+// C entry points of qft's CPU kernels (the `qft._cpu` module). Like the CUDA extension they take raw
+// host pointers and sizes, so no torch header is needed and the module builds with any C++17
+// compiler. Every function returns 0 on success or an Error code; nothing throws.
+#pragma once
+
+#include <cstdint>
+
+namespace qft::cpu {
+
+// Element types, numbered as qft.ops.dispatch.DTYPE_CODES.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+enum Error : int { kOk = 0, kInvalidValue = 1 };
+
+// Instruction sets a kernel can be run with, chosen at run time (isa.cpp). The kernels have AVX2 paths
+// (AVX2, FMA and F16C); an AVX-512 machine runs those.
+enum class Isa : int { kScalar = 0, kAvx2 = 1 };
+
+// The best set this CPU supports, capped by set_isa_cap (tests run every path on one machine).
+Isa active_isa();
+Isa detected_isa();
+void set_isa_cap(Isa cap);
+const char* isa_name(Isa isa);
+// Whether the CPU multiplies bf16 natively (AVX512-BF16): torch's bf16 GEMM then beats its fp32 one.
+bool native_bf16();
+
+// A quantized weight as the kernels read it (the same fields as the CUDA QuantWeight).
+struct Weight {
+  const void* codes;            // packed: 4-bit bytes, 3-/2-bit int32 words (qft/formats/packing.py)
+  const void* scales;           // fp32 per block, or uint8 codes of dynamic_map when nested_scales is set
+  const uint16_t* zeros;        // fp16 bits per block (affine and ICQ formats), else nullptr
+  const float* nested_scales;   // double quantization: fl(fl(dynamic_map[q] * nested) + *offset)
+  const float* offset;
+  const float* code;            // code-book formats: 2**bits values (else nullptr)
+  const float* dynamic_map;     // double quantization: 256 values
+  int bits;                     // 4, 3 or 2
+  bool affine;                  // (q - zero) * scale instead of (code[q] - zero) * scale
+  int64_t numel;
+  int block_size;               // a multiple of 32
+  int nested_block_size;
+};
+
+// Decodes every value into `out` (`out_dtype`), bit-identical to qft.formats.dequantize into
+// `round_dtype`: each value is fl32((level - zero) * scale) rounded to nearest even into round_dtype,
+// then widened exactly to out_dtype. round_dtype == out_dtype is a plain decode; fp32 out with a
+// 16-bit round_dtype is the operand of an fp32 GEMM that equals the reference's x.float() @ W.float().
+// out_dtype must be fp32 or equal to round_dtype.
+int dequantize(const Weight& w, void* out, DType out_dtype, DType round_dtype);
+
+// One torch.optim.AdamW step of `numel` values in place (qft.ops.adamw.reference_step's arithmetic,
+// as the fused Triton step computes it): p (p_dtype) and g (g_dtype) any float type; the moments either
+// fp32 (m, v) or 8-bit (codes m8, v8 with fp32 absmax per 256 values, moments8's format, when
+// m_absmax != nullptr). `scalars`: decay, w1 (1 - beta1), beta2, w2 (1 - beta2), bc2_sqrt, eps,
+// neg_step, sign (-1 to maximize), as fp32. `first`: 65536 int32 and `mids`: 256 fp32 (255 midpoints
+// and +inf) per map, signed then unsigned (moments8._code_lookup); `maps`: the signed then unsigned
+// 256-entry dynamic maps.
+struct AdamWScalars {
+  float decay, w1, beta2, w2, bc2_sqrt, eps, neg_step, sign;
+};
+int adamw_step(void* p, DType p_dtype, const void* g, DType g_dtype, void* m, void* v, float* m_absmax,
+               float* v_absmax, int64_t numel, const AdamWScalars& s, const float* maps, const int32_t* first,
+               const float* mids);
+
+}  // namespace qft::cpu

@@ -1,0 +1,59 @@
+// Which instruction set the kernels run with: what the CPU reports, capped by set_isa_cap; and the
+// module's thread count.
+#include <algorithm>
+#include <atomic>
+#include <thread>
+
+#include "cpu_kernels.h"
+#include "parallel.h"
+
+namespace qft::cpu {
+namespace {
+
+std::atomic<int> isa_cap{static_cast<int>(Isa::kAvx2)};
+std::atomic<int> threads{0};  // 0: the hardware's count
+
+}  // namespace
+
+Isa detected_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+Isa active_isa() {
+  static const Isa detected = detected_isa();
+  return static_cast<Isa>(std::min(static_cast<int>(detected), isa_cap.load()));
+}
+
+void set_isa_cap(Isa cap) { isa_cap.store(static_cast<int>(cap)); }
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+bool native_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+int num_threads() {
+  const int set = threads.load();
+  return set > 0 ? set : std::max(1u, std::thread::hardware_concurrency());
+}
+
+void set_num_threads(int count) { threads.store(std::max(0, count)); }
+
+}  // namespace qft::cpu

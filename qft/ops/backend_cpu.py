@@ -1,0 +1,88 @@
+"""The CPU backend: the reference's paths and arithmetic (``qft.reference``), with the weight decoded by
+``qft._cpu`` instead of torch's many small ops.
+
+A linear op decodes W straight into fp32, each value rounded through x's dtype as the reference's
+``formats.dequantize(w, x.dtype).float()`` rounds it, into this thread's scratch buffer (``scratch``:
+no page faults from a fresh large allocation per call), then runs the reference's fp32 GEMMs on it:
+the same operands and calls as the reference, so the same bits.
+
+One exception, where it pays: bf16 x with M >= ``HALF_GEMM_MIN_M`` rows on a CPU that multiplies bf16
+natively (AVX512-BF16; twice the fp32 GEMM's rate). W is decoded into bf16 and torch's bf16 GEMM (fp32
+sums) gives the base term rounded once to bf16; bias and LoRA are added to it in fp32 and the sum
+rounded again: within one bf16 rounding of the reference, where PEFT over bitsandbytes rounds the
+LoRA term too. Quantizing stays the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qft import formats
+from qft.ops import backend_reference, cpu_calls, scratch
+
+quantize = backend_reference.quantize
+
+# M from which bf16 layers take the bf16 GEMM on a CPU with native bf16 (below it the fp32 GEMM costs
+# little and keeps the reference's bits).
+HALF_GEMM_MIN_M = 16
+
+
+def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every value of ``weight`` in ``dtype`` (flat), into ``out`` or a new tensor."""
+    if out is None:
+        out = torch.empty(weight.numel, dtype=dtype)
+    cpu_calls.dequantize(weight.map(torch.Tensor.contiguous), out, dtype)
+    return out
+
+
+def _decoded(weight: formats.Weight, rows: int, out_dtype: torch.dtype, round_dtype: torch.dtype) -> torch.Tensor:
+    out = scratch.buffer(torch.device("cpu"), out_dtype, weight.numel)
+    cpu_calls.dequantize(weight.map(torch.Tensor.contiguous), out, round_dtype)
+    return out.view(rows, -1)
+
+
+def decoded_matrix(weight: formats.Weight, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[rows, numel / rows]`` weight in fp32, each value rounded through ``dtype`` (float64: through
+    fp32, as the reference decodes for gradcheck), in the scratch buffer: read it before the next decode."""
+    if dtype == torch.float64:
+        return backend_reference.decoded_matrix(weight, rows, dtype)
+    return _decoded(weight, rows, torch.float32, dtype)
+
+
+def half_gemm(t: torch.Tensor) -> bool:
+    """Whether a layer over ``t`` [M, features] takes the bf16 GEMM (see the module's docstring)."""
+    return t.dtype == torch.bfloat16 and t.shape[0] >= HALF_GEMM_MIN_M and cpu_calls.module().native_bf16()
+
+
+def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
+    """``qft::quant_linear``: the reference's, or the bf16 GEMM plus fp32 bias and LoRA (``half_gemm``)."""
+    if not half_gemm(x):
+        return backend_reference.linear(x, weight, bias, lora_xa, lora_B, scaling, decoded_matrix)
+    acc = torch.mm(x, _decoded(weight, weight.numel // x.shape[1], x.dtype, x.dtype).t()).float()
+    if bias is not None:
+        acc += bias.float()
+    if lora_xa is not None:
+        acc.addmm_(lora_xa.float(), lora_B.float().t(), alpha=scaling)
+    return acc.to(x.dtype)
+
+
+def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
+    """``qft::quant_linear_grad_input``: the reference's, or ``grad @ W`` by the bf16 GEMM plus the fp32
+    LoRA term (``half_gemm``)."""
+    if not half_gemm(grad):
+        return backend_reference.linear_grad_input(
+            grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale, decoded_matrix
+        )
+    acc = torch.mm(grad, _decoded(weight, grad.shape[1], grad.dtype, grad.dtype)).float()
+    if lora_grad_xa is not None:
+        lora = lora_grad_xa.float() @ lora_A.float()
+        if dropout_mask is not None:
+            lora *= dropout_mask * dropout_scale
+        acc += lora
+    return acc.to(grad.dtype)
+
+
+def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
+    """``qft::quant_lora_backward`` by ``qft.reference.lora_backward`` with this backend's grad input."""
+    args = (grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x)
+    return backend_reference.lora_backward(*args, decode=None, grad_input_fn=linear_grad_input)

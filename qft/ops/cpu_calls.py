@@ -1,0 +1,110 @@
+"""The only place Python calls the kernels of ``qft._cpu``: one typed wrapper per entry point.
+
+Like ``cuda_calls`` for ``qft._C``: the module takes raw addresses (no torch headers), so each
+wrapper takes tensors and passes their addresses by keyword (pybind11 checks every name against
+``csrc/cpu/bindings_cpu.cpp``), after checking what the kernel cannot: every tensor on the CPU,
+contiguous, of the dtype it reads. A refused call raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qft import formats
+from qft._extension import cpu_extension
+from qft.formats import Weight, moments8
+from qft.ops.dispatch import DTYPE_CODES
+
+
+def module():
+    """``qft._cpu``, or ``RuntimeError`` saying why it is unavailable."""
+    ext = cpu_extension()
+    if ext.module is None:
+        raise RuntimeError(f"the qft CPU extension is not available: {ext.error}")
+    return ext.module
+
+
+def _host(t: torch.Tensor | None, name: str) -> int:
+    if t is None:
+        return 0
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CPU tensor for the CPU kernels, got {t.device} {t.stride()}")
+    return t.data_ptr()
+
+
+def dequantize(weight: Weight, out: torch.Tensor, round_dtype: torch.dtype) -> None:
+    """Decode every value of ``weight`` into ``out`` (flat, fp32 or ``round_dtype``), each value rounded
+    to ``round_dtype`` as ``qft.formats.dequantize(weight, round_dtype)`` rounds it."""
+    if out.numel() != weight.numel or out.dtype not in (torch.float32, round_dtype):
+        raise ValueError(f"out must hold {weight.numel} fp32 or {round_dtype} values, got {out.numel()} {out.dtype}")
+    fmt = formats.get_format(weight.fmt)
+    code = None if fmt.affine else formats.code(weight.fmt, out.device)  # cached per device
+    dynamic_map = formats.dynamic_map(out.device) if weight.double_quant else None
+    zeros = weight.zeros.view(torch.int16) if weight.zeros is not None else None  # fp16 bits
+    module().dequantize(
+        codes=_host(weight.codes, "codes"),
+        scales=_host(weight.scales, "scales"),
+        zeros=_host(zeros, "zeros"),
+        nested_scales=_host(weight.nested_scales, "nested_scales"),
+        offset=_host(weight.offset, "offset"),
+        code=_host(code, "code"),
+        dynamic_map=_host(dynamic_map, "dynamic_map"),
+        bits=fmt.bits,
+        affine=fmt.affine,
+        numel=weight.numel,
+        block_size=weight.block_size,
+        nested_block_size=weight.nested_block_size,
+        out=_host(out, "out"),
+        out_dtype=DTYPE_CODES[out.dtype],
+        round_dtype=DTYPE_CODES[round_dtype],
+    )
+
+
+@functools.cache
+def _moment_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(signed then unsigned dynamic map [512], their first-code tables [2 * 65536] int32, their
+    midpoints with +inf [2 * 256]): ``moments8``'s lookup, as the kernel reads it."""
+    cpu = torch.device("cpu")
+    maps = torch.cat([formats.dynamic_map(cpu), formats.unsigned_dynamic_map(cpu)]).contiguous()
+    lookups = [moments8._code_lookup(signed, cpu) for signed in (True, False)]
+    first = torch.cat([f for f, _ in lookups]).to(torch.int32).contiguous()
+    mids = torch.cat([m for _, m in lookups]).to(torch.float32).contiguous()
+    return maps, first, mids
+
+
+def adamw_step(param, grad, state: dict, scalars: list[float]) -> None:
+    """One AdamW step of ``param`` (in place) and its ``state`` (fp32 ``exp_avg``/``exp_avg_sq``, or 8-bit
+    codes with ``*_absmax``); ``scalars`` is ``qft.kernels.adamw.host_scalars``' row."""
+    from qft.kernels import adamw as k  # the scalar row's layout
+
+    numel = param.numel()
+    eight = "exp_avg_absmax" in state
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    state_dtype = torch.uint8 if eight else torch.float32
+    if grad.numel() != numel or any(t.numel() != numel or t.dtype != state_dtype for t in (exp_avg, exp_avg_sq)):
+        raise ValueError("param, grad and the moments must hold the same number of values")
+    maps, first, mids = _moment_tables() if eight else (None, None, None)
+    module().adamw_step(
+        p=_host(param, "param"),
+        p_dtype=DTYPE_CODES[param.dtype],
+        g=_host(grad, "grad"),
+        g_dtype=DTYPE_CODES[grad.dtype],
+        exp_avg=_host(exp_avg, "exp_avg"),
+        exp_avg_sq=_host(exp_avg_sq, "exp_avg_sq"),
+        m_absmax=_host(state.get("exp_avg_absmax"), "exp_avg_absmax"),
+        v_absmax=_host(state.get("exp_avg_sq_absmax"), "exp_avg_sq_absmax"),
+        numel=numel,
+        decay=scalars[int(k.DECAY)],
+        w1=scalars[int(k.W1)],
+        beta2=scalars[int(k.BETA2)],
+        w2=scalars[int(k.W2)],
+        bc2_sqrt=scalars[int(k.BC2_SQRT)],
+        eps=scalars[int(k.EPS)],
+        neg_step=scalars[int(k.NEG_STEP)],
+        sign=scalars[int(k.SIGN)],
+        maps=_host(maps, "maps"),
+        first=_host(first, "first"),
+        mids=_host(mids, "mids"),
+    )

@@ -1,0 +1,44 @@
+"""Running a ``qft::`` op's Python body directly, skipping torch.library's dispatcher, where that is the
+same computation: on CPU at small shapes the dispatcher's Python layers cost as much as the work.
+
+``custom_op`` declares an op as ``torch.library.custom_op`` does and remembers its body; ``call`` runs
+the body when nothing could see the difference (plain CPU tensors, autograd off, no compile, trace or
+dispatch mode), else the op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_bodies: dict[object, object] = {}
+
+
+def custom_op(name: str, **kwargs):
+    """``torch.library.custom_op(name, **kwargs)``, the undecorated function kept for ``call``."""
+
+    def declare(fn):
+        op = torch.library.custom_op(name, **kwargs)(fn)
+        _bodies[op] = fn
+        return op
+
+    return declare
+
+
+def _dispatch_modes() -> int:
+    # The torch-dispatch mode stack, infra modes (fake, proxy, functional) included; a torch without
+    # the call counts as one mode, so its calls keep the dispatcher.
+    count = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return count() if count is not None else 1
+
+
+def call(op, first: torch.Tensor, *args):
+    """``op(first, *args)``; by its body when ``first`` is a plain CPU tensor, autograd is off (the
+    caller is an autograd.Function's forward or backward) and nothing compiles, traces or intercepts."""
+    direct = (
+        type(first) is torch.Tensor
+        and first.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _dispatch_modes() == 0
+    )
+    return _bodies[op](first, *args) if direct else op(first, *args)

@@ -1,0 +1,233 @@
+"""The CPU backend (qft._cpu): the reference's results bit for bit on every path its kernels take."""
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+from qft import formats, ops
+from qft._extension import CpuExtensionStatus, cpu_extension
+from qft.ops import backend_cpu, cpu_calls, dispatch, eager
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu_extension().usable, reason="qft._cpu not built")
+
+ISAS = ("scalar", "avx2")
+
+
+@pytest.fixture
+def isa_cap():
+    """Run under each instruction-set cap, then restore the best."""
+    yield lambda name: cpu_calls.module().set_isa_cap(name)
+    cpu_calls.module().set_isa_cap("avx2")
+
+
+def test_cpu_extension_built_where_a_compiler_exists():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the CPU extension is optional")
+    assert cpu_extension().usable, f"qft._cpu did not import: {cpu_extension().error}"
+    assert dispatch.backend_for("cpu") == "cpu"
+    assert cpu_calls.module().isa() in ISAS
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _weights():
+    """Every format, nested or not, at two block sizes, with a partial last block and an odd count."""
+    for name in sorted(formats.FORMATS):
+        affine = formats.get_format(name).affine
+        for block, nested, numel in itertools.product((32, 64) if affine else (32, 256), (False, True), (4096, 777)):
+            w = torch.randn(numel) * 0.03
+            w[5] = 0.0  # a zero value and a large one: the table's ends
+            w[9] = 0.4
+            yield name, formats.quantize(w, name, block, nested=nested)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_decode_equals_the_reference_bit_for_bit(isa, isa_cap):
+    isa_cap(isa)
+    for name, q in _weights():
+        for dtype in formats.FLOAT_DTYPES:
+            ref = formats.dequantize(q, dtype)
+            got = backend_cpu.dequantize(q, dtype)
+            assert torch.equal(_bits(got), _bits(ref)), f"{name} block {q.block_size} {dtype} nested {q.double_quant}"
+            # fp32 rounded through dtype: the GEMM operand equal to the reference's decode in dtype, widened
+            wide = torch.empty(q.numel)
+            cpu_calls.dequantize(q, wide, dtype)
+            assert torch.equal(wide, ref.float()), f"{name} {dtype} through fp32"
+
+
+@needs_cpu_kernels
+def test_decode_of_a_large_weight_splits_over_threads_without_changing_a_bit():
+    q = formats.quantize(torch.randn(1 << 21), "nf4", 64, nested=True)  # above the threading threshold
+    ref = formats.dequantize(q, torch.bfloat16)
+    for threads in (1, 2, 3):
+        cpu_calls.module().set_num_threads(threads)
+        try:
+            assert torch.equal(_bits(backend_cpu.dequantize(q, torch.bfloat16)), _bits(ref))
+        finally:
+            cpu_calls.module().set_num_threads(0)
+
+
+@needs_cpu_kernels
+def test_dequantize_op_runs_the_cpu_kernel(monkeypatch):
+    q = formats.quantize(torch.randn(512), "int3", 64)
+    calls = []
+    monkeypatch.setattr(backend_cpu, "dequantize", lambda w, dtype: calls.append(dtype) or formats.dequantize(w, dtype))
+    ops.dequantize(*q.op_args(), torch.float16)
+    assert calls == [torch.float16]
+
+
+@needs_cpu_kernels
+def test_kernel_refusals_raise_value_error():
+    q = formats.quantize(torch.randn(256), "nf4", 64)
+    with pytest.raises(ValueError, match="fp32 or"):
+        cpu_calls.dequantize(q, torch.empty(255), torch.float32)
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        cpu_calls.dequantize(q, torch.empty(512)[::2], torch.float32)
+    with pytest.raises(ValueError, match="refused"):  # a width qft does not pack
+        cpu_calls.module().dequantize(
+            codes=q.codes.data_ptr(), scales=q.scales.data_ptr(), zeros=0, nested_scales=0, offset=0,
+            code=formats.code("nf4", "cpu").data_ptr(), dynamic_map=0, bits=5, affine=False, numel=256,
+            block_size=64, nested_block_size=256, out=torch.empty(256).data_ptr(), out_dtype=0, round_dtype=0,
+        )  # fmt: skip
+
+
+def _lora_step(backend, fmt, dtype, m, bias):
+    torch.manual_seed(1)
+    w = torch.randn(96, 128)
+    q = formats.quantize(w.reshape(-1), fmt, 64, nested=True)
+    from qft.adapters.lora.function import lora_linear
+    from qft.tensor import QuantizedTensor
+
+    qt = QuantizedTensor(q.parts, torch.Size((96, 128)), dtype, fmt, 64)
+    x = torch.randn(m, 128, dtype=dtype, requires_grad=True)
+    a = (torch.randn(8, 128) * 0.1).requires_grad_()
+    b = (torch.randn(96, 8) * 0.1).requires_grad_()
+    bias_t = torch.randn(96, dtype=dtype) if bias else None
+    with ops.use_backend(backend):
+        y = lora_linear(x, qt, a, b, 2.0, bias_t)
+        y.backward(torch.randn_like(y))
+    return y, x.grad, a.grad, b.grad
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("fmt", ["nf4", "int3", "lloyd2_icq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lora_forward_and_backward_equal_the_reference_bit_for_bit(fmt, dtype):
+    for m, bias in ((1, False), (33, True)):
+        ours = _lora_step("cpu", fmt, dtype, m, bias)
+        theirs = _lora_step("reference", fmt, dtype, m, bias)
+        half = backend_cpu.half_gemm(torch.empty(m, 1, dtype=dtype))
+        for name, a, b in zip(("y", "grad_x", "grad_A", "grad_B"), ours, theirs, strict=True):
+            if not half:
+                assert torch.equal(a, b), f"{name} differs ({fmt}, {dtype}, M={m})"
+            elif name in ("y", "grad_x"):  # the base term rounded once more: within a bf16 rounding
+                torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())
+                assert not torch.equal(a, b) or m == 1, "the bf16 GEMM path was not taken"
+            else:  # the adapters' gradients read grad and x, not W: unchanged
+                assert torch.equal(a, b), f"{name} differs ({fmt}, {dtype}, M={m})"
+
+
+@needs_cpu_kernels
+def test_half_gemm_is_taken_only_for_bf16_at_enough_rows(monkeypatch):
+    monkeypatch.setattr(cpu_calls.module(), "native_bf16", lambda: True, raising=False)
+    assert backend_cpu.half_gemm(torch.empty(backend_cpu.HALF_GEMM_MIN_M, 4, dtype=torch.bfloat16))
+    assert not backend_cpu.half_gemm(torch.empty(backend_cpu.HALF_GEMM_MIN_M - 1, 4, dtype=torch.bfloat16))
+    assert not backend_cpu.half_gemm(torch.empty(64, 4, dtype=torch.float16))
+    assert not backend_cpu.half_gemm(torch.empty(64, 4))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kwargs", [{}, {"maximize": True}, {"betas": (0.4, 0.99)}])
+def test_8bit_step_state_equals_the_reference_bit_for_bit(dtype, kwargs):
+    from qft.optim import PagedAdamW8bit
+
+    torch.manual_seed(0)
+    shapes = [(64, 96), (5000,), (300,), (300001,)]  # partial blocks; the last splits over threads
+    start = [torch.randn(s).to(dtype) for s in shapes]
+
+    def run(backend):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = PagedAdamW8bit(params, lr=1e-2, weight_decay=0.1, min_8bit_size=300, **kwargs)
+        g = torch.Generator().manual_seed(1)
+        with ops.use_backend(backend):
+            for _ in range(6):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g).to(dtype)
+                opt.step()
+        return params, opt
+
+    plain, plain_opt = run("reference")
+    fast, fast_opt = run("cpu")
+    for a, b in zip(plain, fast, strict=True):
+        sa, sb = plain_opt.state[a], fast_opt.state[b]
+        assert sa["exp_avg"].dtype == torch.uint8
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), "state differs"
+        # the parameter: within an ulp where torch's vectorized sqrt rounds differently from IEEE's
+        ulp = {torch.float32: 2**-22, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+        torch.testing.assert_close(b, a, rtol=ulp, atol=ulp * a.abs().max().item())
+
+
+@needs_cpu_kernels
+def test_8bit_step_takes_the_kernel_and_32bit_state_stays_on_torch(monkeypatch):
+    from qft.ops import adamw as adamw_op
+    from qft.optim import PagedAdamW, PagedAdamW8bit
+
+    seen = []
+    monkeypatch.setattr(adamw_op, "cpu_step", lambda *a: seen.append("cpu"))
+    monkeypatch.setattr(adamw_op, "reference_step", lambda *a: seen.append("reference"))
+    for cls in (PagedAdamW8bit, PagedAdamW):
+        p = torch.nn.Parameter(torch.randn(5000))
+        p.grad = torch.randn(5000)
+        cls([p]).step()
+    assert seen == ["cpu", "reference"]
+
+
+def test_without_the_extension_cpu_ops_run_on_the_reference(monkeypatch):
+    missing = CpuExtensionStatus(None, "not built")
+    monkeypatch.setattr(dispatch, "cpu_extension", lambda: missing)
+    assert dispatch.backend_for("cpu") == "reference"
+    with pytest.raises(RuntimeError, match="CPU extension is not available: not built"):
+        with ops.use_backend("cpu"):
+            pass
+    q = formats.quantize(torch.randn(256), "nf4", 64)
+    assert torch.equal(ops.dequantize(*q.op_args(), torch.float32), formats.dequantize(q, torch.float32))
+
+
+def test_switching_the_kernels_off_is_reported(monkeypatch):
+    from qft import _extension
+
+    monkeypatch.setenv("QFT_CPU_KERNELS", "0")
+    _extension.cpu_extension.cache_clear()
+    try:
+        status = _extension.cpu_extension()
+        assert not status.usable and "QFT_CPU_KERNELS=0" in status.error
+    finally:
+        _extension.cpu_extension.cache_clear()
+
+
+def test_eager_call_runs_the_body_only_where_nothing_could_tell():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    hits = []
+    body = eager._bodies[ops.quant_linear]
+    eager._bodies[ops.quant_linear] = lambda *a: hits.append("body") or body(*a)
+    try:
+        q = formats.quantize(torch.randn(64 * 32), "nf4", 64)
+        x = torch.randn(2, 32)
+        args = (*q.op_args(), None, None, None, 0.0)
+        with torch.no_grad():
+            direct = eager.call(ops.quant_linear, x, *args)
+        assert hits == ["body"]
+        via_op = eager.call(ops.quant_linear, x, *args)  # autograd on: the dispatcher
+        assert hits == ["body"] and torch.equal(direct, via_op)
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = eager.call(ops.quant_linear, mode.from_tensor(x), *args)
+        assert hits == ["body"] and fake.shape == (2, 64)
+    finally:
+        eager._bodies[ops.quant_linear] = body
