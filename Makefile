@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 setup: $(STAMP)
 
 # A venv with pinned CPU dependencies, then qft itself (editable; builds qft._C when nvcc exists).
-$(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*) $(wildcard csrc/cpu/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

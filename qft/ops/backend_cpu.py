@@ -85,4 +85,4 @@ def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_
 def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
     """``qft::quant_lora_backward`` by ``qft.reference.lora_backward`` with this backend's grad input."""
     args = (grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x)
-    return backend_reference.lora_backward(*args, decode=None, grad_input_fn=linear_grad_input)
+    return backend_reference.lora_backward(*args, grad_input=linear_grad_input)

@@ -25,7 +25,7 @@ def decoded_matrix(weight: formats.Weight, rows: int, dtype: torch.dtype) -> tor
     return formats.dequantize(weight, decode_dtype).view(rows, -1).to(dtype)
 
 
-# The linear ops below take the decode as ``decode(weight, rows, dtype)``: this module's, or the CPU
+# linear and linear_grad_input take the decode as ``decode(weight, rows, dtype)``: this module's, or the CPU
 # backend's (``backend_cpu``), which gives the same values as fp32 and so the same GEMMs.
 
 
@@ -35,29 +35,15 @@ def linear(x, weight, bias, lora_xa, lora_B, scaling: float, decode=decoded_matr
     return reference.quant_linear(x, w, bias, lora_xa, lora_B, scaling)
 
 
-def lora_backward(
-    grad,
-    weight,
-    x_lora,
-    xa,
-    lora_A,
-    lora_B,
-    scaling,
-    mask,
-    dropout_scale,
-    need_x,
-    decode=decoded_matrix,
-    grad_input_fn=None,
-):
+def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x, grad_input=None):
     """``qft::quant_lora_backward`` by ``qft.reference.lora_backward`` (fp32 LoRA terms); grad_x by
-    ``grad_input_fn`` (``linear_grad_input``'s arguments) when given, else ``linear_grad_input``."""
+    ``grad_input`` (``linear_grad_input``'s arguments; default: this module's)."""
+    grad_input = grad_input or linear_grad_input
 
-    def grad_input(grad_xa):
-        if grad_input_fn is not None:
-            return grad_input_fn(grad, weight, grad_xa, lora_A, mask, dropout_scale)
-        return linear_grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale, decode)
+    def grad_x(grad_xa):
+        return grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale)
 
-    return reference.lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling, need_x, grad_input)
+    return reference.lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling, need_x, grad_x)
 
 
 def linear_grad_input(

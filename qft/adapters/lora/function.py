@@ -55,19 +55,8 @@ class _LoRALinear(torch.autograd.Function):
         if needs_a:
             x_lora = x2d if mask is None else x2d * mask / (1 - dropout)
         # grad_x, dA and dB from one op (one GEMM over K + r on a GPU)
-        grad_x, grad_a, grad_b = eager.call(
-            ops.quant_lora_backward,
-            grad,
-            *qt.op_args(),
-            x_lora,
-            xa,
-            lora_A,
-            lora_B,
-            scaling,
-            mask,
-            1.0 / (1.0 - dropout),
-            needs_x,
-        )
+        args = (x_lora, xa, lora_A, lora_B, scaling, mask, 1.0 / (1.0 - dropout), needs_x)
+        grad_x, grad_a, grad_b = eager.call(ops.quant_lora_backward, grad, *qt.op_args(), *args)
         grad_x = grad_x if needs_x else None
         grad_a = grad_a if needs_a else None
         grad_b = grad_b if needs_b else None
