@@ -32,6 +32,10 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+CPU_SAMPLE_S = 5e-3  # a CPU sample spans at least this many seconds of calls
+CPU_MIN_SAMPLES = 7  # and calls shorter than that get at least this many samples
+
+
 def time_ms(fn: Callable[[], object], device: str, repeats: int, graph: bool = False) -> tuple[float, float, float]:
     """``(p50, p20, p80)`` milliseconds of ``fn()`` on ``device``; ``graph``: replayed as a CUDA graph
     (GPU only; no Python or launch overhead, the L2 is not flushed)."""
@@ -44,11 +48,19 @@ def time_ms(fn: Callable[[], object], device: str, repeats: int, graph: bool = F
             p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         return p50, p20, p80
     fn()  # warm-up
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    # Sub-millisecond calls: each sample averages enough calls to span ~5 ms, and there are at least 7
+    # samples, so the median is not one call's scheduling noise (every provider is timed alike).
+    inner = max(1, int(CPU_SAMPLE_S / max(once, 1e-7)))
+    count = max(repeats, CPU_MIN_SAMPLES) if once < CPU_SAMPLE_S else repeats
     samples = []
-    for _ in range(repeats):
+    for _ in range(count):
         start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) * 1e3 / inner)
     if len(samples) == 1:
         return samples[0], samples[0], samples[0]
     q = statistics.quantiles(samples, n=10, method="inclusive")

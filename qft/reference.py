@@ -11,6 +11,8 @@ The input is rotated per block in fp32 (``x_rot[c] = sum_k x[k] R[k, c]``) and r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -86,11 +88,18 @@ def lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling: float, need_x: bool
     return grad_x, grad_a, scaling * (grad_ad.t() @ xa)
 
 
+@functools.cache
+def _upper_positions(block_size: int, device: torch.device) -> torch.Tensor:
+    """Flat positions (row * b + col) of the strict upper triangle in ``triu_indices`` order (cached: one
+    rotation per forward on CPU would otherwise build them every call)."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+    return rows * block_size + cols
+
+
 def oft_skew(params: torch.Tensor, block_size: int) -> torch.Tensor:
     """Q = U - U^T: ``[r, b(b-1)/2] -> [r, b, b]``."""
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=params.device)
-    upper = params.new_zeros(params.shape[0], block_size, block_size)
-    upper[:, rows, cols] = params
+    flat = params.new_zeros(params.shape[0], block_size * block_size)
+    upper = flat.index_copy(1, _upper_positions(block_size, params.device), params).view(-1, block_size, block_size)
     return upper - upper.transpose(-2, -1)
 
 
@@ -116,8 +125,8 @@ def oft_rotation_params_grad(params: torch.Tensor, grad_rot: torch.Tensor, block
             term = p @ term + g @ power
             power = power @ p
         grad_q = grad_q + c * term
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=params.device)
-    return (grad_q - grad_q.transpose(-2, -1))[:, rows, cols]
+    skew = grad_q - grad_q.transpose(-2, -1)
+    return skew.reshape(skew.shape[0], -1).index_select(1, _upper_positions(block_size, params.device))
 
 
 def oft_rotation(

@@ -44,6 +44,28 @@ PYBIND11_MODULE(_cpu, m) {
       "Decode every value of a weight (see cpu_kernels.h).");
 
   m.def(
+      "quant_gemv",
+      [](uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t nested_scales, uintptr_t offset,
+         uintptr_t code, uintptr_t dynamic_map, int bits, bool affine, int64_t numel, int block_size,
+         int nested_block_size, uintptr_t x, int x_dtype, int rows, int64_t n_out, int64_t k_in, uintptr_t bias,
+         int bias_dtype, uintptr_t lora_xa, uintptr_t lora_b, int rank, float scaling, uintptr_t y) {
+        const Weight w{ptr<const void>(codes),        ptr<const void>(scales),      ptr<const uint16_t>(zeros),
+                       ptr<const float>(nested_scales), ptr<const float>(offset),   ptr<const float>(code),
+                       ptr<const float>(dynamic_map), bits,                         affine,
+                       numel,                         block_size,                   nested_block_size};
+        check(quant_gemv(w, ptr<const void>(x), static_cast<DType>(x_dtype), rows, n_out, k_in, ptr<const void>(bias),
+                         static_cast<DType>(bias_dtype), ptr<const float>(lora_xa), ptr<const float>(lora_b), rank,
+                         scaling, ptr<void>(y)));
+      },
+      py::kw_only(), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("nested_scales"),
+      py::arg("offset"), py::arg("code"), py::arg("dynamic_map"), py::arg("bits"), py::arg("affine"),
+      py::arg("numel"), py::arg("block_size"), py::arg("nested_block_size"), py::arg("x"), py::arg("x_dtype"),
+      py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("bias"), py::arg("bias_dtype"), py::arg("lora_xa"),
+      py::arg("lora_b"), py::arg("rank"), py::arg("scaling"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
+      "y = x W^T (+ bias) (+ scaling xa B^T) for a few rows (see cpu_kernels.h).");
+  m.attr("max_gemv_rows") = kMaxCpuGemvRows;
+
+  m.def(
       "adamw_step",
       [](uintptr_t p, int p_dtype, uintptr_t g, int g_dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
          uintptr_t m_absmax, uintptr_t v_absmax, int64_t numel, float decay, float w1, float beta2, float w2,

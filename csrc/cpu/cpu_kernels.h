@@ -47,6 +47,16 @@ struct Weight {
 // out_dtype must be fp32 or equal to round_dtype.
 int dequantize(const Weight& w, void* out, DType out_dtype, DType round_dtype);
 
+// Largest M quant_gemv serves.
+constexpr int kMaxCpuGemvRows = 8;
+
+// y [rows, n_out] (x_dtype) = x [rows, k_in] (x_dtype) @ W^T (+ bias [n_out], bias_dtype) (+ scaling *
+// lora_xa [rows, rank] @ lora_b [n_out, rank]^T, both fp32), for rows <= kMaxCpuGemvRows, k_in and the
+// block size multiples of 32, w.numel == n_out * k_in. fp32 sums of level(q) * x scaled once per block
+// (gemv_cpu.cpp): not bit-equal to decode-then-matmul, closer to the exact product.
+int quant_gemv(const Weight& w, const void* x, DType x_dtype, int rows, int64_t n_out, int64_t k_in, const void* bias,
+               DType bias_dtype, const float* lora_xa, const float* lora_b, int rank, float scaling, void* y);
+
 // One torch.optim.AdamW step of `numel` values in place (qft.ops.adamw.reference_step's arithmetic,
 // as the fused Triton step computes it): p (p_dtype) and g (g_dtype) any float type; the moments either
 // fp32 (m, v) or 8-bit (codes m8, v8 with fp32 absmax per 256 values, moments8's format, when

@@ -65,6 +65,7 @@ class QuantLinear(nn.Module):
         return cls(qt, None if linear.bias is None else linear.bias.detach().clone())
 
     def _set_quantized(self, qt: QuantizedTensor) -> None:
+        self.__dict__.pop("_quantized_cache", None)
         self.format, self.block_size, self.nested_block_size = qt.format, qt.block_size, qt.nested_block_size
         self.weight_dtype = qt.dtype
         if getattr(self, "_flat_layout", None) is not None:
@@ -94,13 +95,23 @@ class QuantLinear(nn.Module):
 
     @property
     def quantized(self) -> QuantizedTensor:
-        """The weight as a ``QuantizedTensor`` over this module's buffers (no copy)."""
+        """The weight as a ``QuantizedTensor`` over this module's buffers (no copy). The last one is kept
+        while its buffers are the module's own (checking a weight costs as much as a small layer's
+        forward on CPU); moves (``_apply``) and new weights drop it."""
         if self._flat_layout is None:
             parts = self._buffered_parts()
         else:  # views into the (unsharded) storage
             parts = flat_storage.unpack(self.weight_storage, self._flat_layout)
         shape = torch.Size((self.out_features, self.in_features))
-        return QuantizedTensor(parts, shape, self.weight_dtype, self.format, self.block_size, self.nested_block_size)
+        meta = (shape, self.weight_dtype, self.format, self.block_size, self.nested_block_size)
+        cacheable = self._flat_layout is None and not torch.compiler.is_compiling()
+        cached = self.__dict__.get("_quantized_cache") if cacheable else None
+        if cached is not None and cached[0] == meta and _same_tensors(cached[1].parts, parts):
+            return cached[1]
+        qt = QuantizedTensor(parts, *meta)
+        if cacheable:
+            self.__dict__["_quantized_cache"] = (meta, qt)
+        return qt
 
     @property
     def double_quant(self) -> bool:
@@ -178,6 +189,7 @@ class QuantLinear(nn.Module):
         self._set_quantized(qt)
 
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_quantized_cache", None)  # moved buffers are new tensors: keep no old ones alive
         if self._flat_layout is not None:  # one uint8 parameter: dtype casts leave it alone
             return super()._apply(fn, recurse)
         # Module.to(dtype)/half() would cast the fp32 scales; let them follow device moves only.
@@ -231,3 +243,8 @@ def _quantized_from_state(
             raise ValueError(f"a float weight must have shape {shape}, got {tuple(weight.shape)}")
         return quantize(weight, module.format, module.block_size, module.double_quant, method)
     return bnb_layout.from_linear4bit_state(state, prefix, shape)
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two part dicts hold the very same tensor objects under the same names."""
+    return a.keys() == b.keys() and all(a[name] is t for name, t in b.items())

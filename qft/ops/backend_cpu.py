@@ -6,8 +6,11 @@ A linear op decodes W straight into fp32, each value rounded through x's dtype a
 no page faults from a fresh large allocation per call), then runs the reference's fp32 GEMMs on it:
 the same operands and calls as the reference, so the same bits.
 
-One exception, where it pays: bf16 x with M >= ``HALF_GEMM_MIN_M`` rows on a CPU that multiplies bf16
-natively (AVX512-BF16; twice the fp32 GEMM's rate). W is decoded into bf16 and torch's bf16 GEMM (fp32
+Two exceptions, where they pay. At M <= ``GEMV_MAX_M`` the forward is one decode GEMV
+(``qft._cpu.quant_gemv``): code values times x summed in fp32 and scaled once per block, as the CUDA
+GEMV does, so the decoded weights are not rounded to x's dtype (closer to the exact product than the
+reference, not bit-equal to it). And bf16 x with M >= ``HALF_GEMM_MIN_M`` rows on a CPU that
+multiplies bf16 natively (AVX512-BF16; twice the fp32 GEMM's rate). W is decoded into bf16 and torch's bf16 GEMM (fp32
 sums) gives the base term rounded once to bf16; bias and LoRA are added to it in fp32 and the sum
 rounded again: within one bf16 rounding of the reference, where PEFT over bitsandbytes rounds the
 LoRA term too. Quantizing stays the reference's.
@@ -22,6 +25,9 @@ from qft.ops import backend_reference, cpu_calls, scratch
 
 quantize = backend_reference.quantize
 
+# M up to which the forward takes the decode GEMV (qft._cpu.quant_gemv: nothing decoded into memory, one
+# fused multiply-add per weight and x row; measured against decode + GEMM in benchmarks/results).
+GEMV_MAX_M = 8
 # M from which bf16 layers take the bf16 GEMM on a CPU with native bf16 (below it the fp32 GEMM costs
 # little and keeps the reference's bits).
 HALF_GEMM_MIN_M = 16
@@ -54,8 +60,21 @@ def half_gemm(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.shape[0] >= HALF_GEMM_MIN_M and cpu_calls.module().native_bf16()
 
 
+def gemv(x: torch.Tensor, weight: formats.Weight) -> bool:
+    """Whether ``qft::quant_linear`` over x [M, K] takes the decode GEMV (see the module's docstring)."""
+    k = x.shape[1]
+    return x.shape[0] <= GEMV_MAX_M and k % 32 == 0 and weight.block_size % 32 == 0 and weight.numel % k == 0
+
+
 def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
-    """``qft::quant_linear``: the reference's, or the bf16 GEMM plus fp32 bias and LoRA (``half_gemm``)."""
+    """``qft::quant_linear``: the decode GEMV at small M (``gemv``), else the reference's, or the bf16 GEMM
+    plus fp32 bias and LoRA (``half_gemm``)."""
+    if gemv(x, weight):
+        y = x.new_empty((x.shape[0], weight.numel // x.shape[1]))
+        lora = (None, None) if lora_xa is None else (lora_xa.float().contiguous(), lora_B.float().contiguous())
+        bias = None if bias is None else bias.contiguous()
+        cpu_calls.quant_gemv(x.contiguous(), weight.map(torch.Tensor.contiguous), bias, *lora, scaling, y)
+        return y
     if not half_gemm(x):
         return backend_reference.linear(x, weight, bias, lora_xa, lora_B, scaling, decoded_matrix)
     acc = torch.mm(x, _decoded(weight, weight.numel // x.shape[1], x.dtype, x.dtype).t()).float()

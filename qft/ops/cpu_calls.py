@@ -34,31 +34,66 @@ def _host(t: torch.Tensor | None, name: str) -> int:
     return t.data_ptr()
 
 
+def _weight_args(weight: Weight) -> dict:
+    """The weight's part addresses, its format's tables and numbers, as the kernels' keywords."""
+    fmt = formats.get_format(weight.fmt)
+    device = weight.device
+    code = None if fmt.affine else formats.code(weight.fmt, device)  # cached per device
+    dynamic_map = formats.dynamic_map(device) if weight.double_quant else None
+    zeros = weight.zeros.view(torch.int16) if weight.zeros is not None else None  # fp16 bits
+    return {
+        "codes": _host(weight.codes, "codes"),
+        "scales": _host(weight.scales, "scales"),
+        "zeros": _host(zeros, "zeros"),
+        "nested_scales": _host(weight.nested_scales, "nested_scales"),
+        "offset": _host(weight.offset, "offset"),
+        "code": _host(code, "code"),
+        "dynamic_map": _host(dynamic_map, "dynamic_map"),
+        "bits": fmt.bits,
+        "affine": fmt.affine,
+        "numel": weight.numel,
+        "block_size": weight.block_size,
+        "nested_block_size": weight.nested_block_size,
+    }
+
+
 def dequantize(weight: Weight, out: torch.Tensor, round_dtype: torch.dtype) -> None:
     """Decode every value of ``weight`` into ``out`` (flat, fp32 or ``round_dtype``), each value rounded
     to ``round_dtype`` as ``qft.formats.dequantize(weight, round_dtype)`` rounds it."""
     if out.numel() != weight.numel or out.dtype not in (torch.float32, round_dtype):
         raise ValueError(f"out must hold {weight.numel} fp32 or {round_dtype} values, got {out.numel()} {out.dtype}")
-    fmt = formats.get_format(weight.fmt)
-    code = None if fmt.affine else formats.code(weight.fmt, out.device)  # cached per device
-    dynamic_map = formats.dynamic_map(out.device) if weight.double_quant else None
-    zeros = weight.zeros.view(torch.int16) if weight.zeros is not None else None  # fp16 bits
-    module().dequantize(
-        codes=_host(weight.codes, "codes"),
-        scales=_host(weight.scales, "scales"),
-        zeros=_host(zeros, "zeros"),
-        nested_scales=_host(weight.nested_scales, "nested_scales"),
-        offset=_host(weight.offset, "offset"),
-        code=_host(code, "code"),
-        dynamic_map=_host(dynamic_map, "dynamic_map"),
-        bits=fmt.bits,
-        affine=fmt.affine,
-        numel=weight.numel,
-        block_size=weight.block_size,
-        nested_block_size=weight.nested_block_size,
-        out=_host(out, "out"),
-        out_dtype=DTYPE_CODES[out.dtype],
-        round_dtype=DTYPE_CODES[round_dtype],
+    codes = {"out_dtype": DTYPE_CODES[out.dtype], "round_dtype": DTYPE_CODES[round_dtype]}
+    module().dequantize(**_weight_args(weight), out=_host(out, "out"), **codes)
+
+
+def max_gemv_rows() -> int:
+    """The largest M ``quant_gemv`` serves."""
+    return module().max_gemv_rows
+
+
+def quant_gemv(x, weight: Weight, bias, lora_xa, lora_b, scaling: float, y) -> None:
+    """``y = x @ W^T + bias + scaling * lora_xa @ lora_b^T`` for x [M <= ``max_gemv_rows()``, K] (K and the
+    block size multiples of 32); lora_xa [M, r] and lora_b [N, r] fp32 (or both None); y [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.numel // k
+    if y.shape != (m, n) or y.dtype != x.dtype:
+        raise ValueError(f"y must be [{m}, {n}] {x.dtype}, got {tuple(y.shape)} {y.dtype}")
+    if lora_xa is not None and (lora_xa.dtype != torch.float32 or lora_b.dtype != torch.float32):
+        raise ValueError("lora_xa and lora_b must be fp32")
+    module().quant_gemv(
+        **_weight_args(weight),
+        x=_host(x, "x"),
+        x_dtype=DTYPE_CODES[x.dtype],
+        rows=m,
+        n_out=n,
+        k_in=k,
+        bias=_host(bias, "bias"),
+        bias_dtype=DTYPE_CODES[bias.dtype] if bias is not None else 0,
+        lora_xa=_host(lora_xa, "lora_xa"),
+        lora_b=_host(lora_b, "lora_b"),
+        rank=0 if lora_xa is None else lora_xa.shape[1],
+        scaling=scaling,
+        y=_host(y, "y"),
     )
 
 

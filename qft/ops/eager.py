@@ -31,14 +31,24 @@ def _dispatch_modes() -> int:
     return count() if count is not None else 1
 
 
-def call(op, first: torch.Tensor, *args):
-    """``op(first, *args)``; by its body when ``first`` is a plain CPU tensor, autograd is off (the
-    caller is an autograd.Function's forward or backward) and nothing compiles, traces or intercepts."""
-    direct = (
+def untraced_cpu(first: torch.Tensor) -> bool:
+    """Whether ``first`` is a plain CPU tensor and nothing compiles, traces or intercepts the call."""
+    return (
         type(first) is torch.Tensor
         and first.device.type == "cpu"
-        and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and _dispatch_modes() == 0
     )
-    return _bodies[op](first, *args) if direct else op(first, *args)
+
+
+def call(op, first: torch.Tensor, *args):
+    """``op(first, *args)``; by its body when ``untraced_cpu(first)`` and autograd is off (the caller is
+    an autograd.Function's forward or backward)."""
+    body = _bodies.get(op)  # None for a callable that is not such an op: it is simply called
+    direct = body is not None and not torch.is_grad_enabled() and untraced_cpu(first)
+    return body(first, *args) if direct else op(first, *args)
+
+
+def body(op):
+    """The undecorated function of an op declared with ``custom_op``."""
+    return _bodies[op]

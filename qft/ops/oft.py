@@ -95,7 +95,7 @@ def _rotate_autograd(ctx, grad):
 oft_rotate.register_autograd(_rotate_autograd, setup_context=_rotate_setup)
 
 
-@torch.library.custom_op("qft::oft_rotation", mutates_args=())
+@eager.custom_op("qft::oft_rotation", mutates_args=())
 def oft_rotation(params: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
     """R ``[blocks, b, b]`` in params' dtype from skew parameters ``[blocks, b(b-1)/2]`` by
     Cayley-Neumann with ``terms`` terms (``qft.reference.oft_rotation``); all blocks in one launch
@@ -113,7 +113,7 @@ def _(params, block_size, terms):
     return params.new_empty((params.shape[0], block_size, block_size))
 
 
-@torch.library.custom_op("qft::oft_rotation_backward", mutates_args=())
+@eager.custom_op("qft::oft_rotation_backward", mutates_args=())
 def oft_rotation_backward(params: torch.Tensor, grad_rot: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
     """dL/d(params) of ``oft_rotation`` from dL/dR, in params' dtype (closed form, see
     ``qft.reference.oft_rotation_params_grad``)."""
@@ -146,3 +146,27 @@ def _rotation_backward(ctx, grad_rot):
 
 
 oft_rotation.register_autograd(_rotation_backward, setup_context=_rotation_setup)
+
+
+class _EagerRotation(torch.autograd.Function):
+    """``qft::oft_rotation`` with its registered backward, as one autograd.Function over the ops' bodies:
+    what the op computes, without torch.library's autograd layers (on CPU they cost more than the math)."""
+
+    @staticmethod
+    def forward(ctx, params, block_size, terms):
+        ctx.save_for_backward(params)
+        ctx.block_size, ctx.terms = block_size, terms
+        return eager.body(oft_rotation)(params, block_size, terms)
+
+    @staticmethod
+    def backward(ctx, grad_rot):
+        (params,) = ctx.saved_tensors
+        return eager.body(oft_rotation_backward)(params, grad_rot.contiguous(), ctx.block_size, ctx.terms), None, None
+
+
+def rotation(params: torch.Tensor, block_size: int, terms: int) -> torch.Tensor:
+    """``oft_rotation(params, block_size, terms)``, differentiable; by ``_EagerRotation`` where nothing
+    traces the call (``eager.untraced_cpu``)."""
+    if eager.untraced_cpu(params):
+        return _EagerRotation.apply(params, block_size, terms)
+    return oft_rotation(params, block_size, terms)

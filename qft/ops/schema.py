@@ -122,7 +122,7 @@ def quant_linear(
         # inside the matmul kernels would read R again in every program along N).
         if large and gemm.rotates_weight(m, n):
             return gemm.rotated_weight_linear(x, weight, bias, rot, backend.dequantize)
-        x = oft_rotate(x, rot, False)
+        x = eager.call(oft_rotate, x, rot, False)
     return backend.linear(x, weight, bias, lora_xa, lora_B, scaling)
 
 

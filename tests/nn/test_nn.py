@@ -27,6 +27,23 @@ def test_quant_linear_is_a_drop_in_linear():
     assert "format=fp4" in repr(layer)
 
 
+def test_quantized_weight_is_kept_while_its_buffers_are_the_modules_own():
+    layer = QuantLinear.from_linear(nn.Linear(64, 32))
+    first = layer.quantized
+    assert layer.quantized is first  # no new check per forward
+    layer.load_state_dict(layer.state_dict())  # a loaded checkpoint is a new weight
+    loaded = layer.quantized
+    assert loaded is not first and loaded.parts["codes"] is layer.weight_codes
+    layer.weight_codes = layer.weight_codes.clone()  # a new tensor under the same name
+    second = layer.quantized
+    assert second is not loaded and second.parts["codes"] is layer.weight_codes
+    layer.to(torch.float16)  # a move drops the kept one (scales stay fp32, codes uint8)
+    third = layer.quantized
+    assert third is not second and all(third.parts[k] is v for k, v in layer._buffered_parts().items())
+    assert layer.quantized is third
+    torch.testing.assert_close(third.dequantize(torch.float32), first.dequantize(torch.float32))
+
+
 def test_casting_the_module_keeps_scales_fp32():
     layer = QuantLinear.from_linear(nn.Linear(64, 32), qft.QuantConfig(double_quant=False))
     before = layer.dequantize(torch.float32)

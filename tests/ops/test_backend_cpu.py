@@ -122,14 +122,54 @@ def test_lora_forward_and_backward_equal_the_reference_bit_for_bit(fmt, dtype):
         ours = _lora_step("cpu", fmt, dtype, m, bias)
         theirs = _lora_step("reference", fmt, dtype, m, bias)
         half = backend_cpu.half_gemm(torch.empty(m, 1, dtype=dtype))
+        gemv = m <= backend_cpu.GEMV_MAX_M  # the forward only: its own sums (test_gemv_*)
         for name, a, b in zip(("y", "grad_x", "grad_A", "grad_B"), ours, theirs, strict=True):
-            if not half:
+            if (name == "y" and gemv) or (half and name in ("y", "grad_x")):  # within a rounding of x's dtype
+                ulp = {torch.float32: 2**-20, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+                torch.testing.assert_close(a, b, rtol=ulp, atol=ulp * b.abs().max().item())
+            else:  # the adapters' gradients read grad and x, not W; grad_x at small M is decode + GEMM
                 assert torch.equal(a, b), f"{name} differs ({fmt}, {dtype}, M={m})"
-            elif name in ("y", "grad_x"):  # the base term rounded once more: within a bf16 rounding
-                torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())
-                assert not torch.equal(a, b) or m == 1, "the bf16 GEMM path was not taken"
-            else:  # the adapters' gradients read grad and x, not W: unchanged
-                assert torch.equal(a, b), f"{name} differs ({fmt}, {dtype}, M={m})"
+
+
+def _exact_linear(x, q, n, bias, xa, b, scaling):
+    w = formats.dequantize(q, torch.float32).double().view(n, -1)
+    return x.double() @ w.t() + bias.double() + scaling * xa.double() @ b.double().t()
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemv_is_as_close_to_the_exact_product_as_the_reference(isa, isa_cap):
+    # The GEMV sums level(q) * x and scales per block (as the CUDA GEMV): not the reference's bits, but
+    # never farther from the float64 product of the decoded fp32 weight than the reference's rounding.
+    isa_cap(isa)
+    from qft import reference
+
+    for name in sorted(formats.FORMATS):
+        affine = formats.get_format(name).affine
+        for (n, k), m, dtype in itertools.product([(48, 128), (8, 96)], (1, 3, 8), formats.FLOAT_DTYPES):
+            q = formats.quantize(torch.randn(n * k) * 0.05, name, 32 if affine else 64, nested=m == 3)
+            x, bias = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+            xa, b = torch.randn(m, 4), torch.randn(n, 4) * 0.1
+            y = torch.empty(m, n, dtype=dtype)
+            cpu_calls.quant_gemv(x, q, bias, xa, b, 0.5, y)
+            exact = _exact_linear(x, q, n, bias, xa, b, 0.5)
+            ref = reference.quant_linear(x, formats.dequantize(q, dtype).view(n, k), bias, xa, b, 0.5)
+            ours, theirs = (y.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+            assert ours <= 2 * theirs + 1e-5 * exact.abs().max(), f"{name} {dtype} M={m}: {ours} vs {theirs}"
+
+
+@needs_cpu_kernels
+def test_gemv_takes_small_m_only_and_refuses_what_it_cannot_serve():
+    q = formats.quantize(torch.randn(64 * 96), "nf4", 32)
+    assert backend_cpu.gemv(torch.empty(backend_cpu.GEMV_MAX_M, 96), q)
+    assert not backend_cpu.gemv(torch.empty(backend_cpu.GEMV_MAX_M + 1, 96), q)
+    odd = formats.quantize(torch.randn(64 * 80), "nf4", 32)  # K = 80: not whole 32-value chunks
+    assert not backend_cpu.gemv(torch.empty(1, 80), odd)
+    rows = cpu_calls.max_gemv_rows() + 1
+    with pytest.raises(ValueError, match="refused"):
+        cpu_calls.quant_gemv(torch.randn(rows, 96), q, None, None, None, 0.0, torch.empty(rows, 64))
+    with pytest.raises(ValueError, match="must be"):
+        cpu_calls.quant_gemv(torch.randn(1, 96), q, None, None, None, 0.0, torch.empty(1, 63))
 
 
 @needs_cpu_kernels

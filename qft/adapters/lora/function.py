@@ -118,13 +118,15 @@ def lora_linear(
 
 
 def lora_over(
-    base, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float = 0.0
+    base, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float = 0.0, qt=None
 ) -> torch.Tensor:
     """``base(x) + scaling * dropout(x) @ A^T @ B^T`` as one ``lora_linear``, over a quantized base layer
-    (``qft.nn.QuantLinear``); ``lora_A`` in the original feature order, also over an act-order layer."""
+    (``qft.nn.QuantLinear``); ``lora_A`` in the original feature order, also over an act-order layer.
+    ``qt``: ``base.quantized`` when the caller has it already."""
     if base.input_perm is not None:  # x @ A^T == x[:, perm] @ A[:, perm]^T
         lora_A = lora_A.index_select(1, base.input_perm)
-    return lora_linear(base.permute_input(x), base.quantized, lora_A, lora_B, scaling, base.bias, dropout)
+    qt = base.quantized if qt is None else qt
+    return lora_linear(base.permute_input(x), qt, lora_A, lora_B, scaling, base.bias, dropout)
 
 
 @torch.no_grad()

@@ -187,8 +187,9 @@ class LoRALinear(AdditiveMerge, nn.Module):
         dropout = self.config.dropout if self.training else 0.0
         base = self.base_layer
         a, b = self.factors()
-        if quantized_weight(base) is not None:
-            return lora_over(base, x, a, b, self.scaling, dropout)
+        qt = quantized_weight(base)
+        if qt is not None:
+            return lora_over(base, x, a, b, self.scaling, dropout, qt)
         y = base(x)
         x_lora = nn.functional.dropout(x, dropout, self.training).to(a.dtype)
         return y + ((x_lora @ a.t()) @ b.t() * self.scaling).to(y.dtype)

@@ -13,6 +13,7 @@ import torch
 from qft import ops, reference
 from qft.functional import _autocast_dtype, _cast, _check_bias, _check_x, _without_autocast
 from qft.ops import eager
+from qft.ops import oft as oft_ops
 from qft.tensor import QuantizedTensor
 
 
@@ -58,7 +59,7 @@ def oft_rotation(
     backward); the exact Cayley transform through ``torch.linalg.solve``. One shared row is expanded
     to every block (block_share)."""
     if use_cayley_neumann and cayley_neumann_terms > 1:  # n = 1: R = I, unconnected to the parameters as in PEFT
-        rot = ops.oft_rotation(oft_weight, block_size, cayley_neumann_terms)
+        rot = oft_ops.rotation(oft_weight, block_size, cayley_neumann_terms)
     else:
         rot = reference.oft_rotation(oft_weight, block_size, cayley_neumann_terms, use_cayley_neumann)
     return rot.expand(blocks, block_size, block_size)
