@@ -88,18 +88,32 @@ def lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling: float, need_x: bool
     return grad_x, grad_a, scaling * (grad_ad.t() @ xa)
 
 
-@functools.cache
-def _upper_positions(block_size: int, device: torch.device) -> torch.Tensor:
-    """Flat positions (row * b + col) of the strict upper triangle in ``triu_indices`` order (cached: one
-    rotation per forward on CPU would otherwise build them every call)."""
+def _positions(block_size: int, device) -> torch.Tensor:
     rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
     return rows * block_size + cols
+
+
+@functools.cache
+def _cpu_positions(block_size: int) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor, usable by autograd whatever mode built it
+        return _positions(block_size, "cpu")
+
+
+def _upper_positions(block_size: int, params: torch.Tensor) -> torch.Tensor:
+    """Flat positions (row * b + col) of the strict upper triangle in ``triu_indices`` order: cached for
+    plain CPU tensors (one rotation per forward would otherwise build them every call), built afresh
+    where a mode or a tracer could be watching."""
+    stack = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+    plain = type(params) in (torch.Tensor, torch.nn.Parameter) and params.device.type == "cpu"
+    if plain and not torch.compiler.is_compiling() and stack() == 0:
+        return _cpu_positions(block_size)
+    return _positions(block_size, params.device)
 
 
 def oft_skew(params: torch.Tensor, block_size: int) -> torch.Tensor:
     """Q = U - U^T: ``[r, b(b-1)/2] -> [r, b, b]``."""
     flat = params.new_zeros(params.shape[0], block_size * block_size)
-    upper = flat.index_copy(1, _upper_positions(block_size, params.device), params).view(-1, block_size, block_size)
+    upper = flat.index_copy(1, _upper_positions(block_size, params), params).view(-1, block_size, block_size)
     return upper - upper.transpose(-2, -1)
 
 
@@ -126,7 +140,7 @@ def oft_rotation_params_grad(params: torch.Tensor, grad_rot: torch.Tensor, block
             power = power @ p
         grad_q = grad_q + c * term
     skew = grad_q - grad_q.transpose(-2, -1)
-    return skew.reshape(skew.shape[0], -1).index_select(1, _upper_positions(block_size, params.device))
+    return skew.reshape(skew.shape[0], -1).index_select(1, _upper_positions(block_size, params))
 
 
 def oft_rotation(

@@ -21,11 +21,22 @@ void parallel_for(int64_t count, int64_t work, Fn&& fn) {
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
   const int64_t piece = (count + threads - 1) / threads;
+  int64_t inline_from = threads;  // pieces no thread could be started for run here
   for (int64_t t = 1; t < threads; ++t) {
     const int64_t begin = t * piece, end = std::min(count, begin + piece);
-    if (begin < end) pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+    if (begin >= end) continue;
+    try {
+      pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+    } catch (...) {  // out of threads: nothing may throw out of a kernel
+      inline_from = t;
+      break;
+    }
   }
   fn(int64_t{0}, std::min(count, piece));
+  for (int64_t t = inline_from; t < threads; ++t) {
+    const int64_t begin = t * piece, end = std::min(count, begin + piece);
+    if (begin < end) fn(begin, end);
+  }
   for (auto& thread : pool) thread.join();
 }
 

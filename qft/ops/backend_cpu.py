@@ -63,17 +63,31 @@ def half_gemm(t: torch.Tensor) -> bool:
 def gemv(x: torch.Tensor, weight: formats.Weight) -> bool:
     """Whether ``qft::quant_linear`` over x [M, K] takes the decode GEMV (see the module's docstring)."""
     k = x.shape[1]
-    return x.shape[0] <= GEMV_MAX_M and k % 32 == 0 and weight.block_size % 32 == 0 and weight.numel % k == 0
+    return 1 <= x.shape[0] <= GEMV_MAX_M and k % 32 == 0 and weight.block_size % 32 == 0 and weight.numel % k == 0
+
+
+def _gemv_operands(x, n: int, bias, lora_xa, lora_B):
+    """(bias, xa, B) as the GEMV reads them (fp32, contiguous), or None where a shape would not be read as
+    the reference reads it (a broadcast bias, mismatched LoRA factors): those take the reference's path,
+    which broadcasts or raises as torch does."""
+    if bias is not None and tuple(bias.shape) != (n,):
+        return None
+    if lora_xa is not None:
+        r = lora_xa.shape[-1]
+        if lora_xa.dim() != 2 or lora_xa.shape[0] != x.shape[0] or tuple(lora_B.shape) != (n, r) or r == 0:
+            return None
+        lora_xa, lora_B = lora_xa.float().contiguous(), lora_B.float().contiguous()
+    return None if bias is None else bias.float().contiguous(), lora_xa, lora_B
 
 
 def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     """``qft::quant_linear``: the decode GEMV at small M (``gemv``), else the reference's, or the bf16 GEMM
     plus fp32 bias and LoRA (``half_gemm``)."""
-    if gemv(x, weight):
-        y = x.new_empty((x.shape[0], weight.numel // x.shape[1]))
-        lora = (None, None) if lora_xa is None else (lora_xa.float().contiguous(), lora_B.float().contiguous())
-        bias = None if bias is None else bias.contiguous()
-        cpu_calls.quant_gemv(x.contiguous(), weight.map(torch.Tensor.contiguous), bias, *lora, scaling, y)
+    n = weight.numel // x.shape[1]
+    operands = _gemv_operands(x, n, bias, lora_xa, lora_B) if gemv(x, weight) else None
+    if operands is not None:
+        y = x.new_empty((x.shape[0], n))
+        cpu_calls.quant_gemv(x.contiguous(), weight.map(torch.Tensor.contiguous), *operands, scaling, y)
         return y
     if not half_gemm(x):
         return backend_reference.linear(x, weight, bias, lora_xa, lora_B, scaling, decoded_matrix)

@@ -55,6 +55,8 @@ def backend_for(device: torch.device | str) -> str:
     if env:
         if env not in BACKENDS:
             raise ValueError(f"QFT_BACKEND must be one of {BACKENDS}, got {env!r}")
+        if env == "cpu" and not cpu_extension().usable:
+            raise RuntimeError(f"QFT_BACKEND=cpu: the qft CPU extension is not available: {cpu_extension().error}")
         return env
     device = torch.device(device)
     if device.type != "cuda":

@@ -31,13 +31,20 @@ def _dispatch_modes() -> int:
     return count() if count is not None else 1
 
 
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return True if wrapped is None else wrapped(t)  # unknown: assume vmap/grad could be wrapping it
+
+
 def untraced_cpu(first: torch.Tensor) -> bool:
-    """Whether ``first`` is a plain CPU tensor and nothing compiles, traces or intercepts the call."""
+    """Whether ``first`` is a plain CPU tensor (or parameter) and nothing compiles, traces, transforms
+    (vmap, grad) or intercepts the call."""
     return (
-        type(first) is torch.Tensor
+        type(first) in (torch.Tensor, torch.nn.Parameter)
         and first.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and _dispatch_modes() == 0
+        and not _functorch_wrapped(first)
     )
 
 

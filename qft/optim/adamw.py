@@ -168,7 +168,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     continue
                 self._check_state(p, state, f"optimizer state of a {tuple(p.shape)} parameter")
                 # The CPU kernel takes 8-bit state; fp32 state stays on torch's ops, equal to torch.optim.AdamW.
-                kernel = fusable and "exp_avg_absmax" in state
+                kernel = fusable and "exp_avg_absmax" in state and device.type == "cpu"
                 step = adamw_op.cpu_step if kernel else adamw_op.reference_step
                 step(param, grad, state, lr, beta1, beta2, eps, wd, maximize)
         for key, members in fused.items():  # one launch per (device, param dtype, grad dtype)

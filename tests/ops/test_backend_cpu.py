@@ -271,3 +271,44 @@ def test_eager_call_runs_the_body_only_where_nothing_could_tell():
         assert hits == ["body"] and fake.shape == (2, 64)
     finally:
         eager._bodies[ops.quant_linear] = body
+
+
+@needs_cpu_kernels
+def test_small_m_edge_inputs_behave_as_on_the_reference():
+    q = formats.quantize(torch.randn(64 * 96), "nf4", 32)
+    args = q.op_args()
+    with torch.no_grad():
+        empty = ops.quant_linear(torch.randn(0, 96), *args, None, None, None, 0.0)
+        assert empty.shape == (0, 64)
+        x = torch.randn(2, 96)
+        for bias in (torch.randn(1), torch.randn(64, dtype=torch.float64)):  # broadcast, float64
+            ours = ops.quant_linear(x, *args, bias, None, None, 0.0)
+            with ops.use_backend("reference"):
+                theirs = ops.quant_linear(x, *args, bias, None, None, 0.0)
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError):  # LoRA factors that do not fit: torch's error, no stray read
+            ops.quant_linear(x, *args, None, torch.randn(2, 4), torch.randn(64, 2), 1.0)
+
+
+def test_oft_positions_cached_under_inference_mode_still_train():
+    from qft import reference
+
+    block = 12  # a size no other test caches first
+    with torch.inference_mode():
+        reference.oft_skew(torch.randn(2, block * (block - 1) // 2), block)
+    params = torch.randn(2, block * (block - 1) // 2, requires_grad=True)
+    reference.oft_rotation(params, block, 5, use_neumann=False).sum().backward()
+    assert params.grad is not None and torch.isfinite(params.grad).all()
+
+
+def test_qft_backend_cpu_without_the_extension_is_refused(monkeypatch):
+    monkeypatch.setattr(dispatch, "cpu_extension", lambda: CpuExtensionStatus(None, "not built"))
+    monkeypatch.setenv("QFT_BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match="QFT_BACKEND=cpu"):
+        dispatch.backend_for("cpu")
+
+
+def test_eager_bypass_takes_parameters_and_leaves_functorch_transforms_alone():
+    assert eager.untraced_cpu(torch.nn.Parameter(torch.randn(3)))
+    seen = torch.func.vmap(lambda t: torch.tensor(eager.untraced_cpu(t)))(torch.randn(2, 3))
+    assert not seen.any()
