@@ -200,16 +200,21 @@ int quant_gemv(const Weight& w, const void* x, DType x_dtype, int rows, int64_t 
 #endif
     for (int64_t row = first; row < last; ++row) row_scalar(p, levels, row, p.acc + row);
   });
-  // The epilogue as the reference orders it: + bias, + scaling * (xa B^T), one rounding to x's dtype.
+  // The epilogue as the reference orders it: + bias, + scaling * (xa B^T), one rounding to x's dtype. The
+  // LoRA sums run over r in the outer loop, so consecutive n are independent (no serial add chain).
+  std::vector<float> lora(lora_xa != nullptr ? n_out : 0);
   for (int m = 0; m < rows; ++m) {
+    if (lora_xa != nullptr) {
+      std::fill(lora.begin(), lora.end(), 0.0f);
+      for (int r = 0; r < rank; ++r) {
+        const float a = lora_xa[m * rank + r];
+        for (int64_t n = 0; n < n_out; ++n) lora[n] += a * lora_b[n * rank + r];
+      }
+    }
     for (int64_t n = 0; n < n_out; ++n) {
       float v = acc[m * n_out + n];
       if (bias != nullptr) v += load_float(bias, bias_dtype, n);
-      if (lora_xa != nullptr) {
-        float lora = 0.0f;
-        for (int r = 0; r < rank; ++r) lora += lora_xa[m * rank + r] * lora_b[n * rank + r];
-        v += scaling * lora;
-      }
+      if (lora_xa != nullptr) v += scaling * lora[n];
       store_float(y, x_dtype, m * n_out + n, v);
     }
   }
