@@ -153,13 +153,21 @@ def _bits_plan(model, config, calibration) -> qft.nn.BitsPlan:
         raise DemoError(f"--bits-budget: {exc}") from exc
 
 
-@torch.no_grad()
-def held_out_cosine(student, teacher, tokenizer, sentences, config, device) -> float:
-    """Mean cosine similarity of student and teacher embeddings over ``sentences``."""
-    total = 0.0
-    for batch in sentence_batches(tokenizer, sentences, 64, config.max_length, device):
-        total += (embed(student, batch) * embed(teacher, batch)).sum().item()
-    return total / len(sentences)
+class HeldOut:
+    """The held-out sentences tokenized once, with the frozen teacher's embeddings of them (computed once:
+    the teacher does not change between the measurements before and after training)."""
+
+    @torch.no_grad()
+    def __init__(self, teacher, tokenizer, sentences, config, device) -> None:
+        self.batches = list(sentence_batches(tokenizer, sentences, 64, config.max_length, device))
+        self.targets = [embed(teacher, batch) for batch in self.batches]
+        self.count = len(sentences)
+
+    @torch.no_grad()
+    def cosine(self, student) -> float:
+        """Mean cosine similarity of ``student``'s embeddings and the teacher's."""
+        total = sum((embed(student, b) * t).sum().item() for b, t in zip(self.batches, self.targets, strict=True))
+        return total / self.count
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -264,7 +272,8 @@ def run(config: DemoConfig) -> dict[str, object]:
             qft.add_adapters(student, adapter_config)
     except (ValueError, TypeError) as exc:  # e.g. an OFT block size that does not divide a layer, a bad --init
         raise DemoError(str(exc).splitlines()[0]) from exc
-    cosine_before = held_out_cosine(student, teacher, tokenizer, held_out, config, device)
+    evaluation = HeldOut(teacher, tokenizer, held_out, config, device)
+    cosine_before = evaluation.cosine(student)
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = OPTIMIZERS[config.optim](params, lr=config.lr or spec.demo_lr)
@@ -295,7 +304,7 @@ def run(config: DemoConfig) -> dict[str, object]:
     bits_before, linear_mb_before = linear_weight_stats(teacher)
     bits_after, linear_mb_after = linear_weight_stats(student)
     student.eval()
-    cosine_after = held_out_cosine(student, teacher, tokenizer, held_out, config, device)
+    cosine_after = evaluation.cosine(student)
     qft.save_adapters(student, config.out)
     return {
         "model": path,
