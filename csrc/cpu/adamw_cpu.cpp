@@ -159,7 +159,8 @@ QFT_INLINE void step_blocks(const Step& t, int64_t first_block, int64_t last_blo
     narrow(p, t.p, t.p_dtype, start, count);
     if (eight) {
       encode_block<kVector>(m, count, static_cast<uint8_t*>(t.m) + start, t.m_absmax + block, t.first, t.mids);
-      encode_block<kVector>(v, count, static_cast<uint8_t*>(t.v) + start, t.v_absmax + block, t.first + 65536, t.mids + 256);
+      uint8_t* v_codes = static_cast<uint8_t*>(t.v) + start;
+      encode_block<kVector>(v, count, v_codes, t.v_absmax + block, t.first + 65536, t.mids + 256);
     } else {
       narrow(m, t.m, DType::kFloat32, start, count);
       narrow(v, t.v, DType::kFloat32, start, count);

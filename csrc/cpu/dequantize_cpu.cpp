@@ -11,6 +11,7 @@
 #include "convert.h"
 #include "cpu_kernels.h"
 #include "parallel.h"
+#include "weight.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -19,15 +20,6 @@
 
 namespace qft::cpu {
 namespace {
-
-float block_scale(const Weight& w, int64_t block) {
-  if (w.nested_scales == nullptr) return static_cast<const float*>(w.scales)[block];
-  const uint8_t q = static_cast<const uint8_t*>(w.scales)[block];
-  const float scaled = w.dynamic_map[q] * w.nested_scales[block / w.nested_block_size];  // one rounding
-  return scaled + *w.offset;                                                           // and another
-}
-
-float block_zero(const Weight& w, int64_t block) { return w.zeros != nullptr ? from_fp16(w.zeros[block]) : 0.0f; }
 
 // The block's levels in fp32: (level - zero) * scale, two roundings (zero 0 without zeros: exact).
 void level_values(const Weight& w, int64_t block, float* values) {
@@ -93,7 +85,8 @@ QFT_AVX2 inline __m256i bf16_lanes(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+  const __m256i magnitude = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F800000));
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
 }
 
@@ -172,7 +165,8 @@ QFT_AVX2 void decode4_avx2(const Weight& w, int64_t block, int64_t count, DType 
       const __m128i eight = k % 2 ? _mm_srli_si128(halves[k / 2], 8) : halves[k / 2];
       const __m256i q = _mm256_cvtepu8_epi32(eight);
       const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));  // bit 3 -> sign bit
-      const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.first, q), _mm256_permutevar8x32_ps(t.second, q), pick);
+      const __m256 v =
+          _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.first, q), _mm256_permutevar8x32_ps(t.second, q), pick);
       _mm256_storeu_ps(out + i + 8 * k, v);
     }
   }
@@ -206,10 +200,7 @@ void decode_blocks(const Weight& w, T* out, DType round_dtype, bool vector, int6
 }
 
 bool valid(const Weight& w) {
-  const bool nested_ok = w.nested_scales == nullptr || (w.offset != nullptr && w.dynamic_map != nullptr);
-  return w.numel > 0 && (w.bits == 2 || w.bits == 3 || w.bits == 4) && w.codes != nullptr && w.scales != nullptr &&
-         (w.affine ? w.zeros != nullptr : w.code != nullptr) && nested_ok && w.nested_block_size > 0 &&
-         w.block_size >= 32 && w.block_size % 32 == 0;
+  return w.numel > 0 && weight_parts_ok(w) && w.block_size >= 32 && w.block_size % 32 == 0;
 }
 
 // A fresh output (torch allocates large tensors as new mappings) costs a page fault per 4 KiB on first

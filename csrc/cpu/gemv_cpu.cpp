@@ -10,6 +10,7 @@
 #include "convert.h"
 #include "cpu_kernels.h"
 #include "parallel.h"
+#include "weight.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -20,13 +21,6 @@ namespace qft::cpu {
 namespace {
 
 constexpr int kChunk = 32;  // values decoded per step: one packing unit at 3 bits, two at 2, 16 bytes at 4
-
-float block_scale(const Weight& w, int64_t block) {
-  if (w.nested_scales == nullptr) return static_cast<const float*>(w.scales)[block];
-  const uint8_t q = static_cast<const uint8_t*>(w.scales)[block];
-  const float scaled = w.dynamic_map[q] * w.nested_scales[block / w.nested_block_size];
-  return scaled + *w.offset;
-}
 
 // The codes of values [flat, flat + 32) (flat a multiple of 32), one byte each.
 void codes32(const Weight& w, int64_t flat, uint8_t* q) {
@@ -66,7 +60,7 @@ void row_scalar(const Problem& p, const float* levels, int64_t row, float* out) 
     if (b != block) {
       flush();
       block = b, scale = block_scale(p.w, b);
-      zero = p.w.zeros != nullptr ? from_fp16(p.w.zeros[b]) : 0.0f;
+      zero = block_zero(p.w, b);
     }
     codes32(p.w, flat, q);
     for (int m = 0; m < p.rows; ++m) {
@@ -117,7 +111,7 @@ QFT_AVX2 void row_avx2(const Problem& p, const float* levels, int64_t row, float
     if (b != block) {
       flush_avx2<kRows>(scale, zero, part, seg, total, ztotal);
       block = b, scale = block_scale(p.w, b);
-      zero = p.w.zeros != nullptr ? from_fp16(p.w.zeros[b]) : 0.0f;
+      zero = block_zero(p.w, b);
     }
     __m128i lo, hi;  // the 32 codes as bytes, values 0-15 and 16-31
     if (p.w.bits == 4) {
@@ -172,11 +166,8 @@ int quant_gemv(const Weight& w, const void* x, DType x_dtype, int rows, int64_t 
                DType bias_dtype, const float* lora_xa, const float* lora_b, int rank, float scaling, void* y) {
   const bool shape_ok = rows >= 1 && rows <= kMaxCpuGemvRows && n_out > 0 && k_in > 0 && k_in % kChunk == 0 &&
                         w.numel == n_out * k_in && w.block_size >= kChunk && w.block_size % kChunk == 0;
-  const bool nested_ok = w.nested_scales == nullptr || (w.offset != nullptr && w.dynamic_map != nullptr);
-  const bool weight_ok = (w.bits == 2 || w.bits == 3 || w.bits == 4) && w.codes != nullptr && w.scales != nullptr &&
-                         (w.affine ? w.zeros != nullptr : w.code != nullptr) && nested_ok && w.nested_block_size > 0;
-  if (!shape_ok || !weight_ok || x == nullptr || y == nullptr || ((lora_xa == nullptr) != (lora_b == nullptr)) ||
-      (lora_xa != nullptr && rank <= 0))
+  const bool lora_ok = (lora_xa == nullptr) == (lora_b == nullptr) && (lora_xa == nullptr || rank > 0);
+  if (!shape_ok || !weight_parts_ok(w) || x == nullptr || y == nullptr || !lora_ok)
     return kInvalidValue;
   // x in fp32, and its sums per chunk where blocks have zeros (scale * zero * sum(x) leaves the dot product).
   std::vector<float> xf(static_cast<size_t>(rows) * k_in), xsum;
