@@ -38,7 +38,7 @@ def extension() -> ExtensionStatus:
 
 @dataclass(frozen=True)
 class CpuExtensionStatus:
-    """What is known about ``qft._cpu``: built and importable, and the instruction set it runs with."""
+    """What is known about ``qft._cpu``: the module when it imported and is switched on, else why not."""
 
     module: ModuleType | None
     error: str  # why it is not used ("" if it is)

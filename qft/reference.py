@@ -36,12 +36,17 @@ def quant_linear(
     their precision).
     """
     acc_dtype = _accumulator(x.dtype)
-    acc = x.to(acc_dtype) @ weight.to(acc_dtype).t()
+    return linear_epilogue(x.to(acc_dtype) @ weight.to(acc_dtype).t(), bias, lora_xa, lora_B, scaling, x.dtype)
+
+
+def linear_epilogue(acc, bias, lora_xa, lora_B, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """``acc + bias + scaling * lora_xa @ lora_B^T`` in acc's dtype (added in place), rounded once to
+    ``dtype``: what follows the base product in ``quant_linear``, whichever GEMM made it."""
     if bias is not None:
-        acc += bias.to(acc_dtype)
+        acc += bias.to(acc.dtype)
     if lora_xa is not None:
-        acc.addmm_(lora_xa.to(acc_dtype), lora_B.to(acc_dtype).t(), alpha=scaling)
-    return acc.to(x.dtype)
+        acc.addmm_(lora_xa.to(acc.dtype), lora_B.to(acc.dtype).t(), alpha=scaling)
+    return acc.to(dtype)
 
 
 def blockdiag_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -67,12 +72,18 @@ def quant_linear_grad_input(
     """
     acc_dtype = _accumulator(grad.dtype)
     acc = grad.to(acc_dtype) @ weight.to(acc_dtype)
+    return grad_input_epilogue(acc, lora_grad_xa, lora_A, dropout_mask, dropout_scale, grad.dtype)
+
+
+def grad_input_epilogue(acc, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float, dtype) -> torch.Tensor:
+    """``acc + (lora_grad_xa @ lora_A) * mask * dropout_scale`` in acc's dtype, rounded to ``dtype``: what
+    follows ``grad @ W`` in ``quant_linear_grad_input``, whichever GEMM made it."""
     if lora_grad_xa is not None:
-        lora = lora_grad_xa.to(acc_dtype) @ lora_A.to(acc_dtype)
+        lora = lora_grad_xa.to(acc.dtype) @ lora_A.to(acc.dtype)
         if dropout_mask is not None:
             lora *= dropout_mask * dropout_scale
         acc += lora
-    return acc.to(grad.dtype)
+    return acc.to(dtype)
 
 
 def lora_backward(grad, x_lora, xa, lora_A, lora_B, scaling: float, need_x: bool, grad_input):

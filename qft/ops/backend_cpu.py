@@ -10,17 +10,17 @@ Two exceptions, where they pay. At M <= ``GEMV_MAX_M`` the forward is one decode
 (``qft._cpu.quant_gemv``): code values times x summed in fp32 and scaled once per block, as the CUDA
 GEMV does, so the decoded weights are not rounded to x's dtype (closer to the exact product than the
 reference, not bit-equal to it). And bf16 x with M >= ``HALF_GEMM_MIN_M`` rows on a CPU that
-multiplies bf16 natively (AVX512-BF16; twice the fp32 GEMM's rate). W is decoded into bf16 and torch's bf16 GEMM (fp32
-sums) gives the base term rounded once to bf16; bias and LoRA are added to it in fp32 and the sum
-rounded again: within one bf16 rounding of the reference, where PEFT over bitsandbytes rounds the
-LoRA term too. Quantizing stays the reference's.
+multiplies bf16 natively (AVX512-BF16; twice the fp32 GEMM's rate): W is decoded into bf16 and torch's
+bf16 GEMM (fp32 sums) gives the base term rounded once to bf16; the reference's epilogue adds bias and
+LoRA to it in fp32 and rounds the sum again: within one bf16 rounding of the reference, where PEFT
+over bitsandbytes rounds the LoRA term too. Quantizing stays the reference's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qft import formats
+from qft import formats, reference
 from qft.ops import backend_reference, cpu_calls, scratch
 
 quantize = backend_reference.quantize
@@ -91,12 +91,8 @@ def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
         return y
     if not half_gemm(x):
         return backend_reference.linear(x, weight, bias, lora_xa, lora_B, scaling, decoded_matrix)
-    acc = torch.mm(x, _decoded(weight, weight.numel // x.shape[1], x.dtype, x.dtype).t()).float()
-    if bias is not None:
-        acc += bias.float()
-    if lora_xa is not None:
-        acc.addmm_(lora_xa.float(), lora_B.float().t(), alpha=scaling)
-    return acc.to(x.dtype)
+    acc = torch.mm(x, _decoded(weight, n, x.dtype, x.dtype).t()).float()
+    return reference.linear_epilogue(acc, bias, lora_xa, lora_B, scaling, x.dtype)
 
 
 def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
@@ -107,12 +103,7 @@ def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_
             grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale, decoded_matrix
         )
     acc = torch.mm(grad, _decoded(weight, grad.shape[1], grad.dtype, grad.dtype)).float()
-    if lora_grad_xa is not None:
-        lora = lora_grad_xa.float() @ lora_A.float()
-        if dropout_mask is not None:
-            lora *= dropout_mask * dropout_scale
-        acc += lora
-    return acc.to(grad.dtype)
+    return reference.grad_input_epilogue(acc, lora_grad_xa, lora_A, dropout_mask, dropout_scale, grad.dtype)
 
 
 def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):

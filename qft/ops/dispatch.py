@@ -1,8 +1,8 @@
 """How a qft op picks its implementation.
 
-* CPU -> the CPU extension ``qft._cpu`` when it is built (``backend_cpu``: the reference's arithmetic
-  and paths, bit for bit, with compiled decode and optimizer kernels), else ``qft.reference`` (pure
-  torch, also the oracle);
+* CPU -> the CPU extension ``qft._cpu`` when it is built (``backend_cpu``: the reference's paths with
+  compiled decode, small-M GEMV and optimizer kernels; the reference's bits except where its docstring
+  says), else ``qft.reference`` (pure torch, also the oracle);
 * CUDA -> the CUDA extension ``qft._C`` when it is built and sees a GPU, else the Triton kernels
   (ops with size-dependent paths consult ``qft.ops.thresholds`` too).
 

@@ -12,13 +12,13 @@ import torch
 
 from qft import formats, reference
 from qft.ops import backend_cpu, backend_cuda, backend_reference, backend_triton, eager, gemm
-from qft.ops.dispatch import FLOAT_DTYPES, backend_for
+from qft.ops.dispatch import FLOAT_DTYPES, GPU_BACKENDS, backend_for
 from qft.ops.oft import oft_rotate
 from qft.ops.thresholds import fused_max_m
 
 BACKEND_MODULES = {"reference": backend_reference, "cpu": backend_cpu, "triton": backend_triton, "cuda": backend_cuda}
 # The backends that run the reference's paths (their own kernels inside): the GPU-only paths are not theirs.
-REFERENCE_PATHS = (backend_reference, backend_cpu)
+REFERENCE_PATHS = tuple(module for name, module in BACKEND_MODULES.items() if name not in GPU_BACKENDS)
 
 
 def _backend(device: torch.device):
