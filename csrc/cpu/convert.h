@@ -9,17 +9,17 @@
 
 namespace qft::cpu {
 
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
+// The same bits as another type of the same size (std::bit_cast before C++20).
+template <typename To, typename From>
+inline To same_bits(From from) {
+  static_assert(sizeof(To) == sizeof(From), "same_bits needs types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
 }
 
-inline float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline uint32_t bits_of(float f) { return same_bits<uint32_t>(f); }
+inline float float_of(uint32_t u) { return same_bits<float>(u); }
 
 // bf16 keeps fp32's top 16 bits: add half of the dropped part (and its lowest kept bit, for ties to
 // even); every NaN becomes the quiet NaN 0x7FC0 (as c10::BFloat16).
@@ -32,18 +32,8 @@ inline uint16_t bf16_bits(float f) {
 inline float from_bf16(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
 
 // fp16 through the compiler's _Float16 (IEEE conversions, round to nearest even).
-inline uint16_t fp16_bits(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
-  uint16_t u;
-  std::memcpy(&u, &h, sizeof u);
-  return u;
-}
-
-inline float from_fp16(uint16_t u) {
-  _Float16 h;
-  std::memcpy(&h, &u, sizeof h);
-  return static_cast<float>(h);
-}
+inline uint16_t fp16_bits(float f) { return same_bits<uint16_t>(static_cast<_Float16>(f)); }
+inline float from_fp16(uint16_t u) { return static_cast<float>(same_bits<_Float16>(u)); }
 
 inline float load_float(const void* base, DType dtype, int64_t i) {
   switch (dtype) {
