@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <string>
+#include <tuple>
 
 #include "cpu_kernels.h"
 #include "parallel.h"
@@ -21,6 +23,18 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// A weight as Python passes it: (codes, scales, zeros, nested_scales, offset, code, dynamic_map, bits,
+// affine, numel, block_size, nested_block_size), the fields of Weight in order (qft.ops.cpu_calls).
+using WeightArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, bool,
+                              int64_t, int, int>;
+
+Weight weight_of(const WeightArgs& a) {
+  return Weight{ptr<const void>(std::get<0>(a)),  ptr<const void>(std::get<1>(a)),  ptr<const uint16_t>(std::get<2>(a)),
+                ptr<const float>(std::get<3>(a)), ptr<const float>(std::get<4>(a)), ptr<const float>(std::get<5>(a)),
+                ptr<const float>(std::get<6>(a)), std::get<7>(a),                   std::get<8>(a),
+                std::get<9>(a),                   std::get<10>(a),                  std::get<11>(a)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -28,41 +42,49 @@ PYBIND11_MODULE(_cpu, m) {
 
   m.def(
       "dequantize",
-      [](uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t nested_scales, uintptr_t offset,
-         uintptr_t code, uintptr_t dynamic_map, int bits, bool affine, int64_t numel, int block_size,
-         int nested_block_size, uintptr_t out, int out_dtype, int round_dtype) {
-        const Weight w{ptr<const void>(codes),        ptr<const void>(scales),      ptr<const uint16_t>(zeros),
-                       ptr<const float>(nested_scales), ptr<const float>(offset),   ptr<const float>(code),
-                       ptr<const float>(dynamic_map), bits,                         affine,
-                       numel,                         block_size,                   nested_block_size};
-        check(dequantize(w, ptr<void>(out), static_cast<DType>(out_dtype), static_cast<DType>(round_dtype)));
+      [](const WeightArgs& weight, uintptr_t out, int out_dtype, int round_dtype) {
+        check(dequantize(weight_of(weight), ptr<void>(out), static_cast<DType>(out_dtype),
+                         static_cast<DType>(round_dtype)));
       },
-      py::kw_only(), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("nested_scales"),
-      py::arg("offset"), py::arg("code"), py::arg("dynamic_map"), py::arg("bits"), py::arg("affine"),
-      py::arg("numel"), py::arg("block_size"), py::arg("nested_block_size"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("round_dtype"), py::call_guard<py::gil_scoped_release>(),
-      "Decode every value of a weight (see cpu_kernels.h).");
+      py::kw_only(), py::arg("weight"), py::arg("out"), py::arg("out_dtype"), py::arg("round_dtype"),
+      py::call_guard<py::gil_scoped_release>(), "Decode every value of a weight (see cpu_kernels.h).");
 
   m.def(
       "quant_gemv",
-      [](uintptr_t codes, uintptr_t scales, uintptr_t zeros, uintptr_t nested_scales, uintptr_t offset,
-         uintptr_t code, uintptr_t dynamic_map, int bits, bool affine, int64_t numel, int block_size,
-         int nested_block_size, uintptr_t x, int x_dtype, int rows, int64_t n_out, int64_t k_in, uintptr_t bias,
+      [](const WeightArgs& weight, uintptr_t x, int x_dtype, int rows, int64_t n_out, int64_t k_in, uintptr_t bias,
          int bias_dtype, uintptr_t lora_xa, uintptr_t lora_b, int rank, float scaling, uintptr_t y) {
-        const Weight w{ptr<const void>(codes),        ptr<const void>(scales),      ptr<const uint16_t>(zeros),
-                       ptr<const float>(nested_scales), ptr<const float>(offset),   ptr<const float>(code),
-                       ptr<const float>(dynamic_map), bits,                         affine,
-                       numel,                         block_size,                   nested_block_size};
-        check(quant_gemv(w, ptr<const void>(x), static_cast<DType>(x_dtype), rows, n_out, k_in, ptr<const void>(bias),
-                         static_cast<DType>(bias_dtype), ptr<const float>(lora_xa), ptr<const float>(lora_b), rank,
-                         scaling, ptr<void>(y)));
+        check(quant_gemv(weight_of(weight), ptr<const void>(x), static_cast<DType>(x_dtype), rows, n_out, k_in,
+                         ptr<const void>(bias), static_cast<DType>(bias_dtype), ptr<const float>(lora_xa),
+                         ptr<const float>(lora_b), rank, scaling, ptr<void>(y)));
       },
-      py::kw_only(), py::arg("codes"), py::arg("scales"), py::arg("zeros"), py::arg("nested_scales"),
-      py::arg("offset"), py::arg("code"), py::arg("dynamic_map"), py::arg("bits"), py::arg("affine"),
-      py::arg("numel"), py::arg("block_size"), py::arg("nested_block_size"), py::arg("x"), py::arg("x_dtype"),
-      py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("bias"), py::arg("bias_dtype"), py::arg("lora_xa"),
-      py::arg("lora_b"), py::arg("rank"), py::arg("scaling"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
+      py::kw_only(), py::arg("weight"), py::arg("x"), py::arg("x_dtype"), py::arg("rows"), py::arg("n_out"),
+      py::arg("k_in"), py::arg("bias"), py::arg("bias_dtype"), py::arg("lora_xa"), py::arg("lora_b"), py::arg("rank"),
+      py::arg("scaling"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
       "y = x W^T (+ bias) (+ scaling xa B^T) for a few rows (see cpu_kernels.h).");
+  m.def(
+      "quant_linear_bf16",
+      [](const WeightArgs& weight, uintptr_t x, int64_t rows, int64_t n_out, int64_t k_in, uintptr_t bias,
+         int bias_dtype, uintptr_t lora_xa, uintptr_t lora_b, int rank, float scaling, uintptr_t y) {
+        check(quant_linear_bf16(weight_of(weight), ptr<const uint16_t>(x), rows, n_out, k_in, ptr<const void>(bias),
+                                static_cast<DType>(bias_dtype), ptr<const float>(lora_xa), ptr<const float>(lora_b),
+                                rank, scaling, ptr<uint16_t>(y)));
+      },
+      py::kw_only(), py::arg("weight"), py::arg("x"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
+      py::arg("bias"), py::arg("bias_dtype"), py::arg("lora_xa"), py::arg("lora_b"), py::arg("rank"),
+      py::arg("scaling"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
+      "bf16 y = x W^T (+ bias) (+ scaling xa B^T) by bf16 dot products (see cpu_kernels.h).");
+  m.def(
+      "quant_linear_grad_input_bf16",
+      [](const WeightArgs& weight, uintptr_t grad, int64_t rows, int64_t n_out, int64_t k_in, uintptr_t lora_grad_xa,
+         uintptr_t lora_a, int rank, uintptr_t grad_x) {
+        check(quant_linear_grad_input_bf16(weight_of(weight), ptr<const uint16_t>(grad), rows, n_out, k_in,
+                                           ptr<const float>(lora_grad_xa), ptr<const float>(lora_a), rank,
+                                           ptr<uint16_t>(grad_x)));
+      },
+      py::kw_only(), py::arg("weight"), py::arg("grad"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
+      py::arg("lora_grad_xa"), py::arg("lora_a"), py::arg("rank"), py::arg("grad_x"),
+      py::call_guard<py::gil_scoped_release>(),
+      "bf16 grad_x = grad W (+ lora_grad_xa A) by bf16 dot products (see cpu_kernels.h).");
   m.attr("max_gemv_rows") = kMaxCpuGemvRows;
 
   m.def(
@@ -86,10 +108,10 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "set_isa_cap",
       [](const std::string& name) {
-        for (Isa isa : {Isa::kScalar, Isa::kAvx2}) {
+        for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Bf16}) {
           if (name == isa_name(isa)) return set_isa_cap(isa);
         }
-        throw std::invalid_argument("isa must be 'scalar' or 'avx2', got '" + name + "'");
+        throw std::invalid_argument("isa must be 'scalar', 'avx2' or 'avx512bf16', got '" + name + "'");
       },
       py::arg("name"), "Run no kernel above this instruction set (tests run every path on one machine).");
   m.def("native_bf16", &native_bf16, "Whether the CPU multiplies bf16 natively (AVX512-BF16).");

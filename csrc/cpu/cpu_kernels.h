@@ -13,8 +13,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum Error : int { kOk = 0, kInvalidValue = 1 };
 
 // Instruction sets a kernel can be run with, chosen at run time (isa.cpp). The kernels have AVX2 paths
-// (AVX2, FMA and F16C); an AVX-512 machine runs those.
-enum class Isa : int { kScalar = 0, kAvx2 = 1 };
+// (AVX2, FMA and F16C); the bf16 linear kernels need AVX-512 with BF16 dot products (AVX512F/BW/VL/BF16).
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
 
 // The best set this CPU supports, capped by set_isa_cap (tests run every path on one machine).
 Isa active_isa();
@@ -56,6 +56,21 @@ constexpr int kMaxCpuGemvRows = 8;
 // (gemv_cpu.cpp): not bit-equal to decode-then-matmul, closer to the exact product.
 int quant_gemv(const Weight& w, const void* x, DType x_dtype, int rows, int64_t n_out, int64_t k_in, const void* bias,
                DType bias_dtype, const float* lora_xa, const float* lora_b, int rank, float scaling, void* y);
+
+// The bf16 linear kernels (linear_bf16_cpu.cpp), for bf16 activations on CPUs with AVX512-BF16
+// (active_isa() == kAvx512Bf16, else kInvalidValue). W is decoded into bf16 as dequantize rounds it, and
+// bf16 pairs are multiplied exactly and summed in fp32 (vdpbf16ps): the reference's operands and fp32
+// sums, in another order; bf16 inputs or sums below fp32's normal range are flushed to zero. k_in and the
+// block size multiples of 32, w.numel == n_out * k_in; the epilogue in fp32, one rounding to bf16.
+//
+// y [rows, n_out] = x [rows, k_in] @ W^T (+ bias [n_out], bias_dtype) (+ scaling * lora_xa [rows, rank] @
+// lora_b [n_out, rank]^T, both fp32).
+int quant_linear_bf16(const Weight& w, const uint16_t* x, int64_t rows, int64_t n_out, int64_t k_in,
+                      const void* bias, DType bias_dtype, const float* lora_xa, const float* lora_b, int rank,
+                      float scaling, uint16_t* y);
+// grad_x [rows, k_in] = grad [rows, n_out] @ W (+ lora_grad_xa [rows, rank] @ lora_a [rank, k_in], fp32).
+int quant_linear_grad_input_bf16(const Weight& w, const uint16_t* grad, int64_t rows, int64_t n_out, int64_t k_in,
+                                 const float* lora_grad_xa, const float* lora_a, int rank, uint16_t* grad_x);
 
 // One torch.optim.AdamW step of `numel` values in place (qft.ops.adamw.reference_step's arithmetic,
 // as the fused Triton step computes it): p (p_dtype) and g (g_dtype) any float type; the moments either

@@ -8,8 +8,10 @@
 #include <sys/mman.h>
 #endif
 
+#include "avx512.h"
 #include "convert.h"
 #include "cpu_kernels.h"
+#include "decode.h"
 #include "parallel.h"
 #include "weight.h"
 
@@ -180,6 +182,24 @@ QFT_AVX2 void decode4_avx2(const Weight& w, int64_t block, int64_t count, DType 
     decode_scalar(tail, 0, count - i, table, out + i);
   }
 }
+
+// bf16 outputs on AVX-512: the 16 entries in one register, every 32 codes one word permute (vpermw).
+// Values [start, start + count) of block `block` (start and count multiples of 32).
+QFT_AVX512_BF16 void decode4_avx512(const Weight& w, int64_t block, int64_t start, int64_t count, uint16_t* out) {
+  const __m512 levels = w.affine ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                                 : _mm512_loadu_ps(w.code);
+  const __m512 values = _mm512_mul_ps(_mm512_sub_ps(levels, _mm512_set1_ps(block_zero(w, block))),
+                                      _mm512_set1_ps(block_scale(w, block)));  // as level_values
+  const __m512i entries = _mm512_castsi256_si512(bf16_of(values));
+  const uint8_t* bytes = static_cast<const uint8_t*>(w.codes) + start / 2;
+  const __m512i low_mask = _mm512_set1_epi32(0x0F);
+  for (int64_t i = 0; i < count; i += 32) {
+    // byte j's high nibble is value 2j (the low word of dword j), its low nibble value 2j + 1
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + i / 2)));
+    const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, low_mask), 16));
+    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, entries));
+  }
+}
 #endif
 
 template <typename T>
@@ -217,6 +237,25 @@ void advise_huge_pages(void* out, int64_t bytes) {
 }
 
 }  // namespace
+
+void decode_span_bf16(const Weight& w, int64_t start, int64_t count, uint16_t* out) {
+  const bool wide = active_isa() >= Isa::kAvx512Bf16;
+  uint16_t table[16];
+  for (int64_t at = start, end = start + count; at < end;) {
+    const int64_t block = at / w.block_size;
+    const int64_t piece = std::min<int64_t>(end, (block + 1) * w.block_size) - at;
+#ifdef QFT_X86
+    if (wide && w.bits == 4) {
+      decode4_avx512(w, block, at, piece, out + (at - start));
+      at += piece;
+      continue;
+    }
+#endif
+    block_table(w, block, DType::kBFloat16, table);
+    decode_scalar(w, at, piece, table, out + (at - start));
+    at += piece;
+  }
+}
 
 int dequantize(const Weight& w, void* out, DType out_dtype, DType round_dtype) {
   if (!valid(w) || out == nullptr || (out_dtype != DType::kFloat32 && out_dtype != round_dtype)) return kInvalidValue;

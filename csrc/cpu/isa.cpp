@@ -10,7 +10,7 @@
 namespace qft::cpu {
 namespace {
 
-std::atomic<int> isa_cap{static_cast<int>(Isa::kAvx2)};
+std::atomic<int> isa_cap{static_cast<int>(Isa::kAvx512Bf16)};
 std::atomic<int> threads{0};  // 0: the hardware's count
 
 }  // namespace
@@ -18,6 +18,10 @@ std::atomic<int> threads{0};  // 0: the hardware's count
 Isa detected_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
+  if (native_bf16() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::kAvx512Bf16;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::kAvx2;
 #endif
@@ -33,6 +37,8 @@ void set_isa_cap(Isa cap) { isa_cap.store(static_cast<int>(cap)); }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512bf16";
     case Isa::kAvx2:
       return "avx2";
     default:

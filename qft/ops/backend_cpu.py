@@ -6,14 +6,18 @@ A linear op decodes W straight into fp32, each value rounded through x's dtype a
 no page faults from a fresh large allocation per call), then runs the reference's fp32 GEMMs on it:
 the same operands and calls as the reference, so the same bits.
 
-Two exceptions, where they pay. At M <= ``GEMV_MAX_M`` the forward is one decode GEMV
+Three exceptions, where they pay. At M <= ``GEMV_MAX_M`` the forward is one decode GEMV
 (``qft._cpu.quant_gemv``): code values times x summed in fp32 and scaled once per block, as the CUDA
 GEMV does, so the decoded weights are not rounded to x's dtype (closer to the exact product than the
-reference, not bit-equal to it). And bf16 x with M >= ``HALF_GEMM_MIN_M`` rows on a CPU that
-multiplies bf16 natively (AVX512-BF16; twice the fp32 GEMM's rate): W is decoded into bf16 and torch's
-bf16 GEMM (fp32 sums) gives the base term rounded once to bf16; the reference's epilogue adds bias and
-LoRA to it in fp32 and rounds the sum again: within one bf16 rounding of the reference, where PEFT
-over bitsandbytes rounds the LoRA term too. Quantizing stays the reference's.
+reference, not bit-equal to it). On a CPU that multiplies bf16 natively (AVX512-BF16; twice the fp32
+GEMM's rate), bf16 layers at ``FUSED_MIN_M`` <= M <= ``FUSED_MAX_M`` (grad input: from M = 1, without
+dropout) take ``qft._cpu``'s bf16 kernels: one call from the packed weight to the finished output, the
+reference's operands (W decoded into bf16) multiplied exactly and summed in fp32 in another order, bias
+and LoRA added in fp32, one rounding. And bf16 x with M >= ``HALF_GEMM_MIN_M`` rows past those: W is
+decoded into bf16 and torch's bf16 GEMM (fp32 sums) gives the base term rounded once to bf16; the
+reference's epilogue adds bias and LoRA to it in fp32 and rounds the sum again: within one bf16
+rounding of the reference, where PEFT over bitsandbytes rounds the LoRA term too. Quantizing stays the
+reference's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ GEMV_MAX_M = 8
 # M from which bf16 layers take the bf16 GEMM on a CPU with native bf16 (below it the fp32 GEMM costs
 # little and keeps the reference's bits).
 HALF_GEMM_MIN_M = 16
+# M range in which bf16 layers take qft._cpu's bf16 kernels on a CPU with AVX512-BF16 (one call from the
+# packed weight to the output; on one thread, so torch's two-thread bf16 GEMM wins above it; the GEMV
+# wins below it in the forward). Measured at 1024 x 256 on the 2-core EPYC: fused 113-160 us against
+# 155-165 us for decode + GEMM + epilogue at M = 4..32, the GEMV 67 us at M = 1.
+FUSED_MIN_M, FUSED_MAX_M = 3, 32
 
 
 def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,6 +69,22 @@ def half_gemm(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.shape[0] >= HALF_GEMM_MIN_M and cpu_calls.module().native_bf16()
 
 
+def fused(t: torch.Tensor, weight: formats.Weight, backward: bool = False) -> bool:
+    """Whether ``qft::quant_linear`` over x [M, K] (or its grad input over grad [M, N], ``backward``) takes
+    the bf16 kernels (see the module's docstring and ``FUSED_MIN_M``)."""
+    m, width = t.shape
+    k = weight.numel // width if backward else width
+    low = 1 if backward else FUSED_MIN_M
+    return (
+        t.dtype == torch.bfloat16
+        and low <= m <= FUSED_MAX_M
+        and k % 32 == 0
+        and weight.block_size % 32 == 0
+        and weight.numel % width == 0
+        and cpu_calls.bf16_kernels()
+    )
+
+
 def gemv(x: torch.Tensor, weight: formats.Weight) -> bool:
     """Whether ``qft::quant_linear`` over x [M, K] takes the decode GEMV (see the module's docstring)."""
     k = x.shape[1]
@@ -80,10 +105,22 @@ def _gemv_operands(x, n: int, bias, lora_xa, lora_B):
     return None if bias is None else bias.float().contiguous(), lora_xa, lora_B
 
 
+def _lora_fits(grad, weight, lora_grad_xa, lora_A) -> bool:
+    """Whether the grad input's LoRA factors have the shapes the kernel reads (else the reference raises)."""
+    if lora_grad_xa is None:
+        return True
+    k = weight.numel // grad.shape[1]
+    r = lora_grad_xa.shape[-1]
+    rows_ok = lora_grad_xa.dim() == 2 and lora_grad_xa.shape[0] == grad.shape[0]
+    return rows_ok and tuple(lora_A.shape) == (r, k) and r > 0
+
+
 def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     """``qft::quant_linear``: the decode GEMV at small M (``gemv``), else the reference's, or the bf16 GEMM
     plus fp32 bias and LoRA (``half_gemm``)."""
     n = weight.numel // x.shape[1]
+    if fused(x, weight) and (operands := _gemv_operands(x, n, bias, lora_xa, lora_B)) is not None:
+        return cpu_calls.quant_linear_bf16(x.contiguous(), weight.map(torch.Tensor.contiguous), *operands, scaling)
     operands = _gemv_operands(x, n, bias, lora_xa, lora_B) if gemv(x, weight) else None
     if operands is not None:
         y = x.new_empty((x.shape[0], n))
@@ -96,8 +133,11 @@ def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
 
 
 def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
-    """``qft::quant_linear_grad_input``: the reference's, or ``grad @ W`` by the bf16 GEMM plus the fp32
-    LoRA term (``half_gemm``)."""
+    """``qft::quant_linear_grad_input``: the bf16 kernel (``fused``, without dropout), the reference's, or
+    ``grad @ W`` by the bf16 GEMM plus the fp32 LoRA term (``half_gemm``)."""
+    if dropout_mask is None and fused(grad, weight, backward=True) and _lora_fits(grad, weight, lora_grad_xa, lora_A):
+        lora = () if lora_grad_xa is None else (lora_grad_xa.float().contiguous(), lora_A.float().contiguous())
+        return cpu_calls.quant_linear_grad_input_bf16(grad.contiguous(), weight.map(torch.Tensor.contiguous), *lora)
     if not half_gemm(grad):
         return backend_reference.linear_grad_input(
             grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale, decoded_matrix

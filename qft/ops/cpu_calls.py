@@ -34,27 +34,28 @@ def _host(t: torch.Tensor | None, name: str) -> int:
     return t.data_ptr()
 
 
-def _weight_args(weight: Weight) -> dict:
-    """The weight's part addresses, its format's tables and numbers, as the kernels' keywords."""
+def _weight_args(weight: Weight) -> tuple:
+    """The weight's part addresses, its format's tables and numbers: the kernels' ``weight`` argument,
+    the fields of ``csrc/cpu/cpu_kernels.h``'s Weight in order."""
     fmt = formats.get_format(weight.fmt)
     device = weight.device
     code = None if fmt.affine else formats.code(weight.fmt, device)  # cached per device
     dynamic_map = formats.dynamic_map(device) if weight.double_quant else None
     zeros = weight.zeros.view(torch.int16) if weight.zeros is not None else None  # fp16 bits
-    return {
-        "codes": _host(weight.codes, "codes"),
-        "scales": _host(weight.scales, "scales"),
-        "zeros": _host(zeros, "zeros"),
-        "nested_scales": _host(weight.nested_scales, "nested_scales"),
-        "offset": _host(weight.offset, "offset"),
-        "code": _host(code, "code"),
-        "dynamic_map": _host(dynamic_map, "dynamic_map"),
-        "bits": fmt.bits,
-        "affine": fmt.affine,
-        "numel": weight.numel,
-        "block_size": weight.block_size,
-        "nested_block_size": weight.nested_block_size,
-    }
+    return (
+        _host(weight.codes, "codes"),
+        _host(weight.scales, "scales"),
+        _host(zeros, "zeros"),
+        _host(weight.nested_scales, "nested_scales"),
+        _host(weight.offset, "offset"),
+        _host(code, "code"),
+        _host(dynamic_map, "dynamic_map"),
+        fmt.bits,
+        fmt.affine,
+        weight.numel,
+        weight.block_size,
+        weight.nested_block_size,
+    )
 
 
 def dequantize(weight: Weight, out: torch.Tensor, round_dtype: torch.dtype) -> None:
@@ -63,7 +64,7 @@ def dequantize(weight: Weight, out: torch.Tensor, round_dtype: torch.dtype) -> N
     if out.numel() != weight.numel or out.dtype not in (torch.float32, round_dtype):
         raise ValueError(f"out must hold {weight.numel} fp32 or {round_dtype} values, got {out.numel()} {out.dtype}")
     codes = {"out_dtype": DTYPE_CODES[out.dtype], "round_dtype": DTYPE_CODES[round_dtype]}
-    module().dequantize(**_weight_args(weight), out=_host(out, "out"), **codes)
+    module().dequantize(weight=_weight_args(weight), out=_host(out, "out"), **codes)
 
 
 def max_gemv_rows() -> int:
@@ -81,7 +82,7 @@ def quant_gemv(x, weight: Weight, bias, lora_xa, lora_b, scaling: float, y) -> N
     if lora_xa is not None and (lora_xa.dtype != torch.float32 or lora_b.dtype != torch.float32):
         raise ValueError("lora_xa and lora_b must be fp32")
     module().quant_gemv(
-        **_weight_args(weight),
+        weight=_weight_args(weight),
         x=_host(x, "x"),
         x_dtype=DTYPE_CODES[x.dtype],
         rows=m,
@@ -95,6 +96,62 @@ def quant_gemv(x, weight: Weight, bias, lora_xa, lora_b, scaling: float, y) -> N
         scaling=scaling,
         y=_host(y, "y"),
     )
+
+
+def bf16_kernels() -> bool:
+    """Whether the bf16 linear kernels run here (AVX512-BF16, not capped by ``set_isa_cap``)."""
+    return module().isa() == "avx512bf16"
+
+
+def _bf16_operands(a, factor, name: str) -> tuple[int, int]:
+    if a.dtype != torch.bfloat16:
+        raise ValueError(f"{name} must be bf16, got {a.dtype}")
+    if factor is not None and factor.dtype != torch.float32:
+        raise ValueError(f"the LoRA operands of {name} must be fp32, got {factor.dtype}")
+    return a.shape
+
+
+def quant_linear_bf16(x, weight: Weight, bias, lora_xa, lora_b, scaling: float) -> torch.Tensor:
+    """bf16 ``x @ W^T + bias + scaling * lora_xa @ lora_b^T`` by ``qft._cpu``'s bf16 dot products: x [M, K]
+    bf16 (K and the block size multiples of 32), lora_xa [M, r] and lora_b [N, r] fp32 (or both None)."""
+    m, k = _bf16_operands(x, lora_xa, "x")
+    n = weight.numel // k
+    y = x.new_empty((m, n))
+    module().quant_linear_bf16(
+        weight=_weight_args(weight),
+        x=_host(x, "x"),
+        rows=m,
+        n_out=n,
+        k_in=k,
+        bias=_host(bias, "bias"),
+        bias_dtype=DTYPE_CODES[bias.dtype] if bias is not None else 0,
+        lora_xa=_host(lora_xa, "lora_xa"),
+        lora_b=_host(lora_b, "lora_b"),
+        rank=0 if lora_xa is None else lora_xa.shape[1],
+        scaling=scaling,
+        y=_host(y, "y"),
+    )
+    return y
+
+
+def quant_linear_grad_input_bf16(grad, weight: Weight, lora_grad_xa=None, lora_a=None) -> torch.Tensor:
+    """bf16 ``grad @ W + lora_grad_xa @ lora_a`` by ``qft._cpu``'s bf16 dot products: grad [M, N] bf16,
+    lora_grad_xa [M, r] and lora_a [r, K] fp32 (or both None)."""
+    m, n = _bf16_operands(grad, lora_grad_xa, "grad")
+    k = weight.numel // n
+    grad_x = grad.new_empty((m, k))
+    module().quant_linear_grad_input_bf16(
+        weight=_weight_args(weight),
+        grad=_host(grad, "grad"),
+        rows=m,
+        n_out=n,
+        k_in=k,
+        lora_grad_xa=_host(lora_grad_xa, "lora_grad_xa"),
+        lora_a=_host(lora_a, "lora_a"),
+        rank=0 if lora_grad_xa is None else lora_grad_xa.shape[1],
+        grad_x=_host(grad_x, "grad_x"),
+    )
+    return grad_x
 
 
 @functools.cache

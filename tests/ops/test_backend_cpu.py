@@ -12,14 +12,19 @@ from qft.ops import backend_cpu, cpu_calls, dispatch, eager
 
 needs_cpu_kernels = pytest.mark.skipif(not cpu_extension().usable, reason="qft._cpu not built")
 
-ISAS = ("scalar", "avx2")
+ISAS = ("scalar", "avx2")  # the decode and GEMV paths; AVX512-BF16 adds the bf16 kernels (test_bf16_*)
+BEST_ISA = "avx512bf16"  # the cap that leaves every path the CPU has
+
+needs_bf16_kernels = pytest.mark.skipif(
+    not cpu_extension().usable or cpu_extension().module.detected_isa() != BEST_ISA, reason="no AVX512-BF16 here"
+)
 
 
 @pytest.fixture
 def isa_cap():
     """Run under each instruction-set cap, then restore the best."""
     yield lambda name: cpu_calls.module().set_isa_cap(name)
-    cpu_calls.module().set_isa_cap("avx2")
+    cpu_calls.module().set_isa_cap(BEST_ISA)
 
 
 def test_cpu_extension_built_where_a_compiler_exists():
@@ -27,7 +32,7 @@ def test_cpu_extension_built_where_a_compiler_exists():
         pytest.skip("no C++ compiler: the CPU extension is optional")
     assert cpu_extension().usable, f"qft._cpu did not import: {cpu_extension().error}"
     assert dispatch.backend_for("cpu") == "cpu"
-    assert cpu_calls.module().isa() in ISAS
+    assert cpu_calls.module().isa() in (*ISAS, BEST_ISA)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -89,11 +94,9 @@ def test_kernel_refusals_raise_value_error():
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         cpu_calls.dequantize(q, torch.empty(512)[::2], torch.float32)
     with pytest.raises(ValueError, match="refused"):  # a width qft does not pack
-        cpu_calls.module().dequantize(
-            codes=q.codes.data_ptr(), scales=q.scales.data_ptr(), zeros=0, nested_scales=0, offset=0,
-            code=formats.code("nf4", "cpu").data_ptr(), dynamic_map=0, bits=5, affine=False, numel=256,
-            block_size=64, nested_block_size=256, out=torch.empty(256).data_ptr(), out_dtype=0, round_dtype=0,
-        )  # fmt: skip
+        code = formats.code("nf4", "cpu").data_ptr()
+        weight = (q.codes.data_ptr(), q.scales.data_ptr(), 0, 0, 0, code, 0, 5, False, 256, 64, 256)
+        cpu_calls.module().dequantize(weight=weight, out=torch.empty(256).data_ptr(), out_dtype=0, round_dtype=0)
 
 
 def _lora_step(backend, fmt, dtype, m, bias):
@@ -123,8 +126,10 @@ def test_lora_forward_and_backward_equal_the_reference_bit_for_bit(fmt, dtype):
         theirs = _lora_step("reference", fmt, dtype, m, bias)
         half = backend_cpu.half_gemm(torch.empty(m, 1, dtype=dtype))
         gemv = m <= backend_cpu.GEMV_MAX_M  # the forward only: its own sums (test_gemv_*)
+        q = formats.quantize(torch.randn(96 * 128), fmt, 64)
+        fused = backend_cpu.fused(torch.empty(m, 96, dtype=dtype), q, backward=True)  # own sums (test_bf16_*)
         for name, a, b in zip(("y", "grad_x", "grad_A", "grad_B"), ours, theirs, strict=True):
-            if (name == "y" and gemv) or (half and name in ("y", "grad_x")):  # within a rounding of x's dtype
+            if (name == "y" and gemv) or ((half or fused) and name in ("y", "grad_x")):  # within a rounding
                 ulp = {torch.float32: 2**-20, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
                 torch.testing.assert_close(a, b, rtol=ulp, atol=ulp * b.abs().max().item())
             else:  # the adapters' gradients read grad and x, not W; grad_x at small M is decode + GEMM
@@ -170,6 +175,115 @@ def test_gemv_takes_small_m_only_and_refuses_what_it_cannot_serve():
         cpu_calls.quant_gemv(torch.randn(rows, 96), q, None, None, None, 0.0, torch.empty(rows, 64))
     with pytest.raises(ValueError, match="must be"):
         cpu_calls.quant_gemv(torch.randn(1, 96), q, None, None, None, 0.0, torch.empty(1, 63))
+
+
+def _bf16_case(name, n, k, m, lora):
+    """A weight, bf16 x and grad, bias and fp32 LoRA operands; and the float64 products of the weight as
+    the reference decodes it into bf16 (the kernels' operands, exactly)."""
+    affine = formats.get_format(name).affine
+    q = formats.quantize(torch.randn(n * k) * 0.05, name, 32 if affine else 64, nested=n % 2 == 1)
+    w = formats.dequantize(q, torch.bfloat16).double().view(n, k)
+    x, grad = torch.randn(m, k).bfloat16(), torch.randn(m, n).bfloat16()
+    bias = torch.randn(n).bfloat16()
+    xa, b = (torch.randn(m, 4), torch.randn(n, 4) * 0.1) if lora else (None, None)
+    gxa, a = (torch.randn(m, 4), torch.randn(4, k) * 0.1) if lora else (None, None)
+    return q, w, x, grad, bias, xa, b, gxa, a
+
+
+@needs_bf16_kernels
+def test_bf16_kernels_are_as_close_to_the_exact_product_as_the_reference():
+    # bf16 dot products of the reference's operands (W decoded into bf16, x bf16) summed in fp32 in another
+    # order: never farther from the float64 product than the reference's own rounding allows. Shapes with
+    # a partial 16-row tile, an odd N, K not a multiple of 64 (a half column tile) and M over 16 rows.
+    from qft import reference
+
+    for name in sorted(formats.FORMATS):
+        for (n, k), m, lora in itertools.product([(40, 96), (17, 64)], (1, 5, 16, 21), (False, True)):
+            q, w, x, grad, bias, xa, b, gxa, a = _bf16_case(name, n, k, m, lora)
+            y = cpu_calls.quant_linear_bf16(x, q, bias, xa, b, 0.5)
+            gx = cpu_calls.quant_linear_grad_input_bf16(grad, q, gxa, a)
+            exact_y = x.double() @ w.t() + bias.double()
+            exact_gx = grad.double() @ w
+            if lora:
+                exact_y += 0.5 * xa.double() @ b.double().t()
+                exact_gx += gxa.double() @ a.double()
+            w16 = w.bfloat16()
+            ref_y = reference.quant_linear(x, w16, bias, xa, b, 0.5)
+            ref_gx = reference.quant_linear_grad_input(grad, w16, gxa, a)
+            for label, ours, theirs, exact in (("y", y, ref_y, exact_y), ("grad_x", gx, ref_gx, exact_gx)):
+                err, ref_err = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+                assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape
+                where = f"{name} {label} {n}x{k} M={m}"
+                assert err <= 2 * ref_err + 1e-5 * exact.abs().max(), f"{where}: {err} vs {ref_err}"
+
+
+@needs_bf16_kernels
+def test_bf16_kernels_decode_the_weight_bit_for_bit():
+    # One-hot activations pick single weights: a sum of one exact product, so the outputs are the decoded
+    # weights themselves, which must equal the reference's decode into bf16 bit for bit (every format,
+    # nested or not, blocks of 32 to 256 over rows of 64).
+    for name, q in _weights():
+        if q.numel % 64:
+            continue
+        n, k = q.numel // 64, 64
+        ref = formats.dequantize(q, torch.bfloat16).view(n, k)
+        columns = cpu_calls.quant_linear_bf16(torch.eye(k).bfloat16(), q, None, None, None, 0.0)
+        rows = cpu_calls.quant_linear_grad_input_bf16(torch.eye(n).bfloat16(), q)
+        normal = ref.abs() >= torch.finfo(torch.float32).tiny  # the dot products flush subnormal operands
+        assert torch.equal(_bits(columns.t()[normal]), _bits(ref[normal])), f"{name} block {q.block_size} forward"
+        assert torch.equal(_bits(rows[normal]), _bits(ref[normal])), f"{name} block {q.block_size} grad input"
+
+
+@needs_bf16_kernels
+def test_bf16_kernels_split_over_threads_without_changing_a_bit():
+    q, _, x, grad, bias, xa, b, gxa, a = _bf16_case("nf4", 1024, 512, 16, True)  # above the threading threshold
+    results = []
+    for threads in (1, 2, 3):
+        cpu_calls.module().set_num_threads(threads)
+        try:
+            y = cpu_calls.quant_linear_bf16(x, q, bias, xa, b, 0.5)
+            results.append((_bits(y), _bits(cpu_calls.quant_linear_grad_input_bf16(grad, q, gxa, a))))
+        finally:
+            cpu_calls.module().set_num_threads(0)
+    for y, gx in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(gx, results[0][1])
+
+
+@needs_bf16_kernels
+def test_bf16_kernels_refuse_what_they_cannot_serve(isa_cap):
+    q = formats.quantize(torch.randn(64 * 96), "nf4", 32)
+    with pytest.raises(ValueError, match="must be bf16"):
+        cpu_calls.quant_linear_bf16(torch.randn(4, 96), q, None, None, None, 1.0)
+    with pytest.raises(ValueError, match="must be fp32"):
+        cpu_calls.quant_linear_grad_input_bf16(torch.randn(4, 64).bfloat16(), q, torch.randn(4, 2).double(), None)
+    odd = formats.quantize(torch.randn(64 * 80), "nf4", 32)  # K = 80: not whole 32-value chunks
+    with pytest.raises(ValueError, match="refused"):
+        cpu_calls.quant_linear_bf16(torch.randn(4, 80).bfloat16(), odd, None, None, None, 1.0)
+    isa_cap("avx2")  # a CPU without AVX512-BF16: refused, and never routed there
+    assert not cpu_calls.bf16_kernels()
+    assert not backend_cpu.fused(torch.empty(8, 96, dtype=torch.bfloat16), q)
+    with pytest.raises(ValueError, match="refused"):
+        cpu_calls.quant_linear_bf16(torch.randn(4, 96).bfloat16(), q, None, None, None, 1.0)
+
+
+@needs_bf16_kernels
+def test_bf16_kernels_take_bf16_in_their_m_range_only(monkeypatch):
+    q = formats.quantize(torch.randn(64 * 96), "nf4", 32)
+    lo, hi = backend_cpu.FUSED_MIN_M, backend_cpu.FUSED_MAX_M
+    assert backend_cpu.fused(torch.empty(lo, 96, dtype=torch.bfloat16), q)
+    assert backend_cpu.fused(torch.empty(hi, 96, dtype=torch.bfloat16), q)
+    assert not backend_cpu.fused(torch.empty(lo - 1, 96, dtype=torch.bfloat16), q)  # the GEMV's
+    assert backend_cpu.fused(torch.empty(1, 64, dtype=torch.bfloat16), q, backward=True)
+    assert not backend_cpu.fused(torch.empty(hi + 1, 96, dtype=torch.bfloat16), q)
+    assert not backend_cpu.fused(torch.empty(8, 96, dtype=torch.float16), q)
+    calls = []
+    real = cpu_calls.quant_linear_grad_input_bf16
+    monkeypatch.setattr(cpu_calls, "quant_linear_grad_input_bf16", lambda *a: calls.append(1) or real(*a))
+    grad = torch.randn(8, 64).bfloat16()
+    backend_cpu.linear_grad_input(grad, q, None, None, None, 1.0)
+    mask = torch.ones(8, 96, dtype=torch.bool)  # dropout: the reference's path, which applies the mask
+    backend_cpu.linear_grad_input(grad, q, torch.randn(8, 2), torch.randn(2, 96), mask, 2.0)
+    assert calls == [1]
 
 
 @needs_cpu_kernels
