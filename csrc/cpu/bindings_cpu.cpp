@@ -88,6 +88,16 @@ PYBIND11_MODULE(_cpu, m) {
   m.attr("max_gemv_rows") = kMaxCpuGemvRows;
 
   m.def(
+      "oft_rotation_params_grad",
+      [](uintptr_t params, uintptr_t grad_rot, int64_t blocks, int block_size, uintptr_t coefficients, int count,
+         uintptr_t out) {
+        check(oft_rotation_params_grad(ptr<const float>(params), ptr<const float>(grad_rot), blocks, block_size,
+                                       ptr<const float>(coefficients), count, ptr<float>(out)));
+      },
+      py::kw_only(), py::arg("params"), py::arg("grad_rot"), py::arg("blocks"), py::arg("block_size"),
+      py::arg("coefficients"), py::arg("count"), py::arg("out"), py::call_guard<py::gil_scoped_release>(),
+      "dL/d(params) of OFT's Cayley-Neumann rotation from dL/dR, fp32 (see cpu_kernels.h).");
+  m.def(
       "adamw_step",
       [](uintptr_t p, int p_dtype, uintptr_t g, int g_dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
          uintptr_t m_absmax, uintptr_t v_absmax, int64_t numel, float decay, float w1, float beta2, float w2,

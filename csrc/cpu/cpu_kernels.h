@@ -72,6 +72,12 @@ int quant_linear_bf16(const Weight& w, const uint16_t* x, int64_t rows, int64_t 
 int quant_linear_grad_input_bf16(const Weight& w, const uint16_t* grad, int64_t rows, int64_t n_out, int64_t k_in,
                                  const float* lora_grad_xa, const float* lora_a, int rank, uint16_t* grad_x);
 
+// dL/d(params) [blocks, b(b-1)/2] of OFT's rotation R = I + sum_k c_k Q^k (Q = U - U^T, U the strict
+// upper triangle of params in triu order) from dL/dR [blocks, b, b], all fp32: the closed form of
+// qft.reference.oft_rotation_params_grad with `count` coefficients c_1..c_count, in another summation order.
+int oft_rotation_params_grad(const float* params, const float* grad_rot, int64_t blocks, int b,
+                             const float* coefficients, int count, float* out);
+
 // One torch.optim.AdamW step of `numel` values in place (qft.ops.adamw.reference_step's arithmetic,
 // as the fused Triton step computes it): p (p_dtype) and g (g_dtype) any float type; the moments either
 // fp32 (m, v) or 8-bit (codes m8, v8 with fp32 absmax per 256 values, moments8's format, when

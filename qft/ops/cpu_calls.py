@@ -154,6 +154,28 @@ def quant_linear_grad_input_bf16(grad, weight: Weight, lora_grad_xa=None, lora_a
     return grad_x
 
 
+def oft_rotation_params_grad(params, grad_rot, block_size: int, coefficients: list[float]) -> torch.Tensor:
+    """dL/d(params) of OFT's Cayley-Neumann rotation (``qft.reference.oft_rotation_params_grad``'s closed form
+    with ``coefficients`` c_1..c_K) from dL/dR: params [blocks, b(b-1)/2] and grad_rot [blocks, b, b], fp32."""
+    if params.dtype != torch.float32 or grad_rot.dtype != torch.float32:
+        raise ValueError(f"params and grad_rot must be fp32, got {params.dtype} and {grad_rot.dtype}")
+    blocks = params.shape[0]
+    if params.dim() != 2 or tuple(grad_rot.shape) != (blocks, block_size, block_size) or not coefficients:
+        raise ValueError(f"grad_rot must be [{blocks}, {block_size}, {block_size}], got {tuple(grad_rot.shape)}")
+    table = torch.tensor(coefficients, dtype=torch.float32)
+    out = torch.empty_like(params)
+    module().oft_rotation_params_grad(
+        params=_host(params, "params"),
+        grad_rot=_host(grad_rot, "grad_rot"),
+        blocks=blocks,
+        block_size=block_size,
+        coefficients=_host(table, "coefficients"),
+        count=len(coefficients),
+        out=_host(out, "out"),
+    )
+    return out
+
+
 @functools.cache
 def _moment_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(signed then unsigned dynamic map [512], their first-code tables [2 * 65536] int32, their

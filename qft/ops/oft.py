@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from qft import reference
-from qft.ops import eager
-from qft.ops.dispatch import on_gpu_backend
+from qft.ops import cpu_calls, eager
+from qft.ops.dispatch import backend_for, on_gpu_backend
 
 # The Triton rotation kernels hold a block's b x b matrices in registers / shared memory (tl.arange:
 # b a power of two) up to 64 (compiled for sm_90 in tests/kernels/test_triton_compile.py); other blocks take
@@ -69,6 +69,13 @@ def _(x, grad, rot):
     return torch.empty_like(grad), torch.empty_like(rot)
 
 
+def _cpu_kernel_grad(params: torch.Tensor, grad_rot: torch.Tensor) -> bool:
+    """Whether the rotation's backward runs ``qft._cpu``'s kernel: fp32 on the CPU backend (one call per
+    step, where the reference's dozen small batched matmuls cost more in overhead than in arithmetic)."""
+    fp32 = params.dtype == torch.float32 and grad_rot.dtype == torch.float32
+    return fp32 and params.device.type == "cpu" and backend_for(params.device) == "cpu"
+
+
 def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:
     row = block_size * (block_size - 1) // 2
     if params.dim() != 2 or params.shape[1] != row:
@@ -122,6 +129,11 @@ def oft_rotation_backward(params: torch.Tensor, grad_rot: torch.Tensor, block_si
         raise ValueError(
             f"grad_rot must be [{params.shape[0]}, {block_size}, {block_size}], got {tuple(grad_rot.shape)}"
         )
+    if _cpu_kernel_grad(params, grad_rot):
+        coefficients = reference.oft_neumann_coefficients(terms)
+        if not coefficients:  # R = I: no parameter reaches it
+            return torch.zeros_like(params)
+        return cpu_calls.oft_rotation_params_grad(params.contiguous(), grad_rot.contiguous(), block_size, coefficients)
     if not triton_rotates(params, block_size):
         return reference.oft_rotation_params_grad(params, grad_rot, block_size, terms)
     from qft.kernels.oft_build_rotation import rotation_grad

@@ -287,6 +287,44 @@ def test_bf16_kernels_take_bf16_in_their_m_range_only(monkeypatch):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("isa", [*ISAS, BEST_ISA])
+def test_oft_rotation_grad_kernel_is_the_closed_form_in_fp32(isa, isa_cap):
+    # The reference's closed form in float64 is the yardstick: fp32 sums in another order stay within a
+    # few fp32 roundings of it, on the AVX-512 rows (b of 16 to 64) and the scalar loop (b = 8, 24) alike.
+    from qft import reference
+
+    isa_cap(isa)
+    for b, terms, blocks in ((32, 5, 3), (16, 3, 2), (64, 2, 1), (8, 5, 4), (24, 4, 2)):
+        params = torch.randn(blocks, b * (b - 1) // 2) * 0.05
+        grad_rot = torch.randn(blocks, b, b)
+        coefficients = reference.oft_neumann_coefficients(terms)
+        got = cpu_calls.oft_rotation_params_grad(params, grad_rot, b, coefficients)
+        exact = reference.oft_rotation_params_grad(params.double(), grad_rot.double(), b, terms)
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+        isa_cap(BEST_ISA)  # the same bits at every width: each sum runs over k in order by fused multiply-adds
+        assert torch.equal(got, cpu_calls.oft_rotation_params_grad(params, grad_rot, b, coefficients))
+        isa_cap(isa)
+
+
+@needs_cpu_kernels
+def test_oft_rotation_backward_takes_the_kernel_for_fp32_on_the_cpu_backend(monkeypatch):
+    from qft.ops import oft as oft_ops
+
+    calls = []
+    real = cpu_calls.oft_rotation_params_grad
+    monkeypatch.setattr(cpu_calls, "oft_rotation_params_grad", lambda *a: calls.append(1) or real(*a))
+    params = (torch.randn(4, 28) * 0.05).requires_grad_()
+    oft_ops.rotation(params, 8, 5).sum().backward()
+    assert calls == [1]
+    with ops.use_backend("reference"):
+        oft_ops.rotation(params, 8, 5).sum().backward()
+        oft_ops.rotation(params.detach().double().requires_grad_(), 8, 5).sum().backward()
+    assert calls == [1]
+    ones = oft_ops.oft_rotation_backward(params.detach(), torch.ones(4, 8, 8), 8, 1)  # R = I for one term
+    assert torch.equal(ones, torch.zeros(4, 28))
+
+
+@needs_cpu_kernels
 def test_half_gemm_is_taken_only_for_bf16_at_enough_rows(monkeypatch):
     monkeypatch.setattr(cpu_calls.module(), "native_bf16", lambda: True, raising=False)
     assert backend_cpu.half_gemm(torch.empty(backend_cpu.HALF_GEMM_MIN_M, 4, dtype=torch.bfloat16))
