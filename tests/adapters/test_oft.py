@@ -382,3 +382,54 @@ def test_blocks_that_are_not_powers_of_two_take_the_torch_path(block_size):
         with ops.use_backend("triton"):
             got = module(x)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _counted_rotations(monkeypatch):
+    from qft.adapters.oft import function
+
+    calls = []
+    real = function.oft_ops.rotation
+    monkeypatch.setattr(function.oft_ops, "rotation", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _fresh_output(layer, x):
+    """The layer's output with R built from a copy of its parameters (nothing cached for them)."""
+    base = layer.base_layer
+    return F.oft_linear(x, base.quantized, layer.oft_R.weight.detach().clone(), 16, base.bias)
+
+
+def test_no_grad_forwards_reuse_r_until_the_parameters_change(monkeypatch):
+    _, ours = oft_twins(TwoLayer(), torch.float32, 16)
+    layer, x = ours.fc1, torch.randn(4, 64)
+    calls = _counted_rotations(monkeypatch)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first) and len(calls) == 1  # built once, reused
+        layer.oft_R.weight.add_(0.01)  # an in-place write (an optimizer step): built again
+        moved = layer(x)
+    assert len(calls) == 2 and not torch.equal(moved, first)
+    assert torch.equal(moved, _fresh_output(layer, x))
+    # A replaced .data (another dtype round trip: other values) is a different tensor, never the cached R.
+    layer.oft_R.weight.data = layer.oft_R.weight.data.bfloat16().float()
+    before = len(calls)
+    with torch.no_grad():
+        rounded = layer(x)
+    assert len(calls) == before + 1
+    assert torch.equal(rounded, _fresh_output(layer, x))
+
+
+def test_r_is_built_afresh_where_a_graph_or_inference_mode_needs_it(monkeypatch):
+    _, ours = oft_twins(TwoLayer(), torch.float32, 16)
+    layer, x = ours.fc1, torch.randn(4, 64)
+    calls = _counted_rotations(monkeypatch)
+    with torch.no_grad():
+        layer(x)
+    layer(x).sum().backward()  # training: R must be in the graph, so built again, and the gradient flows
+    assert len(calls) == 2 and layer.oft_R.weight.grad is not None
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+    assert len(calls) == 4
+    layer(x).sum().backward()  # nothing built under inference mode is reused by a graph
+    assert len(calls) == 5

@@ -9,6 +9,7 @@ The rotation math itself (Cayley-Neumann, per-block rotation and their gradients
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from qft import ops, reference
 from qft.functional import _autocast_dtype, _cast, _check_bias, _check_x, _without_autocast
@@ -57,12 +58,39 @@ def oft_rotation(
 
     Cayley-Neumann runs through ``qft::oft_rotation`` (one launch for all blocks on a GPU, closed-form
     backward); the exact Cayley transform through ``torch.linalg.solve``. One shared row is expanded
-    to every block (block_share)."""
+    to every block (block_share). Where no graph is built (``_reusable``), R is kept per parameter tensor
+    and reused until the parameters are written."""
+    key = (block_size, cayley_neumann_terms, use_cayley_neumann)
+    reusable = _reusable(oft_weight)
+    cached = _ROTATIONS.get(oft_weight) if reusable else None
+    if cached is not None and cached[0] == key and _unchanged(cached[1], oft_weight):
+        return cached[2].expand(blocks, block_size, block_size)
     if use_cayley_neumann and cayley_neumann_terms > 1:  # n = 1: R = I, unconnected to the parameters as in PEFT
         rot = oft_ops.rotation(oft_weight, block_size, cayley_neumann_terms)
     else:
         rot = reference.oft_rotation(oft_weight, block_size, cayley_neumann_terms, use_cayley_neumann)
+    if reusable:
+        _ROTATIONS[oft_weight] = (key, (oft_weight.detach(), oft_weight._version), rot)
     return rot.expand(blocks, block_size, block_size)
+
+
+# R of the last no-grad call per parameter tensor: eval and generation run the same R every forward.
+_ROTATIONS = WeakIdKeyDictionary()
+
+
+def _reusable(params: torch.Tensor) -> bool:
+    """Whether R may come from (and go to) ``_ROTATIONS``: no graph to build (autograd off, or params
+    frozen), outside inference mode (its tensors could not be used by a later graph), nothing tracing."""
+    no_graph = not torch.is_grad_enabled() or not params.requires_grad
+    return no_graph and not torch.is_inference_mode_enabled() and eager.untraced_cpu(params)
+
+
+def _unchanged(seen: tuple[torch.Tensor, int], params: torch.Tensor) -> bool:
+    """Whether ``params`` is the tensor R was built from, not written since: the same storage (the kept
+    ``seen`` tensor holds the old storage, so a replaced ``.data`` cannot reuse its address) and version."""
+    old, version = seen
+    same_memory = old.data_ptr() == params.data_ptr() and old.dtype == params.dtype and old.shape == params.shape
+    return same_memory and params._version == version
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
