@@ -110,10 +110,12 @@ def _peak_mb(fn, device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates, rec, label) -> None:
+def _step_fns(provider, dense, x, grad, device, rec, label) -> dict | None:
+    """``{op: (fn, flops)}`` of one provider's layer (forward without grad, forward + backward), or None
+    when it does not build (an error row is recorded)."""
     model = rec.build(label, lambda: build(provider, dense, device))
     if model is None:
-        return
+        return None
     xg = x.clone().requires_grad_()
     m, k = x.shape
     n = dense.out_features
@@ -128,17 +130,16 @@ def _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates,
         for p in model.parameters():
             p.grad = None
 
-    fns = {"fwd": (forward, 2 * m * n * k), "fwd+bwd": (train_step, 4 * m * n * k)}
-    for op in ops_wanted:
-        rec.attempt(
-            {**label, "op": op}, lambda op=op: [_measure(op, fns[op], provider, x, n, k, device, repeats, rates)]
-        )
+    return {"fwd": (forward, 2 * m * n * k), "fwd+bwd": (train_step, 4 * m * n * k)}
 
 
-def _measure(op, fn_flops, provider, x, n, k, device, repeats, rates) -> dict:
+def _row(op, provider, timing, fn_flops, x, n, k, device, rates) -> dict:
+    """One result row from ``timing`` (p50, p20, p80 ms, or the exception that provider raised)."""
+    if isinstance(timing, Exception):
+        raise timing
     fn, flops = fn_flops
     m = x.shape[0]
-    p50, p20, p80 = common.time_ms(fn, device, repeats)
+    p50, p20, p80 = timing
     return {
         "suite": "linear",
         "op": op,
@@ -176,12 +177,20 @@ def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted, rate
     dense = nn.Linear(k, n, dtype=dtype, device=device)
     x = torch.randn(m, k, dtype=dtype, device=device)
     grad = torch.randn(m, n, dtype=dtype, device=device)
+    labels, steps = {}, {}
     for provider in providers():
         if common.wanted("providers", provider):
-            label = {"provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k}
-            _time_provider(provider, dense, x, grad, device, repeats, ops_wanted, rates, rec, label)
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            labels[provider] = {"provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k}
+            fns = _step_fns(provider, dense, x, grad, device, rec, labels[provider])
+            if fns is not None:
+                steps[provider] = fns
+    for op in ops_wanted:  # every provider of this case side by side (common.time_side_by_side)
+        timings = common.time_side_by_side({p: fns[op][0] for p, fns in steps.items()}, device, repeats)
+        for provider, fns in steps.items():
+            args = (op, provider, timings[provider], fns[op], x, n, k, device, rates)
+            rec.attempt({**labels[provider], "op": op}, lambda args=args: [_row(*args)])
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):

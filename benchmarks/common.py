@@ -67,6 +67,42 @@ def time_ms(fn: Callable[[], object], device: str, repeats: int, graph: bool = F
     return statistics.median(samples), q[1], q[7]
 
 
+def time_side_by_side(fns: dict, device: str, repeats: int) -> dict:
+    """``{key: (p50, p20, p80)}`` ms of each ``fns[key]()``, or ``{key: exception}`` for one that raises.
+    On CPU the providers are sampled in turns (one sample of each per round, as ``time_ms`` sizes them),
+    so a slow spell of a shared machine falls on every provider alike rather than on whichever ran then;
+    on a GPU each is timed by ``time_ms`` in turn."""
+    results, inner = {}, {}
+    for key, fn in fns.items():
+        try:
+            if device == "cuda":
+                results[key] = time_ms(fn, device, repeats)
+                continue
+            fn()  # warm-up
+            start = time.perf_counter()
+            fn()
+            inner[key] = max(1, int(CPU_SAMPLE_S / max(time.perf_counter() - start, 1e-7)))
+        except Exception as exc:  # a failing provider must not take the others down
+            traceback.print_exc(file=sys.stderr)
+            results[key] = exc
+    samples = {key: [] for key in inner}
+    for _ in range(max(repeats, CPU_MIN_SAMPLES)):
+        for key in list(samples):
+            try:
+                start = time.perf_counter()
+                for _ in range(inner[key]):
+                    fns[key]()
+                samples[key].append((time.perf_counter() - start) * 1e3 / inner[key])
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                results[key] = exc
+                del samples[key]
+    for key, times in samples.items():
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        results[key] = (statistics.median(times), q[1], q[7])
+    return results
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Measured device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -180,3 +180,20 @@ def test_lora_gemm_bench_counts_what_each_arrangement_creates(tmp_path, monkeypa
     assert fused["m_by_n_extra"] == 0 < before["m_by_n_extra"]
     assert fused["created_mb"] < before["created_mb"] and fused["p50_ms"] > 0
     assert len(list(tmp_path.glob("lora_gemm-*.md"))) == 1
+
+
+def test_side_by_side_timing_samples_providers_in_turns_and_keeps_failures_apart():
+    import common
+
+    order = []
+    fns = {
+        "a": lambda: order.append("a"),
+        "b": lambda: order.append("b"),
+        "broken": lambda: 1 / 0,
+    }
+    timings = common.time_side_by_side(fns, "cpu", repeats=1)
+    assert isinstance(timings["broken"], ZeroDivisionError)
+    assert all(len(timings[k]) == 3 and 0 < timings[k][0] for k in ("a", "b"))
+    # after the two warm-up calls each, samples alternate: a run of a's, then of b's, round after round
+    runs = [key for i, key in enumerate(order[4:]) if i == 0 or order[4 + i - 1] != key]
+    assert runs == ["a", "b"] * common.CPU_MIN_SAMPLES
