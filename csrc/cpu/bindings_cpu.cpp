@@ -98,6 +98,27 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("coefficients"), py::arg("count"), py::arg("out"), py::call_guard<py::gil_scoped_release>(),
       "dL/d(params) of OFT's Cayley-Neumann rotation from dL/dR, fp32 (see cpu_kernels.h).");
   m.def(
+      "oft_rotate",
+      [](uintptr_t x, int x_dtype, uintptr_t rot, int64_t rows, int64_t blocks, int block_size, bool transpose,
+         uintptr_t out, int out_dtype) {
+        check(oft_rotate(ptr<const void>(x), static_cast<DType>(x_dtype), ptr<const float>(rot), rows, blocks,
+                         block_size, transpose, ptr<void>(out), static_cast<DType>(out_dtype)));
+      },
+      py::kw_only(), py::arg("x"), py::arg("x_dtype"), py::arg("rot"), py::arg("rows"), py::arg("blocks"),
+      py::arg("block_size"), py::arg("transpose"), py::arg("out"), py::arg("out_dtype"),
+      py::call_guard<py::gil_scoped_release>(),
+      "OFT's per-block rotation of x by R (see cpu_kernels.h).");
+  m.def(
+      "oft_rotation_grad",
+      [](uintptr_t x, int x_dtype, uintptr_t grad, int grad_dtype, int64_t rows, int64_t blocks, int block_size,
+         uintptr_t grad_rot) {
+        check(oft_rotation_grad(ptr<const void>(x), static_cast<DType>(x_dtype), ptr<const void>(grad),
+                                static_cast<DType>(grad_dtype), rows, blocks, block_size, ptr<float>(grad_rot)));
+      },
+      py::kw_only(), py::arg("x"), py::arg("x_dtype"), py::arg("grad"), py::arg("grad_dtype"), py::arg("rows"),
+      py::arg("blocks"), py::arg("block_size"), py::arg("grad_rot"), py::call_guard<py::gil_scoped_release>(),
+      "dL/dR of OFT's rotation, fp32 (see cpu_kernels.h).");
+  m.def(
       "adamw_step",
       [](uintptr_t p, int p_dtype, uintptr_t g, int g_dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
          uintptr_t m_absmax, uintptr_t v_absmax, int64_t numel, float decay, float w1, float beta2, float w2,

@@ -78,6 +78,15 @@ int quant_linear_grad_input_bf16(const Weight& w, const uint16_t* grad, int64_t 
 int oft_rotation_params_grad(const float* params, const float* grad_rot, int64_t blocks, int b,
                              const float* coefficients, int count, float* out);
 
+// OFT's rotation of x [rows, blocks * b] (x_dtype) by R [blocks, b, b] fp32 (R^T when `transpose`) into out
+// (out_dtype): out[m, rb + c] = sum_k x[m, rb + k] R[r, k, c] by fp32 fused multiply-adds in k order, one
+// rounding (oft_rotate_cpu.cpp); and dL/dR [blocks, b, b] fp32 = sum_m x[m, rb + k] g[m, rb + c]. b of 16,
+// 32, 48 or 64, AVX-512 only (else kInvalidValue).
+int oft_rotate(const void* x, DType x_dtype, const float* rot, int64_t rows, int64_t blocks, int b, bool transpose,
+               void* out, DType out_dtype);
+int oft_rotation_grad(const void* x, DType x_dtype, const void* g, DType g_dtype, int64_t rows, int64_t blocks, int b,
+                      float* grad_rot);
+
 // One torch.optim.AdamW step of `numel` values in place (qft.ops.adamw.reference_step's arithmetic,
 // as the fused Triton step computes it): p (p_dtype) and g (g_dtype) any float type; the moments either
 // fp32 (m, v) or 8-bit (codes m8, v8 with fp32 absmax per 256 values, moments8's format, when

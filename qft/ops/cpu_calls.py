@@ -176,6 +176,46 @@ def oft_rotation_params_grad(params, grad_rot, block_size: int, coefficients: li
     return out
 
 
+def oft_rotate(x, rot, transpose: bool) -> torch.Tensor:
+    """``x`` [M, K] rotated per block by ``rot`` [K / b, b, b] fp32 (R^T when ``transpose``), in x's dtype:
+    fp32 fused multiply-adds in k order, one rounding (``csrc/cpu/oft_rotate_cpu.cpp``)."""
+    blocks, b, _ = rot.shape
+    if rot.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != blocks * b:
+        raise ValueError(f"rot must be fp32 blocks tiling x's rows, got {tuple(rot.shape)} for {tuple(x.shape)}")
+    rot = rot.contiguous()
+    out = torch.empty_like(x)
+    module().oft_rotate(
+        x=_host(x, "x"),
+        x_dtype=DTYPE_CODES[x.dtype],
+        rot=_host(rot, "rot"),
+        rows=x.shape[0],
+        blocks=blocks,
+        block_size=b,
+        transpose=transpose,
+        out=_host(out, "out"),
+        out_dtype=DTYPE_CODES[out.dtype],
+    )
+    return out
+
+
+def oft_rotation_grad(x, grad, blocks: int, b: int) -> torch.Tensor:
+    """dL/dR [blocks, b, b] fp32 = per block x^T grad, from x and the gradient of the rotated x [M, K]."""
+    if x.shape != grad.shape or x.dim() != 2 or x.shape[1] != blocks * b:
+        raise ValueError(f"x {tuple(x.shape)} and grad {tuple(grad.shape)} must be one [M, {blocks * b}] shape")
+    grad_rot = torch.empty(blocks, b, b)
+    module().oft_rotation_grad(
+        x=_host(x, "x"),
+        x_dtype=DTYPE_CODES[x.dtype],
+        grad=_host(grad, "grad"),
+        grad_dtype=DTYPE_CODES[grad.dtype],
+        rows=x.shape[0],
+        blocks=blocks,
+        block_size=b,
+        grad_rot=_host(grad_rot, "grad_rot"),
+    )
+    return grad_rot
+
+
 @functools.cache
 def _moment_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(signed then unsigned dynamic map [512], their first-code tables [2 * 65536] int32, their

@@ -30,16 +30,41 @@ def _check_rotate(x: torch.Tensor, rot: torch.Tensor) -> None:
         raise ValueError(f"rot {tuple(rot.shape)} does not tile x's last dimension {tuple(x.shape)}")
 
 
-@eager.custom_op("qft::oft_rotate", mutates_args=())
-def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``x`` [M, K] rotated per block by ``rot`` [K / b, b, b] (by R^T when ``transpose``), computed in
-    fp32 and returned in x's dtype."""
-    _check_rotate(x, rot)
+# Where the CPU kernels rotate: b a multiple of 16 up to 64 (vector registers), and shapes where torch's
+# einsum runs the batched GEMM whose summation order the kernel repeats (fewer rows or blocks take other
+# GEMM paths, with other roundings; tested bit for bit in tests/ops/test_backend_cpu.py).
+CPU_ROTATE_BLOCKS = (16, 32, 48, 64)
+CPU_ROTATE_MIN_ROWS, CPU_ROTATE_MIN_BLOCKS = 16, 4
+
+
+def _cpu_kernels_here(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and backend_for(t.device) == "cpu" and cpu_calls.bf16_kernels()
+
+
+def cpu_rotates(x: torch.Tensor, rot: torch.Tensor) -> bool:
+    """Whether ``oft_rotate(x, rot)`` runs ``qft._cpu``'s kernel: the reference's bits (see
+    ``CPU_ROTATE_MIN_ROWS``), one call instead of a dtype copy, two layout copies, a GEMM and a copy back."""
+    nb, b, _ = rot.shape
+    fits = b in CPU_ROTATE_BLOCKS and x.shape[0] >= CPU_ROTATE_MIN_ROWS and nb >= CPU_ROTATE_MIN_BLOCKS
+    return fits and rot.dtype == torch.float32 and x.dtype != torch.float64 and _cpu_kernels_here(x)
+
+
+def _rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Tensor:
+    if cpu_rotates(x, rot):
+        return cpu_calls.oft_rotate(x.contiguous(), rot, transpose)
     if not triton_rotates(x, rot.shape[1]):
         return reference.oft_rotate(x, rot, transpose)
     from qft.kernels.oft_apply_rotation import rotate
 
     return rotate(x, rot, transpose)
+
+
+@eager.custom_op("qft::oft_rotate", mutates_args=())
+def oft_rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``x`` [M, K] rotated per block by ``rot`` [K / b, b, b] (by R^T when ``transpose``), computed in
+    fp32 and returned in x's dtype."""
+    _check_rotate(x, rot)
+    return _rotate(x, rot, transpose)
 
 
 @oft_rotate.register_fake
@@ -55,6 +80,10 @@ def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) 
     if grad.shape != x.shape:
         raise ValueError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
     nb, b, _ = rot.shape
+    if b in CPU_ROTATE_BLOCKS and x.dtype != torch.float64 and _cpu_kernels_here(x):
+        grad_x = _rotate(grad, rot, True)
+        # dL/dR sums over the rows in order (not torch's bits: an fp32 parameter gradient needs none)
+        return grad_x, cpu_calls.oft_rotation_grad(x.contiguous(), grad.contiguous(), nb, b).to(rot.dtype)
     if not triton_rotates(x, rot.shape[1]):
         grad_x = reference.oft_rotate(grad, rot, True)
         return grad_x, reference.oft_rotation_grad(x, grad, nb, b).to(rot.dtype)

@@ -30,9 +30,9 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_forward_and_grads_equal_peft_oft_over_bitsandbytes(dtype, case):
+def test_forward_and_grads_equal_peft_oft_over_bitsandbytes(dtype, case, rows=3):
     peft_model, ours = oft_twins(TwoLayer(dtype=dtype), dtype, *case)
-    x = torch.randn(3, 5, 64, dtype=dtype)
+    x = torch.randn(rows, 5, 64, dtype=dtype)
     x_peft, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_peft, y_ours = peft_model(x_peft), ours(x_ours)
     # Same rotated input, same decoded weight: one bf16 ulp at most (here: equal).
@@ -48,6 +48,15 @@ def test_forward_and_grads_equal_peft_oft_over_bitsandbytes(dtype, case):
             assert mine is None
             continue
         assert mine.dtype == torch.float32 and _rel(mine, theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_that_take_the_cpu_rotation_kernel_equal_peft_too(dtype):
+    from qft.ops import oft as oft_ops
+
+    # 20 rows of 4 blocks of 16: qft.ops.oft routes these to qft._cpu's rotation where it is built
+    assert oft_ops.CPU_ROTATE_MIN_ROWS <= 20 and oft_ops.CPU_ROTATE_MIN_BLOCKS <= 4
+    test_forward_and_grads_equal_peft_oft_over_bitsandbytes(dtype, (16, 5, True, False, False), rows=4)
 
 
 def test_adapters_move_between_qft_and_peft(tmp_path):

@@ -324,6 +324,44 @@ def test_oft_rotation_backward_takes_the_kernel_for_fp32_on_the_cpu_backend(monk
     assert torch.equal(ones, torch.zeros(4, 28))
 
 
+@needs_bf16_kernels
+@pytest.mark.parametrize("dtype", formats.FLOAT_DTYPES)
+def test_oft_rotate_kernel_equals_the_reference_bit_for_bit_where_routed(dtype):
+    # The kernel's k-ordered fused multiply-adds are the order torch's batched GEMM takes at these shapes,
+    # which is what keeps OFT PEFT-exact on this path; fewer rows or blocks are left to the reference.
+    from qft import reference
+    from qft.ops import oft as oft_ops
+
+    for m, blocks, b in ((16, 16, 32), (33, 4, 16), (128, 16, 32), (40, 8, 64), (17, 5, 48), (300, 32, 32)):
+        x, rot = torch.randn(m, blocks * b).to(dtype), torch.randn(blocks, b, b)
+        assert oft_ops.cpu_rotates(x, rot)
+        for transpose in (False, True):
+            got = cpu_calls.oft_rotate(x, rot, transpose)
+            assert torch.equal(got, reference.oft_rotate(x, rot, transpose)), f"{dtype} {m}x{blocks}x{b} {transpose}"
+        grad = torch.randn(m, blocks * b).to(dtype)
+        exact = reference.oft_rotation_grad(x.double(), grad.double(), blocks, b)
+        got = cpu_calls.oft_rotation_grad(x, grad, blocks, b)
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
+@needs_bf16_kernels
+def test_oft_rotate_kernel_is_routed_only_where_it_is_the_reference(isa_cap):
+    from qft.ops import oft as oft_ops
+
+    rot = torch.randn(16, 32, 32)
+    assert oft_ops.cpu_rotates(torch.randn(oft_ops.CPU_ROTATE_MIN_ROWS, 512), rot)
+    assert not oft_ops.cpu_rotates(torch.randn(oft_ops.CPU_ROTATE_MIN_ROWS - 1, 512), rot)
+    assert not oft_ops.cpu_rotates(torch.randn(64, 96), torch.randn(3, 32, 32))  # too few blocks
+    assert not oft_ops.cpu_rotates(torch.randn(64, 480), torch.randn(20, 24, 24))  # b not a multiple of 16
+    assert not oft_ops.cpu_rotates(torch.randn(64, 512).double(), rot.double())
+    with ops.use_backend("reference"):
+        assert not oft_ops.cpu_rotates(torch.randn(64, 512), rot)
+    isa_cap("avx2")
+    assert not oft_ops.cpu_rotates(torch.randn(64, 512), rot)
+    with pytest.raises(ValueError, match="refused"):
+        cpu_calls.oft_rotate(torch.randn(64, 512), rot, False)
+
+
 @needs_cpu_kernels
 def test_half_gemm_is_taken_only_for_bf16_at_enough_rows(monkeypatch):
     monkeypatch.setattr(cpu_calls.module(), "native_bf16", lambda: True, raising=False)
