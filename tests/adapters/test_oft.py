@@ -419,6 +419,12 @@ def test_no_grad_forwards_reuse_r_until_the_parameters_change(monkeypatch):
         moved = layer(x)
     assert len(calls) == 2 and not torch.equal(moved, first)
     assert torch.equal(moved, _fresh_output(layer, x))
+    # A write no version counter sees (qft's optimizer kernels write through raw pointers) rebuilds R too.
+    layer.oft_R.weight.detach().numpy()[0, 0] += 0.5
+    before = len(calls)
+    with torch.no_grad():
+        assert torch.equal(layer(x), _fresh_output(layer, x))
+    assert len(calls) == before + 2  # the layer's R and the fresh copy's
     # A replaced .data (another dtype round trip: other values) is a different tensor, never the cached R.
     layer.oft_R.weight.data = layer.oft_R.weight.data.bfloat16().float()
     before = len(calls)

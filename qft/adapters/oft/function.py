@@ -59,7 +59,7 @@ def oft_rotation(
     Cayley-Neumann runs through ``qft::oft_rotation`` (one launch for all blocks on a GPU, closed-form
     backward); the exact Cayley transform through ``torch.linalg.solve``. One shared row is expanded
     to every block (block_share). Where no graph is built (``_reusable``), R is kept per parameter tensor
-    and reused until the parameters are written."""
+    and reused while the parameters hold the same values."""
     key = (block_size, cayley_neumann_terms, use_cayley_neumann)
     reusable = _reusable(oft_weight)
     cached = _ROTATIONS.get(oft_weight) if reusable else None
@@ -70,7 +70,7 @@ def oft_rotation(
     else:
         rot = reference.oft_rotation(oft_weight, block_size, cayley_neumann_terms, use_cayley_neumann)
     if reusable:
-        _ROTATIONS[oft_weight] = (key, (oft_weight.detach(), oft_weight._version), rot)
+        _ROTATIONS[oft_weight] = (key, oft_weight.detach().clone(), rot)
     return rot.expand(blocks, block_size, block_size)
 
 
@@ -85,12 +85,11 @@ def _reusable(params: torch.Tensor) -> bool:
     return no_graph and not torch.is_inference_mode_enabled() and eager.untraced_cpu(params)
 
 
-def _unchanged(seen: tuple[torch.Tensor, int], params: torch.Tensor) -> bool:
-    """Whether ``params`` is the tensor R was built from, not written since: the same storage (the kept
-    ``seen`` tensor holds the old storage, so a replaced ``.data`` cannot reuse its address) and version."""
-    old, version = seen
-    same_memory = old.data_ptr() == params.data_ptr() and old.dtype == params.dtype and old.shape == params.shape
-    return same_memory and params._version == version
+def _unchanged(seen: torch.Tensor, params: torch.Tensor) -> bool:
+    """Whether ``params`` holds the values R was built from (``seen``, a copy). Compared by value, not by
+    version counter: qft's own optimizer kernels write parameters through raw pointers, which no counter
+    sees (a few thousand values: microseconds)."""
+    return seen.dtype == params.dtype and seen.shape == params.shape and torch.equal(seen, params)
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
