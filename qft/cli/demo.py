@@ -153,13 +153,23 @@ def _bits_plan(model, config, calibration) -> qft.nn.BitsPlan:
         raise DemoError(f"--bits-budget: {exc}") from exc
 
 
+def by_length(tokenizer, sentences, max_length: int) -> list[str]:
+    """The distinct ``sentences`` sorted by token count (then text): batched in this order, a batch pads
+    little, where random batches pad to their longest sentence (about twice the tokens on this corpus)."""
+    unique = sorted(set(sentences))
+    lengths = tokenizer(unique, truncation=True, max_length=max_length)["input_ids"]
+    return [s for _, s in sorted(zip((len(ids) for ids in lengths), unique, strict=True))]
+
+
 class HeldOut:
-    """The held-out sentences tokenized once, with the frozen teacher's embeddings of them (computed once:
-    the teacher does not change between the measurements before and after training)."""
+    """The held-out sentences tokenized once (in batches of near equal length), with the frozen teacher's
+    embeddings of them (computed once: the teacher does not change between the measurements before and
+    after training)."""
 
     @torch.no_grad()
     def __init__(self, teacher, tokenizer, sentences, config, device) -> None:
-        self.batches = list(sentence_batches(tokenizer, sentences, 64, config.max_length, device))
+        ordered = by_length(tokenizer, sentences, config.max_length)
+        self.batches = list(sentence_batches(tokenizer, ordered, 64, config.max_length, device))
         self.targets = [embed(teacher, batch) for batch in self.batches]
         self.count = len(sentences)
 
@@ -168,6 +178,17 @@ class HeldOut:
         """Mean cosine similarity of ``student``'s embeddings and the teacher's."""
         total = sum((embed(student, b) * t).sum().item() for b, t in zip(self.batches, self.targets, strict=True))
         return total / self.count
+
+
+@torch.no_grad()
+def teacher_targets(teacher, tokenizer, sentences, config, device) -> dict[str, torch.Tensor]:
+    """The frozen teacher's embedding of each distinct sentence, computed once, in batches of 64 sentences
+    of near equal length (``by_length``). The training batches of 16 drawn at random pad to their longest
+    sentence: the teacher run per step took 111,920 tokens in the default run, this takes about a third
+    (its 1,400 distinct sentences, 27 tokens on average)."""
+    ordered = by_length(tokenizer, sentences, config.max_length)
+    embeddings = [embed(teacher, b) for b in sentence_batches(tokenizer, ordered, 64, config.max_length, device)]
+    return dict(zip(ordered, torch.cat(embeddings), strict=True))
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -279,15 +300,15 @@ def run(config: DemoConfig) -> dict[str, object]:
     optimizer = OPTIMIZERS[config.optim](params, lr=config.lr or spec.demo_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / config.steps)
     rng = random.Random(config.seed)
+    draws = [rng.sample(train, config.batch_size) for _ in range(config.steps)]
     tokens = 0
     progress = _progress(config)
-    start = time.perf_counter()
+    start = time.perf_counter()  # the teacher's targets count as training time, as when made per step
+    targets = teacher_targets(teacher, tokenizer, [s for d in draws for s in d], config, device)
     student.train()
-    for step in range(1, config.steps + 1):
-        sentences = rng.sample(train, config.batch_size)
+    for step, sentences in enumerate(draws, start=1):
         batch = next(sentence_batches(tokenizer, sentences, config.batch_size, config.max_length, device))
-        with torch.no_grad():
-            target = embed(teacher, batch)
+        target = torch.stack([targets[s] for s in sentences])
         loss = (1 - (embed(student, batch) * target).sum(-1)).mean()
         if not torch.isfinite(loss):
             progress.close()
