@@ -183,33 +183,61 @@ QFT_AVX2 void decode4_avx2(const Weight& w, int64_t block, int64_t count, DType 
   }
 }
 
-// bf16 outputs on AVX-512: the 16 entries in one register, every 32 codes one word permute (vpermw).
-// Values [start, start + count) of block `block` (start and count multiples of 32).
-QFT_AVX512_BF16 void decode4_avx512(const Weight& w, int64_t block, int64_t start, int64_t count, uint16_t* out) {
+// AVX-512: a 4-bit block's 16 values in one register, every 32 codes word indices for one permute
+// (16-bit outputs: vpermw over the 16 rounded entries) or two (fp32 outputs: vpermps). Values [start, start
+// + count) of block `block` (start even); a tail short of 32 values by the scalar table lookup.
+template <typename T>
+QFT_AVX512_BF16 void decode4_avx512(const Weight& w, int64_t block, int64_t start, int64_t count, DType round_dtype,
+                                    T* out) {
   const __m512 levels = w.affine ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
                                  : _mm512_loadu_ps(w.code);
   const __m512 values = _mm512_mul_ps(_mm512_sub_ps(levels, _mm512_set1_ps(block_zero(w, block))),
                                       _mm512_set1_ps(block_scale(w, block)));  // as level_values
-  const __m512i entries = _mm512_castsi256_si512(bf16_of(values));
+  const __m256i halves = round_dtype == DType::kFloat16
+                             ? _mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                             : bf16_of(values);
+  __m512 wide = values;  // fp32 entries, rounded through round_dtype
+  if (round_dtype == DType::kBFloat16)
+    wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+  else if (round_dtype == DType::kFloat16)
+    wide = _mm512_cvtph_ps(halves);
+  const __m512i entries = _mm512_castsi256_si512(halves);
   const uint8_t* bytes = static_cast<const uint8_t*>(w.codes) + start / 2;
   const __m512i low_mask = _mm512_set1_epi32(0x0F);
-  for (int64_t i = 0; i < count; i += 32) {
+  int64_t i = 0;
+  for (; i + 32 <= count; i += 32) {
     // byte j's high nibble is value 2j (the low word of dword j), its low nibble value 2j + 1
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + i / 2)));
     const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, low_mask), 16));
-    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, entries));
+    if constexpr (sizeof(T) == 2) {
+      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, entries));
+    } else {
+      const __m512i first = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
+      const __m512i second = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
+      _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(first, wide));
+      _mm512_storeu_ps(out + i + 16, _mm512_permutexvar_ps(second, wide));
+    }
+  }
+  if (i < count) {
+    T table[16];
+    block_table(w, block, round_dtype, table);
+    decode_scalar(w, start + i, count - i, table, out + i);
   }
 }
 #endif
 
 template <typename T>
-void decode_blocks(const Weight& w, T* out, DType round_dtype, bool vector, int64_t first, int64_t last) {
+void decode_blocks(const Weight& w, T* out, DType round_dtype, Isa isa, int64_t first, int64_t last) {
   T table[16];
   for (int64_t block = first; block < last; ++block) {
     const int64_t start = block * w.block_size;
     const int64_t count = std::min<int64_t>(w.block_size, w.numel - start);
 #ifdef QFT_X86
-    if (vector && w.bits == 4) {
+    if (isa >= Isa::kAvx512Bf16 && w.bits == 4) {
+      decode4_avx512(w, block, start, count, round_dtype, out + start);
+      continue;
+    }
+    if (isa >= Isa::kAvx2 && w.bits == 4) {
       decode4_avx2(w, block, count, round_dtype, out + start);
       continue;
     }
@@ -246,7 +274,7 @@ void decode_span_bf16(const Weight& w, int64_t start, int64_t count, uint16_t* o
     const int64_t piece = std::min<int64_t>(end, (block + 1) * w.block_size) - at;
 #ifdef QFT_X86
     if (wide && w.bits == 4) {
-      decode4_avx512(w, block, at, piece, out + (at - start));
+      decode4_avx512(w, block, at, piece, DType::kBFloat16, out + (at - start));
       at += piece;
       continue;
     }
@@ -259,15 +287,15 @@ void decode_span_bf16(const Weight& w, int64_t start, int64_t count, uint16_t* o
 
 int dequantize(const Weight& w, void* out, DType out_dtype, DType round_dtype) {
   if (!valid(w) || out == nullptr || (out_dtype != DType::kFloat32 && out_dtype != round_dtype)) return kInvalidValue;
-  const bool vector = active_isa() >= Isa::kAvx2;
+  const Isa isa = active_isa();
   const int64_t blocks = (w.numel + w.block_size - 1) / w.block_size;
   const int64_t bytes = w.numel * (out_dtype == DType::kFloat32 ? 4 : 2);
   advise_huge_pages(out, bytes);
   parallel_for(blocks, bytes, [&](int64_t first, int64_t last) {
     if (out_dtype == DType::kFloat32)
-      decode_blocks(w, static_cast<float*>(out), round_dtype, vector, first, last);
+      decode_blocks(w, static_cast<float*>(out), round_dtype, isa, first, last);
     else
-      decode_blocks(w, static_cast<uint16_t*>(out), round_dtype, vector, first, last);
+      decode_blocks(w, static_cast<uint16_t*>(out), round_dtype, isa, first, last);
   });
   return kOk;
 }
