@@ -135,7 +135,7 @@ def _step_fn(model, ids, checkpointing: bool):
 
 def _measure(model, ids, checkpointing: bool, label: dict, device: str, repeats: int) -> dict:
     fn = _step_fn(model, ids, checkpointing)
-    p50, p20, p80 = common.time_ms(fn, device, repeats)
+    timing = common.time_ms(fn, device, repeats)
     peak = None
     if device == "cuda":
         torch.cuda.synchronize()
@@ -143,7 +143,14 @@ def _measure(model, ids, checkpointing: bool, label: dict, device: str, repeats:
         fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
-    seq = ids.shape[1]
+    return _row(label, timing, ids.shape[1], device, peak)
+
+
+def _row(label: dict, timing, seq: int, device: str, peak: float | None = None) -> dict:
+    """One result row from ``timing`` (p50, p20, p80 ms, or the exception the step raised)."""
+    if isinstance(timing, Exception):
+        raise timing
+    p50, p20, p80 = timing
     return {
         "suite": "e2e",
         **label,
@@ -157,10 +164,24 @@ def _measure(model, ids, checkpointing: bool, label: dict, device: str, repeats:
     }
 
 
+def _label(provider: str, shape: str, checkpointing: bool) -> dict:
+    return {"op": "train step" + (" +ckpt" if checkpointing else ""), "provider": provider, "shape": shape}
+
+
+def _bench_side_by_side(models: dict, rec, shape, ids, device, repeats) -> None:
+    """CPU: every provider's step per checkpointing mode, sampled in turns (common.time_side_by_side)."""
+    for checkpointing in (False, True):
+        steps = {p: _step_fn(model, ids, checkpointing) for p, model in models.items()}
+        timings = common.time_side_by_side(steps, device, repeats)
+        for provider in models:
+            label = _label(provider, shape, checkpointing)
+            rec.attempt(label, lambda label=label, t=timings[provider]: [_row(label, t, ids.shape[1], device)])
+
+
 def _bench_provider(provider, rec, shape, make, ids, device, repeats, modes) -> None:
     model = rec.build({"provider": provider, "shape": shape}, make)
     for checkpointing in modes if model is not None else ():
-        label = {"op": "train step" + (" +ckpt" if checkpointing else ""), "provider": provider, "shape": shape}
+        label = _label(provider, shape, checkpointing)
         rec.attempt(label, lambda label=label, ckpt=checkpointing: [_measure(model, ids, ckpt, label, device, repeats)])
 
 
@@ -180,6 +201,7 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
     shared: dict[str, str] = {}
     shape = f"{config.num_hidden_layers}L h{config.hidden_size} seq{seq}"
     providers = common.peer_providers()
+    models = {}  # CPU: every provider's (small) model at once, timed side by side
     for provider in [providers[0], "qft-fused", *providers[1:]]:
         if not common.wanted("providers", provider):
             continue
@@ -189,10 +211,16 @@ def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, re
             shared[p] = apply_shared_kernels(model, device)
             return model
 
+        if device != "cuda":
+            model = rec.build({"provider": provider, "shape": shape}, make)
+            if model is not None:
+                models[provider] = model
+            continue
         modes = (True,) if on_gpu else (False, True)  # the full model trains with checkpointing
         _bench_provider(provider, rec, shape, make, ids, device, repeats, modes)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
+    if models:
+        _bench_side_by_side(models, rec, shape, ids, device, repeats)
     rows = rec.rows
     for row in rows:
         for peer in ("peft-bf16", "peft-bnb"):

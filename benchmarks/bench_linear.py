@@ -182,15 +182,23 @@ def bench_case(shape, m: int, device: str, dtype, repeats: int, ops_wanted, rate
         if common.wanted("providers", provider):
             labels[provider] = {"provider": provider, "shape": f"{m}x{n}x{k}", "M": m, "N": n, "K": k}
             fns = _step_fns(provider, dense, x, grad, device, rec, labels[provider])
-            if fns is not None:
-                steps[provider] = fns
-    for op in ops_wanted:  # every provider of this case side by side (common.time_side_by_side)
+            if fns is None:
+                continue
+            steps[provider] = fns
+            if device == "cuda":  # one model on the GPU at a time; do_bench needs no turns
+                _record(steps, labels, ops_wanted, x, n, k, device, repeats, rates, rec)
+                steps.clear()
+                torch.cuda.empty_cache()
+    _record(steps, labels, ops_wanted, x, n, k, device, repeats, rates, rec)
+
+
+def _record(steps: dict, labels: dict, ops_wanted, x, n, k, device, repeats, rates, rec) -> None:
+    """Rows of every op of the providers in ``steps``, timed side by side (common.time_side_by_side)."""
+    for op in ops_wanted if steps else ():
         timings = common.time_side_by_side({p: fns[op][0] for p, fns in steps.items()}, device, repeats)
         for provider, fns in steps.items():
             args = (op, provider, timings[provider], fns[op], x, n, k, device, rates)
             rec.attempt({**labels[provider], "op": op}, lambda args=args: [_row(*args)])
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_suite(device: str, quick: bool, out: Path, rates: dict | None = None, repeats: int = 3):

@@ -69,9 +69,10 @@ def time_ms(fn: Callable[[], object], device: str, repeats: int, graph: bool = F
 
 def time_side_by_side(fns: dict, device: str, repeats: int) -> dict:
     """``{key: (p50, p20, p80)}`` ms of each ``fns[key]()``, or ``{key: exception}`` for one that raises.
-    On CPU the providers are sampled in turns (one sample of each per round, as ``time_ms`` sizes them),
-    so a slow spell of a shared machine falls on every provider alike rather than on whichever ran then;
-    on a GPU each is timed by ``time_ms`` in turn."""
+    On CPU the providers are sampled in turns (one sample of each per round, each sample spanning
+    ``CPU_SAMPLE_S`` of calls, at least ``CPU_MIN_SAMPLES`` rounds whatever a call costs), so a slow spell
+    of a shared machine falls on every provider alike rather than on whichever ran then; on a GPU each is
+    timed by ``time_ms`` in turn."""
     results, inner = {}, {}
     for key, fn in fns.items():
         try:
@@ -82,8 +83,7 @@ def time_side_by_side(fns: dict, device: str, repeats: int) -> dict:
             start = time.perf_counter()
             fn()
             inner[key] = max(1, int(CPU_SAMPLE_S / max(time.perf_counter() - start, 1e-7)))
-        except Exception as exc:  # a failing provider must not take the others down
-            traceback.print_exc(file=sys.stderr)
+        except Exception as exc:  # a failing provider must not take the others down (its row prints it)
             results[key] = exc
     samples = {key: [] for key in inner}
     for _ in range(max(repeats, CPU_MIN_SAMPLES)):
@@ -94,7 +94,6 @@ def time_side_by_side(fns: dict, device: str, repeats: int) -> dict:
                     fns[key]()
                 samples[key].append((time.perf_counter() - start) * 1e3 / inner[key])
             except Exception as exc:
-                traceback.print_exc(file=sys.stderr)
                 results[key] = exc
                 del samples[key]
     for key, times in samples.items():

@@ -64,25 +64,25 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "quant_linear_bf16",
       [](const WeightArgs& weight, uintptr_t x, int64_t rows, int64_t n_out, int64_t k_in, uintptr_t bias,
-         int bias_dtype, uintptr_t lora_xa, uintptr_t lora_b, int rank, float scaling, uintptr_t y) {
+         int bias_dtype, uintptr_t lora_xa, uintptr_t lora_b, int rank, float scaling, uintptr_t out) {
         check(quant_linear_bf16(weight_of(weight), ptr<const uint16_t>(x), rows, n_out, k_in, ptr<const void>(bias),
                                 static_cast<DType>(bias_dtype), ptr<const float>(lora_xa), ptr<const float>(lora_b),
-                                rank, scaling, ptr<uint16_t>(y)));
+                                rank, scaling, ptr<uint16_t>(out)));
       },
       py::kw_only(), py::arg("weight"), py::arg("x"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
       py::arg("bias"), py::arg("bias_dtype"), py::arg("lora_xa"), py::arg("lora_b"), py::arg("rank"),
-      py::arg("scaling"), py::arg("y"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("scaling"), py::arg("out"), py::call_guard<py::gil_scoped_release>(),
       "bf16 y = x W^T (+ bias) (+ scaling xa B^T) by bf16 dot products (see cpu_kernels.h).");
   m.def(
       "quant_linear_grad_input_bf16",
       [](const WeightArgs& weight, uintptr_t grad, int64_t rows, int64_t n_out, int64_t k_in, uintptr_t lora_grad_xa,
-         uintptr_t lora_a, int rank, uintptr_t grad_x) {
+         uintptr_t lora_a, int rank, uintptr_t out) {
         check(quant_linear_grad_input_bf16(weight_of(weight), ptr<const uint16_t>(grad), rows, n_out, k_in,
                                            ptr<const float>(lora_grad_xa), ptr<const float>(lora_a), rank,
-                                           ptr<uint16_t>(grad_x)));
+                                           ptr<uint16_t>(out)));
       },
       py::kw_only(), py::arg("weight"), py::arg("grad"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
-      py::arg("lora_grad_xa"), py::arg("lora_a"), py::arg("rank"), py::arg("grad_x"),
+      py::arg("lora_grad_xa"), py::arg("lora_a"), py::arg("rank"), py::arg("out"),
       py::call_guard<py::gil_scoped_release>(),
       "bf16 grad_x = grad W (+ lora_grad_xa A) by bf16 dot products (see cpu_kernels.h).");
   m.attr("max_gemv_rows") = kMaxCpuGemvRows;

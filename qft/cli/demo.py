@@ -171,7 +171,7 @@ class HeldOut:
         ordered = by_length(tokenizer, sentences, config.max_length)
         self.batches = list(sentence_batches(tokenizer, ordered, 64, config.max_length, device))
         self.targets = [embed(teacher, batch) for batch in self.batches]
-        self.count = len(sentences)
+        self.count = len(ordered)
 
     @torch.no_grad()
     def cosine(self, student) -> float:

@@ -103,55 +103,55 @@ def bf16_kernels() -> bool:
     return module().isa() == "avx512bf16"
 
 
-def _bf16_operands(a, factor, name: str) -> tuple[int, int]:
-    if a.dtype != torch.bfloat16:
-        raise ValueError(f"{name} must be bf16, got {a.dtype}")
-    if factor is not None and factor.dtype != torch.float32:
-        raise ValueError(f"the LoRA operands of {name} must be fp32, got {factor.dtype}")
-    return a.shape
+def _lora_rank(rows: int, left, right, right_shape) -> int:
+    """r of the LoRA operands, left [rows, r] and right of shape ``right_shape(r)``, both fp32 (0 without
+    them): the kernels read exactly these extents."""
+    if left is None and right is None:
+        return 0
+    if left is None or right is None or left.dtype != torch.float32 or right.dtype != torch.float32:
+        raise ValueError("the LoRA operands must both be fp32 tensors, or both None")
+    r = left.shape[-1]
+    if left.dim() != 2 or left.shape[0] != rows or r == 0 or tuple(right.shape) != right_shape(r):
+        raise ValueError(f"LoRA operands {tuple(left.shape)} and {tuple(right.shape)} do not fit {rows} rows")
+    return r
+
+
+def _bf16_product(entry: str, a, weight: Weight, out_width: int, left, right, right_shape, **named) -> torch.Tensor:
+    """``a`` [M, width] bf16 through the bf16 kernel ``entry`` into a new [M, out_width] bf16 tensor."""
+    if a.dtype != torch.bfloat16 or a.dim() != 2:
+        raise ValueError(f"the bf16 kernels take a 2-D bf16 tensor, got {a.dtype} {tuple(a.shape)}")
+    rank = _lora_rank(a.shape[0], left, right, right_shape)
+    out = a.new_empty((a.shape[0], out_width))
+    getattr(module(), entry)(weight=_weight_args(weight), rows=a.shape[0], rank=rank, **named, out=_host(out, "out"))
+    return out
 
 
 def quant_linear_bf16(x, weight: Weight, bias, lora_xa, lora_b, scaling: float) -> torch.Tensor:
     """bf16 ``x @ W^T + bias + scaling * lora_xa @ lora_b^T`` by ``qft._cpu``'s bf16 dot products: x [M, K]
-    bf16 (K and the block size multiples of 32), lora_xa [M, r] and lora_b [N, r] fp32 (or both None)."""
-    m, k = _bf16_operands(x, lora_xa, "x")
+    bf16 (K and the block size multiples of 32), bias [N] (any float dtype), lora_xa [M, r] and lora_b
+    [N, r] fp32 (or both None)."""
+    k = x.shape[-1]
     n = weight.numel // k
-    y = x.new_empty((m, n))
-    module().quant_linear_bf16(
-        weight=_weight_args(weight),
-        x=_host(x, "x"),
-        rows=m,
-        n_out=n,
-        k_in=k,
-        bias=_host(bias, "bias"),
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    return _bf16_product(
+        "quant_linear_bf16", x, weight, n, lora_xa, lora_b, lambda r: (n, r),
+        x=_host(x, "x"), n_out=n, k_in=k, bias=_host(bias, "bias"),
         bias_dtype=DTYPE_CODES[bias.dtype] if bias is not None else 0,
-        lora_xa=_host(lora_xa, "lora_xa"),
-        lora_b=_host(lora_b, "lora_b"),
-        rank=0 if lora_xa is None else lora_xa.shape[1],
-        scaling=scaling,
-        y=_host(y, "y"),
-    )
-    return y
+        lora_xa=_host(lora_xa, "lora_xa"), lora_b=_host(lora_b, "lora_b"), scaling=scaling,
+    )  # fmt: skip
 
 
 def quant_linear_grad_input_bf16(grad, weight: Weight, lora_grad_xa=None, lora_a=None) -> torch.Tensor:
     """bf16 ``grad @ W + lora_grad_xa @ lora_a`` by ``qft._cpu``'s bf16 dot products: grad [M, N] bf16,
     lora_grad_xa [M, r] and lora_a [r, K] fp32 (or both None)."""
-    m, n = _bf16_operands(grad, lora_grad_xa, "grad")
+    n = grad.shape[-1]
     k = weight.numel // n
-    grad_x = grad.new_empty((m, k))
-    module().quant_linear_grad_input_bf16(
-        weight=_weight_args(weight),
-        grad=_host(grad, "grad"),
-        rows=m,
-        n_out=n,
-        k_in=k,
-        lora_grad_xa=_host(lora_grad_xa, "lora_grad_xa"),
-        lora_a=_host(lora_a, "lora_a"),
-        rank=0 if lora_grad_xa is None else lora_grad_xa.shape[1],
-        grad_x=_host(grad_x, "grad_x"),
-    )
-    return grad_x
+    return _bf16_product(
+        "quant_linear_grad_input_bf16", grad, weight, k, lora_grad_xa, lora_a, lambda r: (r, k),
+        grad=_host(grad, "grad"), n_out=n, k_in=k,
+        lora_grad_xa=_host(lora_grad_xa, "lora_grad_xa"), lora_a=_host(lora_a, "lora_a"),
+    )  # fmt: skip
 
 
 def oft_rotation_params_grad(params, grad_rot, block_size: int, coefficients: list[float]) -> torch.Tensor:
@@ -202,7 +202,7 @@ def oft_rotation_grad(x, grad, blocks: int, b: int) -> torch.Tensor:
     """dL/dR [blocks, b, b] fp32 = per block x^T grad, from x and the gradient of the rotated x [M, K]."""
     if x.shape != grad.shape or x.dim() != 2 or x.shape[1] != blocks * b:
         raise ValueError(f"x {tuple(x.shape)} and grad {tuple(grad.shape)} must be one [M, {blocks * b}] shape")
-    grad_rot = torch.empty(blocks, b, b)
+    grad_rot = torch.empty(blocks, b, b, dtype=torch.float32)
     module().oft_rotation_grad(
         x=_host(x, "x"),
         x_dtype=DTYPE_CODES[x.dtype],

@@ -80,7 +80,7 @@ def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) 
     if grad.shape != x.shape:
         raise ValueError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
     nb, b, _ = rot.shape
-    if b in CPU_ROTATE_BLOCKS and x.dtype != torch.float64 and _cpu_kernels_here(x):
+    if b in CPU_ROTATE_BLOCKS and x.shape[0] > 0 and x.dtype != torch.float64 and _cpu_kernels_here(x):
         grad_x = _rotate(grad, rot, True)
         # dL/dR sums over the rows in order (not torch's bits: an fp32 parameter gradient needs none)
         return grad_x, cpu_calls.oft_rotation_grad(x.contiguous(), grad.contiguous(), nb, b).to(rot.dtype)
@@ -99,10 +99,11 @@ def _(x, grad, rot):
 
 
 def _cpu_kernel_grad(params: torch.Tensor, grad_rot: torch.Tensor) -> bool:
-    """Whether the rotation's backward runs ``qft._cpu``'s kernel: fp32 on the CPU backend (one call per
-    step, where the reference's dozen small batched matmuls cost more in overhead than in arithmetic)."""
+    """Whether the rotation's backward runs ``qft._cpu``'s kernel: fp32, b whose rows fit AVX-512 registers,
+    on the CPU backend (one call per step, where the reference's dozen small batched matmuls cost more in
+    overhead than in arithmetic; the kernel's scalar loop elsewhere would not)."""
     fp32 = params.dtype == torch.float32 and grad_rot.dtype == torch.float32
-    return fp32 and params.device.type == "cpu" and backend_for(params.device) == "cpu"
+    return fp32 and grad_rot.shape[-1] in CPU_ROTATE_BLOCKS and _cpu_kernels_here(params)
 
 
 def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:

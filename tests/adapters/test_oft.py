@@ -51,12 +51,17 @@ def test_forward_and_grads_equal_peft_oft_over_bitsandbytes(dtype, case, rows=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_that_take_the_cpu_rotation_kernel_equal_peft_too(dtype):
-    from qft.ops import oft as oft_ops
+def test_rows_that_take_the_cpu_rotation_kernel_equal_peft_too(dtype, monkeypatch):
+    from qft.ops import cpu_calls
 
-    # 20 rows of 4 blocks of 16: qft.ops.oft routes these to qft._cpu's rotation where it is built
-    assert oft_ops.CPU_ROTATE_MIN_ROWS <= 20 and oft_ops.CPU_ROTATE_MIN_BLOCKS <= 4
+    if not cpu_calls.cpu_extension().usable or not cpu_calls.bf16_kernels():
+        pytest.skip("qft._cpu's rotation needs AVX-512")
+    calls = []
+    real = cpu_calls.oft_rotate
+    monkeypatch.setattr(cpu_calls, "oft_rotate", lambda *a: calls.append(a[0].shape) or real(*a))
+    # 20 rows of 4 (fc1) and 8 (fc2) blocks of 16: qft.ops.oft routes them to qft._cpu's rotation
     test_forward_and_grads_equal_peft_oft_over_bitsandbytes(dtype, (16, 5, True, False, False), rows=4)
+    assert len(calls) == 4  # both layers' forward rotations and backward grad_x rotations
 
 
 def test_adapters_move_between_qft_and_peft(tmp_path):
@@ -402,6 +407,15 @@ def _counted_rotations(monkeypatch):
     return calls
 
 
+def _fresh_rotation(layer):
+    """R built from a copy of the layer's parameters (nothing cached for them)."""
+    from qft.adapters.oft.function import oft_rotation
+
+    c = layer.config
+    params = layer.oft_R.weight.detach().clone()
+    return oft_rotation(params, c.block_size, layer.blocks, c.cayley_neumann_terms, c.use_cayley_neumann)
+
+
 def _fresh_output(layer, x):
     """The layer's output with R built from a copy of its parameters (nothing cached for them)."""
     base = layer.base_layer
@@ -448,3 +462,9 @@ def test_r_is_built_afresh_where_a_graph_or_inference_mode_needs_it(monkeypatch)
     assert len(calls) == 4
     layer(x).sum().backward()  # nothing built under inference mode is reused by a graph
     assert len(calls) == 5
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # products rounded to bf16: built, never kept
+            rounded = layer.rotation()
+        exact = layer.rotation()  # the fp32 R kept by the first no-grad call (the parameters are unchanged)
+    assert len(calls) == 6 and not torch.equal(rounded, exact)
+    assert torch.equal(exact, _fresh_rotation(layer))

@@ -80,9 +80,11 @@ _ROTATIONS = WeakIdKeyDictionary()
 
 def _reusable(params: torch.Tensor) -> bool:
     """Whether R may come from (and go to) ``_ROTATIONS``: no graph to build (autograd off, or params
-    frozen), outside inference mode (its tensors could not be used by a later graph), nothing tracing."""
+    frozen), outside inference mode (its tensors could not be used by a later graph) and autocast (its R
+    is built from rounded products), nothing tracing."""
     no_graph = not torch.is_grad_enabled() or not params.requires_grad
-    return no_graph and not torch.is_inference_mode_enabled() and eager.untraced_cpu(params)
+    plain = not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled(params.device.type)
+    return no_graph and plain and eager.untraced_cpu(params)
 
 
 def _unchanged(seen: torch.Tensor, params: torch.Tensor) -> bool:
