@@ -291,7 +291,10 @@ def test_bf16_kernels_take_bf16_in_their_m_range_only(monkeypatch):
     assert backend_cpu.fused(torch.empty(hi, 96, dtype=torch.bfloat16), q)
     assert not backend_cpu.fused(torch.empty(lo - 1, 96, dtype=torch.bfloat16), q)  # the GEMV's
     assert backend_cpu.fused(torch.empty(1, 64, dtype=torch.bfloat16), q, backward=True)
-    assert not backend_cpu.fused(torch.empty(hi + 1, 96, dtype=torch.bfloat16), q)
+    assert backend_cpu.fused(torch.empty(4 * hi, 96, dtype=torch.bfloat16), q)  # past the range, but small
+    big = formats.quantize(torch.randn(1024 * 512), "nf4", 64)  # M * N * K past FUSED_MAX_PRODUCTS
+    assert backend_cpu.fused(torch.empty(hi, 512, dtype=torch.bfloat16), big)
+    assert not backend_cpu.fused(torch.empty(hi + 1, 512, dtype=torch.bfloat16), big)
     assert not backend_cpu.fused(torch.empty(8, 96, dtype=torch.float16), q)
     calls = []
     real = cpu_calls.quant_linear_grad_input_bf16
