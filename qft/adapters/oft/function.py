@@ -82,9 +82,10 @@ def _reusable(params: torch.Tensor) -> bool:
     """Whether R may come from (and go to) ``_ROTATIONS``: no graph to build (autograd off, or params
     frozen), outside inference mode (its tensors could not be used by a later graph) and autocast (its R
     is built from rounded products), nothing tracing."""
+    if not eager.untraced_cpu(params):  # first: under torch.compile the mode queries below do not trace
+        return False
     no_graph = not torch.is_grad_enabled() or not params.requires_grad
-    plain = not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled(params.device.type)
-    return no_graph and plain and eager.untraced_cpu(params)
+    return no_graph and not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu")
 
 
 def _unchanged(seen: torch.Tensor, params: torch.Tensor) -> bool:
