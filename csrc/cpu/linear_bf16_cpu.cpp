@@ -217,6 +217,24 @@ QFT_BF16 void backward_tiles(const Backward& p, int64_t first, int64_t last) {
 }
 #endif
 
+// The activations as dot_block reads them: per 16-row block its transposed pairs ([blocks][pairs][16]) and
+// the transposed rows of its LoRA operand ([blocks][rank][16]; empty without one).
+struct Packed {
+  std::vector<uint32_t> pairs;
+  std::vector<float> lora;
+};
+
+Packed pack(const uint16_t* a, int64_t rows, int64_t width, const float* lora, int rank) {
+  const int64_t blocks = (rows + kLanes - 1) / kLanes, pairs = (width + 1) / 2;
+  Packed out{std::vector<uint32_t>(static_cast<size_t>(blocks) * pairs * kLanes),
+             std::vector<float>(lora != nullptr ? static_cast<size_t>(blocks) * rank * kLanes : 0)};
+  for (int64_t b = 0; b < blocks; ++b) {
+    pairs_transposed(a, rows, width, b * kLanes, out.pairs.data() + b * pairs * kLanes);
+    if (lora != nullptr) lanes_transposed(lora, rows, rank, b * kLanes, out.lora.data() + b * rank * kLanes);
+  }
+  return out;
+}
+
 bool shapes_ok(const Weight& w, int64_t rows, int64_t n, int64_t k, bool lora, int rank) {
   return active_isa() >= Isa::kAvx512Bf16 && rows > 0 && n > 0 && k > 0 && k % 32 == 0 && w.numel == n * k &&
          w.block_size >= 32 && w.block_size % 32 == 0 && weight_parts_ok(w) && (!lora || rank > 0);
@@ -235,15 +253,9 @@ int quant_linear_bf16(const Weight& w, const uint16_t* x, int64_t rows, int64_t 
       (lora_xa == nullptr) != (lora_b == nullptr))
     return kInvalidValue;
 #ifdef QFT_X86
-  const int64_t blocks = (rows + kLanes - 1) / kLanes;
-  std::vector<uint32_t> xt(static_cast<size_t>(blocks) * k_in / 2 * kLanes);
-  std::vector<float> xat(lora_xa != nullptr ? static_cast<size_t>(blocks) * rank * kLanes : 0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    pairs_transposed(x, rows, k_in, b * kLanes, xt.data() + b * k_in / 2 * kLanes);
-    if (lora_xa != nullptr) lanes_transposed(lora_xa, rows, rank, b * kLanes, xat.data() + b * rank * kLanes);
-  }
+  const Packed xp = pack(x, rows, k_in, lora_xa, rank);
   const Forward p{w, x, rows, n_out, k_in, bias, bias_dtype, lora_b, lora_xa != nullptr ? rank : 0, scaling, y,
-                  xt.data(), xat.data()};
+                  xp.pairs.data(), xp.lora.data()};
   parallel_for((n_out + kOuts - 1) / kOuts, work_of(rows, n_out, k_in),
                [&](int64_t first, int64_t last) { forward_tiles(p, first, last); });
   return kOk;
@@ -258,15 +270,9 @@ int quant_linear_grad_input_bf16(const Weight& w, const uint16_t* grad, int64_t 
       (lora_grad_xa == nullptr) != (lora_a == nullptr))
     return kInvalidValue;
 #ifdef QFT_X86
-  const int64_t blocks = (rows + kLanes - 1) / kLanes, pairs = (n_out + 1) / 2;
-  std::vector<uint32_t> gt(static_cast<size_t>(blocks) * pairs * kLanes);
-  std::vector<float> gxat(lora_grad_xa != nullptr ? static_cast<size_t>(blocks) * rank * kLanes : 0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    pairs_transposed(grad, rows, n_out, b * kLanes, gt.data() + b * pairs * kLanes);
-    if (lora_grad_xa != nullptr)
-      lanes_transposed(lora_grad_xa, rows, rank, b * kLanes, gxat.data() + b * rank * kLanes);
-  }
-  const Backward p{w, rows, n_out, k_in, lora_a, lora_grad_xa != nullptr ? rank : 0, grad_x, gt.data(), gxat.data()};
+  const Packed gp = pack(grad, rows, n_out, lora_grad_xa, rank);
+  const int lora_rank = lora_grad_xa != nullptr ? rank : 0;
+  const Backward p{w, rows, n_out, k_in, lora_a, lora_rank, grad_x, gp.pairs.data(), gp.lora.data()};
   parallel_for((k_in + kGradCols - 1) / kGradCols, work_of(rows, n_out, k_in),
                [&](int64_t first, int64_t last) { backward_tiles(p, first, last); });
   return kOk;
