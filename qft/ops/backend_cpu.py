@@ -102,30 +102,20 @@ def _gemv_operands(x, n: int, bias, lora_xa, lora_B):
     if bias is not None and tuple(bias.shape) != (n,):
         return None
     if lora_xa is not None:
-        r = lora_xa.shape[-1]
-        if lora_xa.dim() != 2 or lora_xa.shape[0] != x.shape[0] or tuple(lora_B.shape) != (n, r) or r == 0:
+        if not cpu_calls.lora_fits(x.shape[0], lora_xa, lora_B, lambda r: (n, r)):
             return None
         lora_xa, lora_B = lora_xa.float().contiguous(), lora_B.float().contiguous()
     return None if bias is None else bias.float().contiguous(), lora_xa, lora_B
-
-
-def _lora_fits(grad, weight, lora_grad_xa, lora_A) -> bool:
-    """Whether the grad input's LoRA factors have the shapes the kernel reads (else the reference raises)."""
-    if lora_grad_xa is None:
-        return True
-    k = weight.numel // grad.shape[1]
-    r = lora_grad_xa.shape[-1]
-    rows_ok = lora_grad_xa.dim() == 2 and lora_grad_xa.shape[0] == grad.shape[0]
-    return rows_ok and tuple(lora_A.shape) == (r, k) and r > 0
 
 
 def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
     """``qft::quant_linear``: the decode GEMV at small M (``gemv``), else the reference's, or the bf16 GEMM
     plus fp32 bias and LoRA (``half_gemm``)."""
     n = weight.numel // x.shape[1]
-    if fused(x, weight) and (operands := _gemv_operands(x, n, bias, lora_xa, lora_B)) is not None:
+    to_kernel = fused(x, weight)
+    operands = _gemv_operands(x, n, bias, lora_xa, lora_B) if to_kernel or gemv(x, weight) else None
+    if operands is not None and to_kernel:
         return cpu_calls.quant_linear_bf16(x.contiguous(), weight.map(torch.Tensor.contiguous), *operands, scaling)
-    operands = _gemv_operands(x, n, bias, lora_xa, lora_B) if gemv(x, weight) else None
     if operands is not None:
         y = x.new_empty((x.shape[0], n))
         cpu_calls.quant_gemv(x.contiguous(), weight.map(torch.Tensor.contiguous), *operands, scaling, y)
@@ -139,7 +129,9 @@ def linear(x, weight, bias, lora_xa, lora_B, scaling: float) -> torch.Tensor:
 def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_scale: float) -> torch.Tensor:
     """``qft::quant_linear_grad_input``: the bf16 kernel (``fused``, without dropout), the reference's, or
     ``grad @ W`` by the bf16 GEMM plus the fp32 LoRA term (``half_gemm``)."""
-    if dropout_mask is None and fused(grad, weight, backward=True) and _lora_fits(grad, weight, lora_grad_xa, lora_A):
+    k = weight.numel // grad.shape[1]
+    fits = lora_grad_xa is None or cpu_calls.lora_fits(grad.shape[0], lora_grad_xa, lora_A, lambda r: (r, k))
+    if dropout_mask is None and fused(grad, weight, backward=True) and fits:
         lora = () if lora_grad_xa is None else (lora_grad_xa.float().contiguous(), lora_A.float().contiguous())
         return cpu_calls.quant_linear_grad_input_bf16(grad.contiguous(), weight.map(torch.Tensor.contiguous), *lora)
     if not half_gemm(grad):

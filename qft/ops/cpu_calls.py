@@ -103,17 +103,24 @@ def bf16_kernels() -> bool:
     return module().isa() == "avx512bf16"
 
 
+def lora_fits(rows: int, left, right, right_shape) -> bool:
+    """Whether LoRA operands have the extents the kernels read: none, or left [rows, r > 0] with right of
+    shape ``right_shape(r)``."""
+    if left is None or right is None:
+        return left is None and right is None
+    r = left.shape[-1]
+    return left.dim() == 2 and left.shape[0] == rows and r > 0 and tuple(right.shape) == right_shape(r)
+
+
 def _lora_rank(rows: int, left, right, right_shape) -> int:
-    """r of the LoRA operands, left [rows, r] and right of shape ``right_shape(r)``, both fp32 (0 without
-    them): the kernels read exactly these extents."""
+    """r of the LoRA operands (``lora_fits``, both fp32; 0 without them), else ValueError."""
     if left is None and right is None:
         return 0
     if left is None or right is None or left.dtype != torch.float32 or right.dtype != torch.float32:
         raise ValueError("the LoRA operands must both be fp32 tensors, or both None")
-    r = left.shape[-1]
-    if left.dim() != 2 or left.shape[0] != rows or r == 0 or tuple(right.shape) != right_shape(r):
+    if not lora_fits(rows, left, right, right_shape):
         raise ValueError(f"LoRA operands {tuple(left.shape)} and {tuple(right.shape)} do not fit {rows} rows")
-    return r
+    return left.shape[-1]
 
 
 def _bf16_product(entry: str, a, weight: Weight, out_width: int, left, right, right_shape, **named) -> torch.Tensor:
