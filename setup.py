@@ -3,8 +3,9 @@
 * ``qft._C``, the CUDA kernels, when nvcc is found: one pybind11 module over ``csrc/*.cu`` (and
   ``csrc/*.cpp``), compiled by nvcc through a generated ninja file.
 * ``qft._cpu``, the CPU kernels, with the host C++ compiler: one pybind11 module over
-  ``csrc/cpu/*.cpp`` (x86 AVX2 paths chosen at run time, so the binary runs on any x86-64). A failed
-  build is a warning: qft then runs its CPU ops on the torch reference.
+  ``csrc/cpu/*.cpp`` (x86 AVX2 / AVX-512 paths chosen at run time, so the binary runs on any x86-64),
+  with OpenMP where the compiler has it (it then shares torch's libgomp threads). A failed build is a
+  warning: qft then runs its CPU ops on the torch reference.
 
 Neither includes a torch header, so both build without a GPU and without matching torch's ABI.
 
@@ -96,8 +97,11 @@ class NinjaCudaBuild(build_ext):
             import pybind11
 
             ext.include_dirs = [pybind11.get_include(), str(ROOT / "csrc" / "cpu")]
-            ext.extra_compile_args = CPU_FLAGS
-            ext.extra_link_args = ["-pthread"]
+            openmp = ["-fopenmp"] if self._compiles_openmp() else []
+            if not openmp:
+                print("qft: the C++ compiler has no OpenMP; qft._cpu runs each call on one thread", file=sys.stderr)
+            ext.extra_compile_args = CPU_FLAGS + openmp
+            ext.extra_link_args = ["-pthread", *openmp]
             super().build_extension(ext)
             return
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -113,6 +117,22 @@ class NinjaCudaBuild(build_ext):
 
             ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
         subprocess.run([ninja, "-C", str(build_dir)], check=True)
+
+    def _compiles_openmp(self) -> bool:
+        """Whether the host compiler compiles and links a shared object with ``-fopenmp`` (gcc does;
+        Apple's clang does not without a separate libomp)."""
+        import tempfile
+
+        probe = "#include <omp.h>\nint qft_probe() { return omp_get_max_threads(); }\n"
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(tmp) / "probe.cpp"
+            source.write_text(probe)
+            try:
+                objects = self.compiler.compile([str(source)], output_dir=tmp, extra_postargs=["-fopenmp", "-fPIC"])
+                self.compiler.link_shared_object(objects, str(Path(tmp) / "probe.so"), extra_postargs=["-fopenmp"])
+            except Exception:  # CompileError, LinkError, or a compiler that is not gcc-like
+                return False
+        return True
 
 
 cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*") if p.suffix in (".cu", ".cpp"))

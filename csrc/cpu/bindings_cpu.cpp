@@ -2,6 +2,7 @@
 // so no torch header is needed; every kernel runs with the GIL released.
 #include <pybind11/pybind11.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -147,5 +148,14 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("name"), "Run no kernel above this instruction set (tests run every path on one machine).");
   m.def("native_bf16", &native_bf16, "Whether the CPU multiplies bf16 natively (AVX512-BF16).");
   m.def("num_threads", &num_threads, "Threads a large call uses.");
-  m.def("set_num_threads", &set_num_threads, py::arg("threads"), "Threads a large call uses (0: the hardware's).");
+  m.def("set_num_threads", &set_num_threads, py::arg("threads"), "Threads a large call uses (0: OpenMP's).");
+  m.def("built_with_openmp", &built_with_openmp, "Whether large calls can split over OpenMP's threads.");
+  m.def(
+      "team_size",
+      [](int64_t count, int64_t work) {
+        std::atomic<int> pieces{0};
+        parallel_for(count, work, [&](int64_t, int64_t) { pieces.fetch_add(1); });
+        return pieces.load();
+      },
+      py::arg("count"), py::arg("work"), "Pieces parallel_for splits `count` items of `work` bytes into.");
 }

@@ -2,7 +2,6 @@
 // module's thread count.
 #include <algorithm>
 #include <atomic>
-#include <thread>
 
 #include "cpu_kernels.h"
 #include "parallel.h"
@@ -11,7 +10,7 @@ namespace qft::cpu {
 namespace {
 
 std::atomic<int> isa_cap{static_cast<int>(Isa::kAvx512Bf16)};
-std::atomic<int> threads{0};  // 0: the hardware's count
+std::atomic<int> threads{0};  // 0: OpenMP's count
 
 }  // namespace
 
@@ -58,7 +57,19 @@ bool native_bf16() {
 
 int num_threads() {
   const int set = threads.load();
-  return set > 0 ? set : std::max(1u, std::thread::hardware_concurrency());
+#ifdef _OPENMP
+  return set > 0 ? set : std::max(1, omp_get_max_threads());
+#else
+  return set > 0 ? set : 1;
+#endif
+}
+
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
 }
 
 void set_num_threads(int count) { threads.store(std::max(0, count)); }

@@ -9,6 +9,7 @@
 // read once and never written out whole; threads split the tiles.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "avx512.h"
@@ -30,22 +31,13 @@ constexpr int kLanes = 16;         // activation rows per vector
 constexpr int kOuts = 16;          // accumulators: outputs per register block
 constexpr int64_t kGradCols = 64;  // backward: columns of W decoded per tile
 
+#ifdef QFT_X86
+#define QFT_BF16 QFT_AVX512_BF16
+
 inline uint32_t load32(const void* p) {
   uint32_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
-}
-
-// Rows [m0, m0 + 16) of a [rows, width] bf16 matrix as transposed pairs: out[j * 16 + l] holds values
-// 2j and 2j + 1 of row m0 + l (zero past the last row or column).
-void pairs_transposed(const uint16_t* a, int64_t rows, int64_t width, int64_t m0, uint32_t* out) {
-  const int64_t pairs = (width + 1) / 2;
-  std::memset(out, 0, sizeof(uint32_t) * pairs * kLanes);
-  for (int64_t l = 0; l < kLanes && m0 + l < rows; ++l) {
-    const uint16_t* row = a + (m0 + l) * width;
-    for (int64_t j = 0; j < width / 2; ++j) out[j * kLanes + l] = load32(row + 2 * j);
-    if (width % 2) out[(pairs - 1) * kLanes + l] = row[width - 1];
-  }
 }
 
 // Rows [m0, m0 + 16) of a [rows, rank] fp32 matrix transposed: out[r * 16 + l] (zero past the last row).
@@ -54,9 +46,6 @@ void lanes_transposed(const float* a, int64_t rows, int rank, int64_t m0, float*
   for (int64_t l = 0; l < kLanes && m0 + l < rows; ++l)
     for (int r = 0; r < rank; ++r) out[r * kLanes + l] = a[(m0 + l) * rank + r];
 }
-
-#ifdef QFT_X86
-#define QFT_BF16 QFT_AVX512_BF16
 
 // out[o] = sum over j < steps of act[j] (16 lanes of pairs) times weight pair w[j * j_stride + o] (in
 // dwords), broadcast to every lane. The accumulators stay in registers (a local array, fully unrolled).
@@ -96,6 +85,25 @@ QFT_BF16 inline void transpose16(__m512i* r) {
   for (int c = 0; c < 8; ++c) {
     r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
     r[c + 8] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
+  }
+}
+
+// Rows [m0, m0 + 16) of a [rows, width] bf16 matrix as transposed pairs: out[j * 16 + l] holds values
+// 2j and 2j + 1 of row m0 + l (zero past the last row or column). A full block goes 16 x 16 pairs at a
+// time through transpose16; a partial one, and the pairs past the last multiple of 16, one at a time.
+QFT_BF16 void pairs_transposed(const uint16_t* a, int64_t rows, int64_t width, int64_t m0, uint32_t* out) {
+  const int64_t pairs = (width + 1) / 2, whole = m0 + kLanes <= rows ? width / 32 * 16 : 0;
+  for (int64_t j0 = 0; j0 < whole; j0 += 16) {
+    __m512i r[16];
+    for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(a + (m0 + l) * width + 2 * j0);
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (j0 + i) * kLanes, r[i]);
+  }
+  std::memset(out + whole * kLanes, 0, sizeof(uint32_t) * (pairs - whole) * kLanes);
+  for (int64_t l = 0; l < kLanes && m0 + l < rows; ++l) {
+    const uint16_t* row = a + (m0 + l) * width;
+    for (int64_t j = whole; j < width / 2; ++j) out[j * kLanes + l] = load32(row + 2 * j);
+    if (width % 2) out[(pairs - 1) * kLanes + l] = row[width - 1];
   }
 }
 
@@ -215,25 +223,28 @@ QFT_BF16 void backward_tiles(const Backward& p, int64_t first, int64_t last) {
       }
   }
 }
-#endif
 
 // The activations as dot_block reads them: per 16-row block its transposed pairs ([blocks][pairs][16]) and
 // the transposed rows of its LoRA operand ([blocks][rank][16]; empty without one).
 struct Packed {
-  std::vector<uint32_t> pairs;
-  std::vector<float> lora;
+  std::unique_ptr<uint32_t[]> pairs;  // uninitialized when allocated: pack writes every value
+  std::unique_ptr<float[]> lora;
 };
 
-Packed pack(const uint16_t* a, int64_t rows, int64_t width, const float* lora, int rank) {
+QFT_BF16 Packed pack(const uint16_t* a, int64_t rows, int64_t width, const float* lora, int rank) {
   const int64_t blocks = (rows + kLanes - 1) / kLanes, pairs = (width + 1) / 2;
-  Packed out{std::vector<uint32_t>(static_cast<size_t>(blocks) * pairs * kLanes),
-             std::vector<float>(lora != nullptr ? static_cast<size_t>(blocks) * rank * kLanes : 0)};
-  for (int64_t b = 0; b < blocks; ++b) {
-    pairs_transposed(a, rows, width, b * kLanes, out.pairs.data() + b * pairs * kLanes);
-    if (lora != nullptr) lanes_transposed(lora, rows, rank, b * kLanes, out.lora.data() + b * rank * kLanes);
-  }
+  Packed out{std::unique_ptr<uint32_t[]>(new uint32_t[blocks * pairs * kLanes]),
+             std::unique_ptr<float[]>(lora != nullptr ? new float[blocks * rank * kLanes] : nullptr)};
+  parallel_for(blocks, rows * width * 4, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      pairs_transposed(a, rows, width, b * kLanes, out.pairs.get() + b * pairs * kLanes);
+      if (lora != nullptr) lanes_transposed(lora, rows, rank, b * kLanes, out.lora.get() + b * rank * kLanes);
+    }
+  });
   return out;
 }
+
+#endif
 
 bool shapes_ok(const Weight& w, int64_t rows, int64_t n, int64_t k, bool lora, int rank) {
   return active_isa() >= Isa::kAvx512Bf16 && rows > 0 && n > 0 && k > 0 && k % 32 == 0 && w.numel == n * k &&
@@ -255,7 +266,7 @@ int quant_linear_bf16(const Weight& w, const uint16_t* x, int64_t rows, int64_t 
 #ifdef QFT_X86
   const Packed xp = pack(x, rows, k_in, lora_xa, rank);
   const Forward p{w, x, rows, n_out, k_in, bias, bias_dtype, lora_b, lora_xa != nullptr ? rank : 0, scaling, y,
-                  xp.pairs.data(), xp.lora.data()};
+                  xp.pairs.get(), xp.lora.get()};
   parallel_for((n_out + kOuts - 1) / kOuts, work_of(rows, n_out, k_in),
                [&](int64_t first, int64_t last) { forward_tiles(p, first, last); });
   return kOk;
@@ -272,7 +283,7 @@ int quant_linear_grad_input_bf16(const Weight& w, const uint16_t* grad, int64_t 
 #ifdef QFT_X86
   const Packed gp = pack(grad, rows, n_out, lora_grad_xa, rank);
   const int lora_rank = lora_grad_xa != nullptr ? rank : 0;
-  const Backward p{w, rows, n_out, k_in, lora_a, lora_rank, grad_x, gp.pairs.data(), gp.lora.data()};
+  const Backward p{w, rows, n_out, k_in, lora_a, lora_rank, grad_x, gp.pairs.get(), gp.lora.get()};
   parallel_for((k_in + kGradCols - 1) / kGradCols, work_of(rows, n_out, k_in),
                [&](int64_t first, int64_t last) { backward_tiles(p, first, last); });
   return kOk;

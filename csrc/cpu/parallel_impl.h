@@ -2,42 +2,33 @@
 #pragma once
 
 #include <algorithm>
-#include <thread>
-#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace qft::cpu {
 
-// Below this many bytes touched a call runs on the caller's thread: starting a thread costs tens of
-// microseconds, about what 1 MiB of decode costs.
-constexpr int64_t kParallelMinWork = int64_t{4} << 20;
+// Below this many bytes touched a call runs on the caller's thread: waking torch's team costs a few
+// microseconds (tens when its threads have gone to sleep), about what 256 KiB of decode costs.
+constexpr int64_t kParallelMinWork = int64_t{256} << 10;
 
 template <typename Fn>
 void parallel_for(int64_t count, int64_t work, Fn&& fn) {
   const int64_t threads = std::min<int64_t>(num_threads(), count);
-  if (threads <= 1 || work < kParallelMinWork) {
-    if (count > 0) fn(int64_t{0}, count);
+#ifdef _OPENMP
+  // Inside a team already (a caller's own parallel region), nesting would oversubscribe: run inline.
+  if (threads > 1 && work >= kParallelMinWork && !omp_in_parallel()) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      const int64_t team = omp_get_num_threads(), piece = (count + team - 1) / team;
+      const int64_t begin = omp_get_thread_num() * piece, end = std::min(count, begin + piece);
+      if (begin < end) fn(begin, end);
+    }
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  const int64_t piece = (count + threads - 1) / threads;
-  int64_t inline_from = threads;  // pieces no thread could be started for run here
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t begin = t * piece, end = std::min(count, begin + piece);
-    if (begin >= end) continue;
-    try {
-      pool.emplace_back([&fn, begin, end] { fn(begin, end); });
-    } catch (...) {  // out of threads: nothing may throw out of a kernel
-      inline_from = t;
-      break;
-    }
-  }
-  fn(int64_t{0}, std::min(count, piece));
-  for (int64_t t = inline_from; t < threads; ++t) {
-    const int64_t begin = t * piece, end = std::min(count, begin + piece);
-    if (begin < end) fn(begin, end);
-  }
-  for (auto& thread : pool) thread.join();
+#endif
+  if (count > 0) fn(int64_t{0}, count);
 }
 
 }  // namespace qft::cpu

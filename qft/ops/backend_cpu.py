@@ -10,14 +10,14 @@ Three exceptions, where they pay. At M <= ``GEMV_MAX_M`` the forward is one deco
 (``qft._cpu.quant_gemv``): code values times x summed in fp32 and scaled once per block, as the CUDA
 GEMV does, so the decoded weights are not rounded to x's dtype (closer to the exact product than the
 reference, not bit-equal to it). On a CPU that multiplies bf16 natively (AVX512-BF16; twice the fp32
-GEMM's rate), bf16 layers at ``FUSED_MIN_M`` <= M <= ``FUSED_MAX_M``, or small enough past it (grad
-input: from M = 1, without dropout), take ``qft._cpu``'s bf16 kernels: one call from the packed weight
-to the finished output, the reference's operands (W decoded into bf16) multiplied exactly and summed in
-fp32 in another order, bias and LoRA added in fp32, one rounding. And bf16 x with M >=
-``HALF_GEMM_MIN_M`` rows past those: W is decoded into bf16 and torch's bf16 GEMM (fp32 sums) gives the
-base term rounded once to bf16; the reference's epilogue adds bias and LoRA to it in fp32 and rounds the
-sum again: within one bf16 rounding of the reference, where PEFT over bitsandbytes rounds the LoRA term
-too. Quantizing stays the reference's.
+GEMM's rate), bf16 layers from ``FUSED_MIN_M`` rows (grad input: from M = 1, without dropout) while
+their activations fit ``FUSED_MAX_ACTIVATION_BYTES`` take ``qft._cpu``'s bf16 kernels: one call from
+the packed weight to the finished output, on torch's threads, the reference's operands (W decoded into
+bf16) multiplied exactly and summed in fp32 in another order, bias and LoRA added in fp32, one rounding.
+And bf16 x with M >= ``HALF_GEMM_MIN_M`` rows past those: W is decoded into bf16 and torch's bf16 GEMM
+(fp32 sums) gives the base term rounded once to bf16; the reference's epilogue adds bias and LoRA to it
+in fp32 and rounds the sum again: within one bf16 rounding of the reference, where PEFT over bitsandbytes
+rounds the LoRA term too. Quantizing stays the reference's.
 """
 
 from __future__ import annotations
@@ -35,14 +35,18 @@ GEMV_MAX_M = 8
 # M from which bf16 layers take the bf16 GEMM on a CPU with native bf16 (below it the fp32 GEMM costs
 # little and keeps the reference's bits).
 HALF_GEMM_MIN_M = 16
-# M range in which bf16 layers take qft._cpu's bf16 kernels on a CPU with AVX512-BF16 (one call from the
-# packed weight to the output; on one thread, so torch's two-thread bf16 GEMM wins above it; the GEMV
-# wins below it in the forward). Measured at 1024 x 256 on the 2-core EPYC: fused 113-160 us against
-# 155-165 us for decode + GEMM + epilogue at M = 4..32, the GEMV 67 us at M = 1. Past FUSED_MAX_M, small
-# layers (M * N * K up to FUSED_MAX_PRODUCTS, tens of microseconds of products) stay fused: there the
-# GEMM path's fixed costs (about 8 torch ops) are most of its time.
-FUSED_MIN_M, FUSED_MAX_M = 3, 32
-FUSED_MAX_PRODUCTS = 4 << 20
+# Where bf16 layers take qft._cpu's bf16 kernels on a CPU with AVX512-BF16: one call from the packed
+# weight to the output, split over torch's OpenMP threads. Below FUSED_MIN_M rows the GEMV wins the
+# forward. The kernels read all the activations once per 16 outputs, so once those outgrow the caches
+# torch's blocked GEMM on the decoded weight wins. Measured on the 2-core EPYC with two threads, kernel
+# against decode + GEMM + epilogue:
+# - 512 x 512, M = 16: 90 / 67 us (forward / grad input) against 129 / 152 us;
+# - M = 128: 226 / 233 us against 296 / 342 us;
+# - 1024 x 4096, M = 512 (4 MiB of x): 10.7 / 12.7 ms against 11.0 / 13.3 ms;
+# - M = 2048 (16 MiB of x): forward 58 ms against 44 ms.
+# On one thread each (torch.set_num_threads(1)) the kernels still match or win at M = 128 and 512.
+FUSED_MIN_M = 3
+FUSED_MAX_ACTIVATION_BYTES = 4 << 20
 
 
 def dequantize(weight: formats.Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,14 +78,14 @@ def half_gemm(t: torch.Tensor) -> bool:
 
 def fused(t: torch.Tensor, weight: formats.Weight, backward: bool = False) -> bool:
     """Whether ``qft::quant_linear`` over x [M, K] (or its grad input over grad [M, N], ``backward``) takes
-    the bf16 kernels (see the module's docstring, ``FUSED_MIN_M`` and ``FUSED_MAX_PRODUCTS``)."""
+    the bf16 kernels (see the module's docstring, ``FUSED_MIN_M`` and ``FUSED_MAX_ACTIVATION_BYTES``)."""
     m, width = t.shape
     k = weight.numel // width if backward else width
     low = 1 if backward else FUSED_MIN_M
     return (
         t.dtype == torch.bfloat16
         and low <= m
-        and (m <= FUSED_MAX_M or m * weight.numel <= FUSED_MAX_PRODUCTS)
+        and m * width * t.element_size() <= FUSED_MAX_ACTIVATION_BYTES
         and k % 32 == 0
         and weight.block_size % 32 == 0
         and weight.numel % width == 0

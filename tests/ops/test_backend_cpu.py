@@ -1,6 +1,7 @@
 """The CPU backend (qft._cpu): the reference's results bit for bit on every path its kernels take."""
 
 import itertools
+import os
 import shutil
 
 import pytest
@@ -240,6 +241,27 @@ def test_bf16_kernels_decode_the_weight_bit_for_bit():
             assert (got[zero] == 0).all(), f"{name} block {q.block_size} {label}: a zero weight"
 
 
+@needs_cpu_kernels
+def test_large_calls_split_over_torchs_openmp_threads_and_small_ones_stay_on_one():
+    m = cpu_calls.module()
+    if not m.built_with_openmp():
+        pytest.skip("qft._cpu built without OpenMP: every call runs on one thread")
+    # One OpenMP runtime in the process: torch's (a second one would start a second team of threads).
+    if os.path.exists("/proc/self/maps"):
+        runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+        assert len(runtimes) == 1, runtimes
+    big, small = 64 << 20, 1 << 10
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the team follows torch's setting
+        assert m.num_threads() == 2
+        assert m.team_size(8, big) == 2 and m.team_size(8, small) == 1 and m.team_size(1, big) == 1
+        torch.set_num_threads(1)
+        assert m.team_size(8, big) == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
 @needs_bf16_kernels
 def test_bf16_kernels_split_over_threads_without_changing_a_bit():
     q, _, x, grad, bias, xa, b, gxa, a = _bf16_case("nf4", 1024, 512, 16, True)  # above the threading threshold
@@ -284,17 +306,19 @@ def test_bf16_kernels_refuse_what_they_cannot_serve(isa_cap):
 
 
 @needs_bf16_kernels
-def test_bf16_kernels_take_bf16_in_their_m_range_only(monkeypatch):
+def test_bf16_kernels_take_bf16_from_their_least_m_while_the_activations_fit(monkeypatch):
     q = formats.quantize(torch.randn(64 * 96), "nf4", 32)
-    lo, hi = backend_cpu.FUSED_MIN_M, backend_cpu.FUSED_MAX_M
+    lo = backend_cpu.FUSED_MIN_M
     assert backend_cpu.fused(torch.empty(lo, 96, dtype=torch.bfloat16), q)
-    assert backend_cpu.fused(torch.empty(hi, 96, dtype=torch.bfloat16), q)
     assert not backend_cpu.fused(torch.empty(lo - 1, 96, dtype=torch.bfloat16), q)  # the GEMV's
     assert backend_cpu.fused(torch.empty(1, 64, dtype=torch.bfloat16), q, backward=True)
-    assert backend_cpu.fused(torch.empty(4 * hi, 96, dtype=torch.bfloat16), q)  # past the range, but small
-    big = formats.quantize(torch.randn(1024 * 512), "nf4", 64)  # M * N * K past FUSED_MAX_PRODUCTS
-    assert backend_cpu.fused(torch.empty(hi, 512, dtype=torch.bfloat16), big)
-    assert not backend_cpu.fused(torch.empty(hi + 1, 512, dtype=torch.bfloat16), big)
+    # The bound is on the activations' bytes (x forward, grad backward), not on M alone.
+    rows = backend_cpu.FUSED_MAX_ACTIVATION_BYTES // (96 * 2)
+    assert backend_cpu.fused(torch.empty(rows, 96, dtype=torch.bfloat16), q)
+    assert not backend_cpu.fused(torch.empty(rows + 1, 96, dtype=torch.bfloat16), q)
+    rows = backend_cpu.FUSED_MAX_ACTIVATION_BYTES // (64 * 2)
+    assert backend_cpu.fused(torch.empty(rows, 64, dtype=torch.bfloat16), q, backward=True)
+    assert not backend_cpu.fused(torch.empty(rows + 1, 64, dtype=torch.bfloat16), q, backward=True)
     assert not backend_cpu.fused(torch.empty(8, 96, dtype=torch.float16), q)
     calls = []
     real = cpu_calls.quant_linear_grad_input_bf16
