@@ -251,8 +251,8 @@ bool shapes_ok(const Weight& w, int64_t rows, int64_t n, int64_t k, bool lora, i
          w.block_size >= 32 && w.block_size % 32 == 0 && weight_parts_ok(w) && (!lora || rank > 0);
 }
 
-// About the bytes a call touches and the products it makes, in parallel_for's units: small calls stay
-// on one thread (starting one costs about what 16 rows of a 1024 x 256 weight do).
+// About the bytes a call touches and the products it makes, in parallel_for's units (16 rows of a
+// 512 x 512 weight already split: 100 -> 67-90 us on two threads).
 int64_t work_of(int64_t rows, int64_t n, int64_t k) { return n * k * (1 + (rows + kLanes - 1) / kLanes) * 4; }
 
 }  // namespace
