@@ -120,6 +120,20 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("blocks"), py::arg("block_size"), py::arg("grad_rot"), py::call_guard<py::gil_scoped_release>(),
       "dL/dR of OFT's rotation, fp32 (see cpu_kernels.h).");
   m.def(
+      "bf16_times_fp32_nt",
+      [](uintptr_t a, int64_t rows, int64_t width, uintptr_t f, int64_t outs, uintptr_t out) {
+        check(bf16_times_fp32_nt(ptr<const uint16_t>(a), rows, width, ptr<const float>(f), outs, ptr<float>(out)));
+      },
+      py::kw_only(), py::arg("a"), py::arg("rows"), py::arg("width"), py::arg("f"), py::arg("outs"), py::arg("out"),
+      py::call_guard<py::gil_scoped_release>(), "fp32 a @ f^T of bf16 a and fp32 f (see cpu_kernels.h).");
+  m.def(
+      "fp32_tn_times_bf16",
+      [](uintptr_t f, int64_t rows, int64_t outs, uintptr_t a, int64_t width, uintptr_t out) {
+        check(fp32_tn_times_bf16(ptr<const float>(f), rows, outs, ptr<const uint16_t>(a), width, ptr<float>(out)));
+      },
+      py::kw_only(), py::arg("f"), py::arg("rows"), py::arg("outs"), py::arg("a"), py::arg("width"), py::arg("out"),
+      py::call_guard<py::gil_scoped_release>(), "fp32 f^T @ a of fp32 f and bf16 a (see cpu_kernels.h).");
+  m.def(
       "adamw_step",
       [](uintptr_t p, int p_dtype, uintptr_t g, int g_dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
          uintptr_t m_absmax, uintptr_t v_absmax, int64_t numel, float decay, float w1, float beta2, float w2,

@@ -72,6 +72,13 @@ int quant_linear_bf16(const Weight& w, const uint16_t* x, int64_t rows, int64_t 
 int quant_linear_grad_input_bf16(const Weight& w, const uint16_t* grad, int64_t rows, int64_t n_out, int64_t k_in,
                                  const float* lora_grad_xa, const float* lora_a, int rank, uint16_t* grad_x);
 
+// LoRA's thin products between bf16 activations a [rows, width] and fp32 adapters (lora_terms_cpu.cpp),
+// each bf16 value widened exactly to fp32 and the products summed in fp32 by fused multiply-adds, in
+// another order than torch's fp32 GEMM; AVX-512 only (else kInvalidValue). out [rows, outs] = a @ f^T
+// with f [outs, width]; and out [outs, width] = f^T @ a with f [rows, outs].
+int bf16_times_fp32_nt(const uint16_t* a, int64_t rows, int64_t width, const float* f, int64_t outs, float* out);
+int fp32_tn_times_bf16(const float* f, int64_t rows, int64_t outs, const uint16_t* a, int64_t width, float* out);
+
 // dL/d(params) [blocks, b(b-1)/2] of OFT's rotation R = I + sum_k c_k Q^k (Q = U - U^T, U the strict
 // upper triangle of params in triu order) from dL/dR [blocks, b, b], all fp32: the closed form of
 // qft.reference.oft_rotation_params_grad with `count` coefficients c_1..c_count, in another summation order.

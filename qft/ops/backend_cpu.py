@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from qft import formats, reference
-from qft.ops import backend_reference, cpu_calls, scratch
+from qft.ops import backend_reference, cpu_calls, lora_terms, scratch
 
 quantize = backend_reference.quantize
 
@@ -147,6 +147,14 @@ def linear_grad_input(grad, weight, lora_grad_xa, lora_A, dropout_mask, dropout_
 
 
 def lora_backward(grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x):
-    """``qft::quant_lora_backward`` by ``qft.reference.lora_backward`` with this backend's grad input."""
-    args = (grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x)
-    return backend_reference.lora_backward(*args, grad_input=linear_grad_input)
+    """``qft::quant_lora_backward``: ``qft.reference.lora_backward``'s terms with this backend's grad input;
+    for bf16 grad and fp32 adapters, grad_a and grad_b by ``lora_terms``' kernels (no fp32 copy of x or
+    grad for them)."""
+    if not (lora_A.dtype == lora_B.dtype == xa.dtype and lora_terms.kernels_take(grad, lora_A)):
+        args = (grad, weight, x_lora, xa, lora_A, lora_B, scaling, mask, dropout_scale, need_x)
+        return backend_reference.lora_backward(*args, grad_input=linear_grad_input)
+    grad_xa = scaling * (grad.to(lora_B.dtype) @ lora_B)
+    grad_x = linear_grad_input(grad, weight, grad_xa, lora_A, mask, dropout_scale) if need_x else grad.new_empty(0)
+    grad_a = lora_terms.t_times(grad_xa, x_lora) if x_lora is not None else lora_A.new_empty(0)
+    grad_b = (scaling * lora_terms.t_times(xa, grad)).t().contiguous()
+    return grad_x, grad_a, grad_b

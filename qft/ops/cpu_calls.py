@@ -161,6 +161,35 @@ def quant_linear_grad_input_bf16(grad, weight: Weight, lora_grad_xa=None, lora_a
     )  # fmt: skip
 
 
+def _thin_operands(a, f, a_rows: int, f_rows: int, what: str) -> None:
+    if a.dtype != torch.bfloat16 or f.dtype != torch.float32 or a.dim() != 2 or f.dim() != 2:
+        raise ValueError(f"{what} takes a 2-D bf16 and a 2-D fp32 tensor, got {a.dtype} {f.dtype}")
+    if a_rows != f_rows or 0 in a.shape or 0 in f.shape:
+        raise ValueError(f"{what}: shapes {tuple(a.shape)} and {tuple(f.shape)} do not fit")
+
+
+def bf16_times_fp32_nt(a, f) -> torch.Tensor:
+    """fp32 ``a @ f^T`` [M, outs] of bf16 a [M, width] and fp32 f [outs, width] (LoRA's ``x A^T``), a
+    widened exactly in registers: no fp32 copy of a."""
+    _thin_operands(a, f, a.shape[-1], f.shape[-1], "bf16_times_fp32_nt")
+    out = torch.empty(a.shape[0], f.shape[0], dtype=torch.float32)
+    module().bf16_times_fp32_nt(
+        a=_host(a, "a"), rows=a.shape[0], width=a.shape[1], f=_host(f, "f"), outs=f.shape[0], out=_host(out, "out")
+    )
+    return out
+
+
+def fp32_tn_times_bf16(f, a) -> torch.Tensor:
+    """fp32 ``f^T @ a`` [outs, width] of fp32 f [M, outs] and bf16 a [M, width] (LoRA's ``grad_xa^T x``,
+    ``xa^T g``), a widened exactly in registers: no fp32 copy of a."""
+    _thin_operands(a, f, a.shape[0], f.shape[0], "fp32_tn_times_bf16")
+    out = torch.empty(f.shape[1], a.shape[1], dtype=torch.float32)
+    module().fp32_tn_times_bf16(
+        f=_host(f, "f"), rows=a.shape[0], outs=f.shape[1], a=_host(a, "a"), width=a.shape[1], out=_host(out, "out")
+    )
+    return out
+
+
 def oft_rotation_params_grad(params, grad_rot, block_size: int, coefficients: list[float]) -> torch.Tensor:
     """dL/d(params) of OFT's Cayley-Neumann rotation (``qft.reference.oft_rotation_params_grad``'s closed form
     with ``coefficients`` c_1..c_K) from dL/dR: params [blocks, b(b-1)/2] and grad_rot [blocks, b, b], fp32."""

@@ -9,7 +9,7 @@ import torch
 
 from qft import formats, ops
 from qft._extension import CpuExtensionStatus, cpu_extension
-from qft.ops import backend_cpu, cpu_calls, dispatch, eager
+from qft.ops import backend_cpu, cpu_calls, dispatch, eager, lora_terms
 
 needs_cpu_kernels = pytest.mark.skipif(not cpu_extension().usable, reason="qft._cpu not built")
 
@@ -129,10 +129,13 @@ def test_lora_forward_and_backward_equal_the_reference_bit_for_bit(fmt, dtype):
         gemv = m <= backend_cpu.GEMV_MAX_M  # the forward only: its own sums (test_gemv_*)
         q = formats.quantize(torch.randn(96 * 128), fmt, 64)
         fused = backend_cpu.fused(torch.empty(m, 96, dtype=dtype), q, backward=True)  # own sums (test_bf16_*)
+        thin = lora_terms.kernels_take(torch.empty(m, 128, dtype=dtype), torch.empty(8, 128))  # test_thin_*
         for name, a, b in zip(("y", "grad_x", "grad_A", "grad_B"), ours, theirs, strict=True):
             if (name == "y" and gemv) or ((half or fused) and name in ("y", "grad_x")):  # within a rounding
                 ulp = {torch.float32: 2**-20, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
                 torch.testing.assert_close(a, b, rtol=ulp, atol=ulp * b.abs().max().item())
+            elif thin and name in ("grad_A", "grad_B"):  # fp32 sums in another order, of xa's too
+                torch.testing.assert_close(a, b, rtol=2**-14, atol=2**-14 * b.abs().max().item())
             else:  # the adapters' gradients read grad and x, not W; grad_x at small M is decode + GEMM
                 assert torch.equal(a, b), f"{name} differs ({fmt}, {dtype}, M={m})"
 
@@ -554,3 +557,47 @@ def test_eager_bypass_takes_parameters_and_leaves_functorch_transforms_alone():
     assert eager.untraced_cpu(torch.nn.Parameter(torch.randn(3)))
     seen = torch.func.vmap(lambda t: torch.tensor(eager.untraced_cpu(t)))(torch.randn(2, 3))
     assert not seen.any()
+
+
+@needs_bf16_kernels
+def test_thin_products_are_fp32_sums_of_the_exact_products():
+    # Each value within the classic bound of an n-term fp32 sum (n * 2^-24 * sum |products|) of the float64
+    # product: both forms, with rows not a multiple of 4, widths past whole vectors and odd output counts.
+    for rows, width, outs in ((1, 16, 1), (5, 100, 3), (33, 1000, 19), (64, 4096, 16), (6, 64, 8)):
+        a = torch.randn(rows, width).bfloat16()
+        f_nt, f_tn = torch.randn(outs, width), torch.randn(rows, outs)
+        exact = a.double() @ f_nt.double().t()
+        bound = width * 2**-24 * (a.double().abs() @ f_nt.double().abs().t())
+        assert ((cpu_calls.bf16_times_fp32_nt(a, f_nt).double() - exact).abs() <= bound).all()
+        exact = f_tn.double().t() @ a.double()
+        bound = rows * 2**-24 * (f_tn.double().abs().t() @ a.double().abs())
+        assert ((cpu_calls.fp32_tn_times_bf16(f_tn, a).double() - exact).abs() <= bound).all()
+
+
+@needs_bf16_kernels
+def test_thin_products_refuse_what_they_cannot_read():
+    a, f = torch.randn(4, 32).bfloat16(), torch.randn(3, 32)
+    with pytest.raises(ValueError, match="bf16 and a 2-D fp32"):
+        cpu_calls.bf16_times_fp32_nt(a.float(), f)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_calls.bf16_times_fp32_nt(a, torch.randn(3, 16))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_calls.fp32_tn_times_bf16(torch.randn(5, 3), a)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_calls.fp32_tn_times_bf16(torch.randn(3, 4).t(), a)
+
+
+@needs_bf16_kernels
+def test_lora_thin_products_take_the_kernels_only_where_they_may(monkeypatch):
+    calls = []
+    real = cpu_calls.bf16_times_fp32_nt
+    monkeypatch.setattr(cpu_calls, "bf16_times_fp32_nt", lambda *a: calls.append(1) or real(*a))
+    x, a = torch.randn(8, 64).bfloat16(), torch.randn(4, 64)
+    assert torch.equal(lora_terms.adapter_input(x.float(), a), x.float() @ a.t())  # fp32 x: the reference's
+    assert calls == []
+    got = lora_terms.adapter_input(x, a)
+    assert calls == [1] and got.dtype == torch.float32
+    torch.testing.assert_close(got, x.float() @ a.t(), rtol=2**-18, atol=2**-18 * got.abs().max().item())
+    assert not lora_terms.kernels_take(x, a.requires_grad_())  # autograd would not see the kernel
+    with ops.use_backend("reference"):
+        assert not lora_terms.kernels_take(x, a.detach())

@@ -15,18 +15,8 @@ import torch
 
 from qft import ops
 from qft.functional import _FLOATS, _autocast_dtype, _cast, _check_bias, _check_x, _without_autocast
-from qft.ops import eager
-from qft.ops.dispatch import on_gpu_backend
+from qft.ops import eager, lora_terms
 from qft.tensor import QuantizedTensor, quantize
-
-
-def _adapter_input(x_lora: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    """``x_lora @ A^T`` (M x r) in the adapters' dtype. The reference multiplies in the adapters' dtype
-    (fp32 adapters over a bf16 layer: an fp32 copy of x, as PEFT); the GPU backends multiply in x's
-    dtype (A rounded to it, fp32 sums), so no fp32 tensor of x's size is made."""
-    if x_lora.dtype == lora_A.dtype or not on_gpu_backend(x_lora.device):
-        return x_lora.to(lora_A.dtype) @ lora_A.t()
-    return (x_lora @ lora_A.t().to(x_lora.dtype)).to(lora_A.dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -37,7 +27,7 @@ class _LoRALinear(torch.autograd.Function):
         if dropout > 0:
             mask = torch.empty(x2d.shape, dtype=torch.bool, device=x2d.device).bernoulli_(1 - dropout)
             x_lora = x2d * mask / (1 - dropout)
-        xa = _adapter_input(x_lora, lora_A)
+        xa = lora_terms.adapter_input(x_lora, lora_A)
         y = eager.call(ops.quant_linear, x2d, *qt.op_args(), bias, xa, lora_B, scaling)
         needs_a = ctx.needs_input_grad[1]
         ctx.save_for_backward(x2d if needs_a else None, lora_A, lora_B, xa, mask)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qft.adapters.lora.function import _adapter_input
-from qft.ops import stack
+from qft.ops import lora_terms, stack
 
 
 class _StackedLoRA(torch.autograd.Function):
@@ -27,7 +26,7 @@ class _StackedLoRA(torch.autograd.Function):
                 mask = torch.empty(x2d.shape, dtype=torch.bool, device=x2d.device).bernoulli_(1 - dropout)
                 x_lora = x2d * mask / (1 - dropout)
             masks.append(mask)
-            xas.append(_adapter_input(x_lora, a))
+            xas.append(lora_terms.adapter_input(x_lora, a))
         y = stack.lora_forward(x2d, weights, biases, xas, lora_Bs, scalings)
         needs_a = any(ctx.needs_input_grad[5::2])
         ctx.save_for_backward(x2d if needs_a else None, *lora_As, *lora_Bs, *xas)
