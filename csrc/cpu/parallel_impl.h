@@ -15,8 +15,8 @@ constexpr int64_t kParallelMinWork = int64_t{256} << 10;
 
 template <typename Fn>
 void parallel_for(int64_t count, int64_t work, Fn&& fn) {
-  const int64_t threads = std::min<int64_t>(num_threads(), count);
 #ifdef _OPENMP
+  const int64_t threads = std::min<int64_t>(num_threads(), count);
   // Inside a team already (a caller's own parallel region), nesting would oversubscribe: run inline.
   if (threads > 1 && work >= kParallelMinWork && !omp_in_parallel()) {
 #pragma omp parallel num_threads(static_cast<int>(threads))
@@ -27,6 +27,8 @@ void parallel_for(int64_t count, int64_t work, Fn&& fn) {
     }
     return;
   }
+#else
+  static_cast<void>(work);
 #endif
   if (count > 0) fn(int64_t{0}, count);
 }
