@@ -42,11 +42,43 @@ class CpuExtensionStatus:
 
     module: ModuleType | None
     error: str  # why it is not used ("" if it is)
+    threads: str = ""  # how its calls are threaded, when it is used
 
     @property
     def usable(self) -> bool:
         """True when the CPU kernels imported and are not switched off (``QFT_CPU_KERNELS=0``)."""
         return self.module is not None
+
+
+_OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def _openmp_runtimes() -> set[str] | None:
+    """The OpenMP runtime libraries mapped into this process (real paths), or None where that cannot be
+    read (no /proc)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    return {os.path.realpath(p) for p in paths if os.path.basename(p).startswith(_OPENMP_RUNTIMES)}
+
+
+def _share_torchs_threads(module: ModuleType) -> str:
+    """Let ``qft._cpu`` split calls over OpenMP's threads only where its runtime is the process's one
+    (torch's, which torch loads first); beside a second runtime (a torch wheel whose libgomp carries
+    another file name), two teams of threads would spin on the same cores, so every call runs on one
+    thread. Returns how its calls are threaded."""
+    if not module.built_with_openmp():
+        return "one thread (built without OpenMP)"
+    ours = module.openmp_library()
+    runtimes = _openmp_runtimes()
+    if ours and runtimes == {os.path.realpath(ours)}:
+        module.set_openmp_enabled(True)
+        return f"OpenMP threads of {ours}"
+    module.set_openmp_enabled(False)
+    found = "unknown" if runtimes is None else ", ".join(sorted(runtimes)) or "none"
+    return f"one thread (OpenMP runtimes in the process: {found}; its own: {ours or 'unknown'})"
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,4 +91,4 @@ def cpu_extension() -> CpuExtensionStatus:
         module = importlib.import_module("qft._cpu")
     except ImportError as exc:
         return CpuExtensionStatus(None, str(exc))
-    return CpuExtensionStatus(module, "")
+    return CpuExtensionStatus(module, "", _share_torchs_threads(module))

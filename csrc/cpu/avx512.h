@@ -23,6 +23,11 @@ QFT_AVX512_BF16 inline __m256i bf16_of(__m512 v) {
   return _mm512_cvtepi32_epi16(rounded);
 }
 
+// 16 bf16 values as fp32, exactly (bf16 is fp32's upper half).
+QFT_AVX512_BF16 inline __m512 fp32_of(__m256i bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
 }  // namespace qft::cpu
 
 #endif

@@ -164,6 +164,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("num_threads", &num_threads, "Threads a large call uses.");
   m.def("set_num_threads", &set_num_threads, py::arg("threads"), "Threads a large call uses (0: OpenMP's).");
   m.def("built_with_openmp", &built_with_openmp, "Whether large calls can split over OpenMP's threads.");
+  m.def("openmp_library", &openmp_library, "The file of the OpenMP runtime the module is bound to (or '').");
+  m.def("set_openmp_enabled", &set_openmp_enabled, py::arg("enabled"), "False: every call on one thread.");
   m.def(
       "team_size",
       [](int64_t count, int64_t work) {

@@ -198,7 +198,7 @@ QFT_AVX512_BF16 void decode4_avx512(const Weight& w, int64_t block, int64_t star
                              : bf16_of(values);
   __m512 wide = values;  // fp32 entries, rounded through round_dtype
   if (round_dtype == DType::kBFloat16)
-    wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+    wide = fp32_of(halves);
   else if (round_dtype == DType::kFloat16)
     wide = _mm512_cvtph_ps(halves);
   const __m512i entries = _mm512_castsi256_si512(halves);

@@ -2,6 +2,11 @@
 // module's thread count.
 #include <algorithm>
 #include <atomic>
+#include <string>
+
+#if defined(_OPENMP) && defined(__linux__)
+#include <dlfcn.h>
+#endif
 
 #include "cpu_kernels.h"
 #include "parallel.h"
@@ -11,6 +16,7 @@ namespace {
 
 std::atomic<int> isa_cap{static_cast<int>(Isa::kAvx512Bf16)};
 std::atomic<int> threads{0};  // 0: OpenMP's count
+std::atomic<bool> openmp_enabled{true};  // false: qft found a second OpenMP runtime beside torch's
 
 }  // namespace
 
@@ -58,6 +64,7 @@ bool native_bf16() {
 int num_threads() {
   const int set = threads.load();
 #ifdef _OPENMP
+  if (!openmp_enabled.load()) return 1;
   return set > 0 ? set : std::max(1, omp_get_max_threads());
 #else
   return set > 0 ? set : 1;
@@ -71,6 +78,17 @@ bool built_with_openmp() {
   return false;
 #endif
 }
+
+std::string openmp_library() {
+#if defined(_OPENMP) && defined(__linux__)
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&omp_get_max_threads), &info) != 0 && info.dli_fname != nullptr)
+    return info.dli_fname;
+#endif
+  return "";
+}
+
+void set_openmp_enabled(bool enabled) { openmp_enabled.store(enabled); }
 
 void set_num_threads(int count) { threads.store(std::max(0, count)); }
 

@@ -26,7 +26,7 @@ constexpr int kTnVectors = 4;  // tn: 16-column vectors per pass (64 columns: 16
 
 // Up to 16 bf16 values at p (mask: which) as fp32 lanes, exactly.
 QFT_BF16 inline __m512 widen(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+  return fp32_of(_mm256_maskz_loadu_epi16(mask, p));
 }
 
 QFT_BF16 inline __mmask16 tail_mask(int64_t left) {

@@ -52,8 +52,7 @@ def collect() -> dict[str, object]:
         info["extension sees"] = f"{ext.device_count} GPU(s)" if ext.device_count else f"no GPU ({ext.device_status})"
     cpu = cpu_extension()
     if cpu.module is not None:
-        threads = f"{cpu.module.num_threads()} OpenMP threads" if cpu.module.built_with_openmp() else "one thread"
-        info["extension qft._cpu"] = f"loaded ({cpu.module.isa()}, {threads})"
+        info["extension qft._cpu"] = f"loaded ({cpu.module.isa()}, {cpu.module.num_threads()} threads: {cpu.threads})"
     else:
         info["extension qft._cpu"] = f"not loaded ({cpu.error})"
     if torch.cuda.is_available():

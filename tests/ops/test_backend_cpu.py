@@ -200,10 +200,11 @@ def test_bf16_kernels_are_as_close_to_the_exact_product_as_the_reference():
     # bf16 dot products of the reference's operands (W decoded into bf16, x bf16) summed in fp32 in another
     # order: every element within one bf16 rounding of where the reference's lies from the float64 product.
     # Shapes with a partial 16-row tile, an odd N, K not a multiple of 64 (a half column tile), M over 16
-    # rows, and a partial last quantization block (17 x 64 in blocks of 256).
+    # rows, and a partial last quantization block (17 x 64 in blocks of 256). N = 33 packs grad's full
+    # 16-row blocks by 16 x 16 transposes and then its odd last column.
     from qft import reference
 
-    cases = [((40, 96), None), ((17, 64), None), ((17, 64), 256)]
+    cases = [((40, 96), None), ((17, 64), None), ((17, 64), 256), ((33, 64), None)]
     for name in sorted(formats.FORMATS):
         for ((n, k), block), m, lora in itertools.product(cases, (1, 5, 16, 21), (False, True)):
             q, w, x, grad, bias, xa, b, gxa, a = _bf16_case(name, n, k, m, lora, block)
@@ -249,10 +250,10 @@ def test_large_calls_split_over_torchs_openmp_threads_and_small_ones_stay_on_one
     m = cpu_calls.module()
     if not m.built_with_openmp():
         pytest.skip("qft._cpu built without OpenMP: every call runs on one thread")
+    if os.environ.get("OMP_DYNAMIC") or os.environ.get("OMP_THREAD_LIMIT"):
+        pytest.skip("OpenMP may give smaller teams than asked for here")
     # One OpenMP runtime in the process: torch's (a second one would start a second team of threads).
-    if os.path.exists("/proc/self/maps"):
-        runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
-        assert len(runtimes) == 1, runtimes
+    assert cpu_extension().threads.startswith("OpenMP threads of"), cpu_extension().threads
     big, small = 64 << 20, 1 << 10
     previous = torch.get_num_threads()
     try:
@@ -265,9 +266,29 @@ def test_large_calls_split_over_torchs_openmp_threads_and_small_ones_stay_on_one
         torch.set_num_threads(previous)
 
 
+@needs_cpu_kernels
+def test_beside_a_second_openmp_runtime_every_call_runs_on_one_thread(monkeypatch):
+    import qft._extension as extension
+
+    m = cpu_calls.module()
+    if not m.built_with_openmp():
+        pytest.skip("qft._cpu built without OpenMP: every call runs on one thread")
+    ours = os.path.realpath(m.openmp_library())
+    try:
+        for runtimes in ({ours, "/elsewhere/libgomp-0123abcd.so.1"}, None):  # torch's renamed copy; no /proc
+            monkeypatch.setattr(extension, "_openmp_runtimes", lambda runtimes=runtimes: runtimes)
+            assert extension._share_torchs_threads(m).startswith("one thread")
+            assert m.num_threads() == 1 and m.team_size(8, 64 << 20) == 1
+    finally:
+        monkeypatch.undo()
+        assert extension._share_torchs_threads(m).startswith("OpenMP threads of")
+    assert m.team_size(8, 64 << 20) == min(8, m.num_threads())
+
+
 @needs_bf16_kernels
 def test_bf16_kernels_split_over_threads_without_changing_a_bit():
-    q, _, x, grad, bias, xa, b, gxa, a = _bf16_case("nf4", 1024, 512, 16, True)  # above the threading threshold
+    # Above the threading threshold, the packing of x and grad too (130 rows: 9 blocks, the last partial).
+    q, _, x, grad, bias, xa, b, gxa, a = _bf16_case("nf4", 1024, 512, 130, True)
     results = []
     for threads in (1, 2, 3):
         cpu_calls.module().set_num_threads(threads)
@@ -601,3 +622,24 @@ def test_lora_thin_products_take_the_kernels_only_where_they_may(monkeypatch):
     assert not lora_terms.kernels_take(x, a.requires_grad_())  # autograd would not see the kernel
     with ops.use_backend("reference"):
         assert not lora_terms.kernels_take(x, a.detach())
+
+
+@needs_bf16_kernels
+def test_lora_backward_takes_the_thin_kernels_for_bf16_grad_and_fp32_adapters(monkeypatch):
+    from qft import reference
+
+    calls = []
+    real = cpu_calls.fp32_tn_times_bf16
+    monkeypatch.setattr(cpu_calls, "fp32_tn_times_bf16", lambda *a: calls.append(1) or real(*a))
+    q = formats.quantize(torch.randn(48 * 64), "nf4", 64)
+    lora_A, lora_B = torch.randn(4, 64), torch.randn(48, 4)
+    for dtype, expected in ((torch.float32, []), (torch.bfloat16, [1, 1])):  # grad_A and grad_B
+        calls.clear()
+        grad, x = torch.randn(20, 48).to(dtype), torch.randn(20, 64).to(dtype)
+        xa = x.float() @ lora_A.t()
+        got = backend_cpu.lora_backward(grad, q, x, xa, lora_A, lora_B, 0.5, None, 1.0, False)
+        assert calls == expected, dtype
+        want = reference.lora_backward(grad, x, xa, lora_A, lora_B, 0.5, False, None)
+        for ours, theirs in zip(got[1:], want[1:], strict=True):
+            assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and ours.is_contiguous()
+            torch.testing.assert_close(ours, theirs, rtol=2**-18, atol=2**-18 * theirs.abs().max().item())
