@@ -2,8 +2,9 @@
 ``xa^T g`` backward (A [r, K], B [N, r], r small).
 
 The reference widens bf16 activations into an fp32 copy for torch's fp32 GEMM (fp32 adapters over a
-bf16 layer, as PEFT). On the CPU backend with AVX-512, ``qft._cpu``'s kernels widen each bf16 value in a
-register instead: the same fp32 products, summed in another order, and no fp32 tensor of x's size is
+bf16 layer, as PEFT). On the CPU backend at the bf16 kernels' level (AVX512-BF16; the thin kernels need
+only AVX-512F/BW, but share that one level), ``qft._cpu``'s kernels widen each bf16 value in a register
+instead: the same fp32 products, summed in another order, and no fp32 tensor of x's size is
 written. Measured on the 2-core EPYC at r = 16, kernel against the torch expression:
 
 - ``x A^T``: 7.8 against 10.8 us at 16 x 512, 16.6 against 24.2 us at 128 x 512, 325 against 645 us at
@@ -25,7 +26,7 @@ from qft.ops.dispatch import backend_for, on_gpu_backend
 def kernels_take(a: torch.Tensor, f: torch.Tensor) -> bool:
     """Whether ``qft._cpu``'s thin-product kernels take bf16 activations ``a`` against fp32 adapter values
     ``f``: 2-D, non-empty, plain CPU tensors outside autograd, compile and transforms, on the CPU backend
-    of a CPU with AVX-512."""
+    of a CPU at the bf16 kernels' level (``cpu_calls.bf16_kernels``)."""
     return (
         a.dtype == torch.bfloat16
         and f.dtype == torch.float32
