@@ -45,27 +45,34 @@ QFT_AVX512_BF16 void rotate_rows(const void* x, DType x_dtype, const float* rot,
     const int64_t count = std::min<int64_t>(kRotateRows, last - m0);
     for (int64_t i = 0; i < count; ++i) widen(x, x_dtype, (m0 + i) * width, width, rows.data() + i * width);
     for (int64_t r = 0; r < blocks; ++r) {
-      __m512 acc[kRotateRows][kVectors];
-      for (auto& row : acc)
-        for (auto& v : row) v = _mm512_setzero_ps();
+      __m512 acc[kRotateRows * kVectors];  // flat and fully unrolled: GCC keeps it in registers
+#pragma GCC unroll 16
+      for (int i = 0; i < kRotateRows * kVectors; ++i) acc[i] = _mm512_setzero_ps();
       const float* block = rot + r * b * b;
       for (int k = 0; k < b; ++k) {
         __m512 w[kVectors];
+#pragma GCC unroll 4
         for (int v = 0; v < kVectors; ++v) w[v] = _mm512_loadu_ps(block + k * b + 16 * v);
+#pragma GCC unroll 4
         for (int i = 0; i < kRotateRows; ++i) {
           const __m512 s = _mm512_set1_ps(rows[i * width + r * b + k]);
-          for (int v = 0; v < kVectors; ++v) acc[i][v] = _mm512_fmadd_ps(s, w[v], acc[i][v]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kVectors; ++v) acc[i * kVectors + v] = _mm512_fmadd_ps(s, w[v], acc[i * kVectors + v]);
         }
       }
+      __m512 sums[kRotateRows * kVectors];  // read below by a run-time row count: kept out of acc's way
+#pragma GCC unroll 16
+      for (int i = 0; i < kRotateRows * kVectors; ++i) sums[i] = acc[i];
       for (int64_t i = 0; i < count; ++i)
         for (int v = 0; v < kVectors; ++v) {
           const int64_t at = (m0 + i) * width + r * b + 16 * v;
+          const __m512 sum = sums[i * kVectors + v];
           if (out_dtype == DType::kFloat32) {
-            _mm512_storeu_ps(static_cast<float*>(out) + at, acc[i][v]);
+            _mm512_storeu_ps(static_cast<float*>(out) + at, sum);
           } else {
             const __m256i bits = out_dtype == DType::kBFloat16
-                                     ? bf16_of(acc[i][v])
-                                     : _mm512_cvtps_ph(acc[i][v], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                                     ? bf16_of(sum)
+                                     : _mm512_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + at), bits);
           }
         }
@@ -74,11 +81,11 @@ QFT_AVX512_BF16 void rotate_rows(const void* x, DType x_dtype, const float* rot,
 }
 
 // dL/dR of blocks [first, last): grad_rot[r, k, :] = sum over m of x[m, rb + k] * g[m, rb + :]; the
-// block's columns of x and g widened to fp32 first, then eight rows k at a time in registers.
+// block's columns of x and g widened to fp32 first, then eight rows k (four at b = 64) at a time in registers.
 template <int kVectors>
 QFT_AVX512_BF16 void grad_blocks(const void* x, DType x_dtype, const void* g, DType g_dtype, int64_t rows,
                                  int64_t blocks, float* grad_rot, int64_t first, int64_t last) {
-  constexpr int b = 16 * kVectors, kRows = 8;
+  constexpr int b = 16 * kVectors, kRows = kVectors == 4 ? 4 : 8;  // accumulators and g within 32 registers
   const int64_t width = blocks * b;
   std::vector<float> xs(static_cast<size_t>(rows) * b), gs(xs.size());
   for (int64_t r = first; r < last; ++r) {
@@ -87,19 +94,23 @@ QFT_AVX512_BF16 void grad_blocks(const void* x, DType x_dtype, const void* g, DT
       widen(g, g_dtype, m * width + r * b, b, gs.data() + m * b);
     }
     for (int k0 = 0; k0 < b; k0 += kRows) {
-      __m512 acc[kRows][kVectors];
-      for (auto& row : acc)
-        for (auto& v : row) v = _mm512_setzero_ps();
+      __m512 acc[kRows * kVectors];  // flat and fully unrolled: GCC keeps it in registers
+#pragma GCC unroll 32
+      for (int i = 0; i < kRows * kVectors; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t m = 0; m < rows; ++m) {
         __m512 gv[kVectors];
+#pragma GCC unroll 4
         for (int v = 0; v < kVectors; ++v) gv[v] = _mm512_loadu_ps(gs.data() + m * b + 16 * v);
+#pragma GCC unroll 8
         for (int k = 0; k < kRows; ++k) {
           const __m512 s = _mm512_set1_ps(xs[m * b + k0 + k]);
-          for (int v = 0; v < kVectors; ++v) acc[k][v] = _mm512_fmadd_ps(s, gv[v], acc[k][v]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kVectors; ++v) acc[k * kVectors + v] = _mm512_fmadd_ps(s, gv[v], acc[k * kVectors + v]);
         }
       }
-      for (int k = 0; k < kRows; ++k)
-        for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(grad_rot + (r * b + k0 + k) * b + 16 * v, acc[k][v]);
+#pragma GCC unroll 32
+      for (int i = 0; i < kRows * kVectors; ++i)
+        _mm512_storeu_ps(grad_rot + (r * b + k0 + i / kVectors) * b + 16 * (i % kVectors), acc[i]);
     }
   }
 }
