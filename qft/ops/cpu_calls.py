@@ -15,7 +15,7 @@ import torch
 from qft import formats
 from qft._extension import cpu_extension
 from qft.formats import Weight, moments8
-from qft.ops.dispatch import DTYPE_CODES
+from qft.ops.dispatch import DTYPE_CODES, backend_for
 
 
 def module():
@@ -101,6 +101,12 @@ def quant_gemv(x, weight: Weight, bias, lora_xa, lora_b, scaling: float, y) -> N
 def bf16_kernels() -> bool:
     """Whether the bf16 linear kernels run here (AVX512-BF16, not capped by ``set_isa_cap``)."""
     return module().isa() == "avx512bf16"
+
+
+def avx512_kernels_for(t: torch.Tensor) -> bool:
+    """Whether ops on ``t`` may call the kernels of the ``bf16_kernels`` level from outside the CPU backend
+    (OFT's rotation, LoRA's thin products): a CPU tensor whose ops run on the CPU backend, at that level."""
+    return t.device.type == "cpu" and backend_for(t.device) == "cpu" and bf16_kernels()
 
 
 def lora_fits(rows: int, left, right, right_shape) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from qft.ops import cpu_calls, eager
-from qft.ops.dispatch import backend_for, on_gpu_backend
+from qft.ops.dispatch import on_gpu_backend
 
 
 def kernels_take(a: torch.Tensor, f: torch.Tensor) -> bool:
@@ -37,8 +37,7 @@ def kernels_take(a: torch.Tensor, f: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (a.requires_grad or f.requires_grad))
         and eager.untraced_cpu(a)
         and eager.untraced_cpu(f)
-        and backend_for(a.device) == "cpu"
-        and cpu_calls.bf16_kernels()
+        and cpu_calls.avx512_kernels_for(a)
     )
 
 

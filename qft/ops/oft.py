@@ -10,7 +10,7 @@ import torch
 
 from qft import reference
 from qft.ops import cpu_calls, eager
-from qft.ops.dispatch import backend_for, on_gpu_backend
+from qft.ops.dispatch import on_gpu_backend
 
 # The Triton rotation kernels hold a block's b x b matrices in registers / shared memory (tl.arange:
 # b a power of two) up to 64 (compiled for sm_90 in tests/kernels/test_triton_compile.py); other blocks take
@@ -37,16 +37,12 @@ CPU_ROTATE_BLOCKS = (16, 32, 48, 64)
 CPU_ROTATE_MIN_ROWS, CPU_ROTATE_MIN_BLOCKS = 16, 4
 
 
-def _cpu_kernels_here(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and backend_for(t.device) == "cpu" and cpu_calls.bf16_kernels()
-
-
 def cpu_rotates(x: torch.Tensor, rot: torch.Tensor) -> bool:
     """Whether ``oft_rotate(x, rot)`` runs ``qft._cpu``'s kernel: the reference's bits (see
     ``CPU_ROTATE_MIN_ROWS``), one call instead of a dtype copy, two layout copies, a GEMM and a copy back."""
     nb, b, _ = rot.shape
     fits = b in CPU_ROTATE_BLOCKS and x.shape[0] >= CPU_ROTATE_MIN_ROWS and nb >= CPU_ROTATE_MIN_BLOCKS
-    return fits and rot.dtype == torch.float32 and x.dtype != torch.float64 and _cpu_kernels_here(x)
+    return fits and rot.dtype == torch.float32 and x.dtype != torch.float64 and cpu_calls.avx512_kernels_for(x)
 
 
 def _rotate(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -80,7 +76,7 @@ def oft_rotate_backward(x: torch.Tensor, grad: torch.Tensor, rot: torch.Tensor) 
     if grad.shape != x.shape:
         raise ValueError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
     nb, b, _ = rot.shape
-    if b in CPU_ROTATE_BLOCKS and x.shape[0] > 0 and x.dtype != torch.float64 and _cpu_kernels_here(x):
+    if b in CPU_ROTATE_BLOCKS and x.shape[0] > 0 and x.dtype != torch.float64 and cpu_calls.avx512_kernels_for(x):
         grad_x = _rotate(grad, rot, True)
         # dL/dR sums over the rows in order (not torch's bits: an fp32 parameter gradient needs none)
         return grad_x, cpu_calls.oft_rotation_grad(x.contiguous(), grad.contiguous(), nb, b).to(rot.dtype)
@@ -103,7 +99,7 @@ def _cpu_kernel_grad(params: torch.Tensor, grad_rot: torch.Tensor) -> bool:
     on the CPU backend (one call per step, where the reference's dozen small batched matmuls cost more in
     overhead than in arithmetic; the kernel's scalar loop elsewhere would not)."""
     fp32 = params.dtype == torch.float32 and grad_rot.dtype == torch.float32
-    return fp32 and grad_rot.shape[-1] in CPU_ROTATE_BLOCKS and _cpu_kernels_here(params)
+    return fp32 and grad_rot.shape[-1] in CPU_ROTATE_BLOCKS and cpu_calls.avx512_kernels_for(params)
 
 
 def _check_params(params: torch.Tensor, block_size: int, terms: int) -> None:
