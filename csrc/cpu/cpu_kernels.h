@@ -13,7 +13,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum Error : int { kOk = 0, kInvalidValue = 1 };
 
 // Instruction sets a kernel can be run with, chosen at run time (isa.cpp). The kernels have AVX2 paths
-// (AVX2, FMA and F16C); the bf16 linear kernels need AVX-512 with BF16 dot products (AVX512F/BW/VL/BF16).
+// (AVX2, FMA and F16C); the bf16 linear, OFT and LoRA-term kernels run at kAvx512Bf16 only (AVX512F/BW/VL/BF16).
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
 
 // The best set this CPU supports, capped by set_isa_cap (tests run every path on one machine).
@@ -74,7 +74,7 @@ int quant_linear_grad_input_bf16(const Weight& w, const uint16_t* grad, int64_t 
 
 // LoRA's thin products between bf16 activations a [rows, width] and fp32 adapters (lora_terms_cpu.cpp),
 // each bf16 value widened exactly to fp32 and the products summed in fp32 by fused multiply-adds, in
-// another order than torch's fp32 GEMM; AVX-512 only (else kInvalidValue). out [rows, outs] = a @ f^T
+// another order than torch's fp32 GEMM; at kAvx512Bf16 only (else kInvalidValue). out [rows, outs] = a @ f^T
 // with f [outs, width]; and out [outs, width] = f^T @ a with f [rows, outs].
 int bf16_times_fp32_nt(const uint16_t* a, int64_t rows, int64_t width, const float* f, int64_t outs, float* out);
 int fp32_tn_times_bf16(const float* f, int64_t rows, int64_t outs, const uint16_t* a, int64_t width, float* out);
@@ -88,7 +88,7 @@ int oft_rotation_params_grad(const float* params, const float* grad_rot, int64_t
 // OFT's rotation of x [rows, blocks * b] (x_dtype) by R [blocks, b, b] fp32 (R^T when `transpose`) into out
 // (out_dtype): out[m, rb + c] = sum_k x[m, rb + k] R[r, k, c] by fp32 fused multiply-adds in k order, one
 // rounding (oft_rotate_cpu.cpp); and dL/dR [blocks, b, b] fp32 = sum_m x[m, rb + k] g[m, rb + c]. b of 16,
-// 32, 48 or 64, AVX-512 only (else kInvalidValue).
+// 32, 48 or 64, at kAvx512Bf16 only (else kInvalidValue).
 int oft_rotate(const void* x, DType x_dtype, const float* rot, int64_t rows, int64_t blocks, int b, bool transpose,
                void* out, DType out_dtype);
 int oft_rotation_grad(const void* x, DType x_dtype, const void* g, DType g_dtype, int64_t rows, int64_t blocks, int b,
